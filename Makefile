@@ -1,0 +1,35 @@
+# The two entry points of README.md. Both set up .venv first (once, and again when
+# pyproject.toml changes): torch first, from TORCH, so that pip never resolves another
+# build of it; then regdial, editable, with its development tools.
+#
+#   make demo   set up, then run the main job on its built-in default
+#   make test   set up, then lint (ruff), format check, type check (mypy) and test (pytest)
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/python examples/l1_exact_zeros.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""The one place that checks user input and words the error.
+
+Every user-facing value is checked where it enters (a constructor, the config loader, the
+CLI) and a bad one raises ``ValueError`` with one line that names the field, the allowed
+range and the value received::
+
+    L1.strength must be in [0, inf), got -0.1
+
+The CLI turns these into a one-line message and exit code 2, so keeping them to a single
+line that makes sense on its own is part of the contract.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NoReturn
+
+__all__ = ["Described", "check_choice", "check_int", "check_range", "fail"]
+
+
+class Described(str):
+    """A received value already put in words ("an empty list"): shown without quotes."""
+
+
+def fail(field: str, allowed: str, value: object) -> NoReturn:
+    """Raise the one-line ``ValueError`` every bad input gets."""
+    raise ValueError(f"{field} must be {allowed}, got {_show(value)}")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, Described):
+        return str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return repr(value)
+    if isinstance(value, str | int | float | bool) or value is None:
+        return repr(value)
+    text = repr(value)
+    if len(text) > 60 or "\n" in text:
+        text = f"a {type(value).__name__}"
+    return text
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"in {left}{lo}, {hi}{right}"
+
+
+def check_range(
+    field: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a finite real number inside the interval.
+
+    ``low``/``high`` of ``None`` mean unbounded; ``*_open`` excludes that end. NaN and
+    infinities are always refused. Booleans are refused even though Python counts them as
+    numbers: ``dropout=True`` is a mistake, not a rate of 1.
+    """
+    allowed = _interval(low, high, low_open, high_open)
+    if not _is_real_scalar(value):
+        fail(field, f"a number {allowed}", value)
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        fail(field, f"a finite number {allowed}", value)
+    if low is not None and (number < low or (low_open and number == low)):
+        fail(field, allowed, value)
+    if high is not None and (number > high or (high_open and number == high)):
+        fail(field, allowed, value)
+    return number
+
+
+def _is_real_scalar(value: object) -> bool:
+    # numpy and torch scalars: anything float() accepts that is not a string or a bool.
+    if isinstance(value, str | bytes | bool) or value is None:
+        return False
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def check_int(field: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` if it is an integer (not a bool, not a float) in ``[low, high]``."""
+    allowed = "an integer " + _interval(low, high, False, False)
+    index = getattr(value, "__index__", None)
+    if isinstance(value, bool) or index is None:
+        fail(field, allowed, value)
+    number: int = index()
+    if (low is not None and number < low) or (high is not None and number > high):
+        fail(field, allowed, value)
+    return number
+
+
+def check_choice(field: str, value: object, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``."""
+    options = tuple(choices)
+    if not isinstance(value, str) or value not in options:
+        fail(field, "one of " + ", ".join(repr(c) for c in options), value)
+    return value

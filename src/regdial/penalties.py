@@ -1,0 +1,629 @@
+"""Weight penalties, each with its exact proximal step.
+
+Every penalty ``R`` has two faces:
+
+``value(params)``
+    ``R(w)`` as a differentiable scalar: add it to the loss and let the optimizer follow
+    its (sub)gradient.
+``prox_(params, lr)``
+    The proximal step, in place::
+
+        w <- prox_{lr*R}(w) = argmin_u  1/(2*lr) * ||u - w||^2 + R(u)
+
+    Taken after each gradient step on the loss alone (``attach_prox`` does it after every
+    ``optimizer.step()``), this is proximal gradient descent (ISTA; Parikh & Boyd, 2014,
+    "Proximal Algorithms"). Unlike a subgradient, it puts weights *exactly* at zero for L1
+    and group lasso: the dial's lasso really selects features.
+
+Use one face or the other for a given penalty, not both: that would count it twice.
+
+The strengths follow ``../DESIGN.md`` and match the libraries users compare against:
+
+=====================  ===========================================  ==========================
+penalty                R(w)                                         equals
+=====================  ===========================================  ==========================
+``L1(s)``              s * sum|w|                                   sklearn ``Lasso(alpha=s)``
+``L2(s)``              s/2 * sum w^2                                torch ``weight_decay=s``
+``ElasticNet(s, r)``   s * (r * sum|w| + (1 - r)/2 * sum w^2)       sklearn ``ElasticNet(s, r)``
+``GroupLasso(s)``      s * sum_g sqrt(|g|) * ||w_g||_2              Yuan & Lin (2006)
+``L2SP(s, w0)``        s/2 * sum (w - w0)^2                         Li et al. (2018)
+=====================  ===========================================  ==========================
+
+Fast and reference paths: with ``foreach=None`` (the default) or ``True``, tensors are
+grouped by device and dtype and handled by ``torch._foreach_*`` kernels or a single fused
+kernel per tensor, whichever measured fastest (``benchmarks/penalties.py``); with
+``foreach=False`` a plain per-tensor loop that spells the formula out is used. The tests
+check that both give the same numbers.
+
+16-bit parameters work: thresholds and shrink factors stay Python floats, so the kernels
+apply them in float32 (a threshold of 1e-8 is not rounded to zero in float16), and sums
+are accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regdial._checks import Described, check_choice, check_range, fail
+from regdial._tensors import accumulation_dtype, group_by_device_and_dtype, tensor_list
+from regdial.schedules import Strength, check_strength, resolve
+
+__all__ = ["L1", "L2", "L2SP", "ElasticNet", "GroupLasso", "Penalty", "soft_threshold_"]
+
+logger = logging.getLogger(__name__)
+
+GROUP_LAYOUTS = ("rows", "columns", "tensor")
+
+
+def _nonnegative(field: str, value: object) -> float:
+    return check_range(field, value, low=0.0)
+
+
+def soft_threshold_(tensor: Tensor, threshold: float) -> Tensor:
+    """In place: ``w <- sign(w) * max(|w| - threshold, 0)``, the prox of ``threshold*|w|``.
+
+    One fused kernel (``softshrink`` written back into its input) instead of the four
+    passes of sign/abs/sub/clamp; the arithmetic is done in float32 for 16-bit tensors.
+    """
+    torch.ops.aten.softshrink.out(tensor, threshold, out=tensor)
+    return tensor
+
+
+def _combine(parts: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Sum per-group scalars that may live on different devices or dtypes."""
+    if len(parts) == 1:
+        return parts[0]
+    dtype = parts[0].dtype
+    for part in parts[1:]:
+        dtype = torch.promote_types(dtype, part.dtype)
+    return torch.stack([part.to(device=device, dtype=dtype) for part in parts]).sum()
+
+
+class Penalty(ABC):
+    """A weight penalty ``R(w)`` with its proximal step; see the module docstring.
+
+    Args:
+        strength: ``s >= 0``, or a ``Schedule`` of strengths over training (then call
+            ``set_progress`` as training goes). 0 makes ``value`` zero and ``prox_`` the
+            identity.
+        foreach: ``None`` or ``True`` for the fast path, ``False`` for the reference loop.
+    """
+
+    def __init__(self, strength: Strength, *, foreach: bool | None = None) -> None:
+        self.strength = strength
+        self.foreach = foreach
+        self.progress = 0.0
+
+    @property
+    def strength(self) -> Strength:
+        """The strength ``s``, or its schedule."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, strength: Strength) -> None:
+        self._strength = check_strength(f"{type(self).__name__}.strength", strength, _nonnegative)
+
+    @property
+    def current_strength(self) -> float:
+        """``s`` now: the schedule's value at ``progress``, or the fixed strength."""
+        return resolve(self._strength, self.progress)
+
+    def set_progress(self, progress: float) -> None:
+        """Tell a scheduled strength how far training is, as a fraction in [0, 1]."""
+        self.progress = check_range("progress", progress, low=0.0, high=1.0)
+
+    def value(self, params: Tensor | Iterable[Tensor]) -> Tensor:
+        """``R(params)`` as a differentiable scalar (float32 or wider) to add to the loss.
+
+        The fast path is one autograd node: the forward runs without building a graph and
+        the backward applies the closed-form (sub)gradient (``s*sign(w)``, ``s*w``, ...)
+        with foreach kernels. The reference path (``foreach=False``) lets autograd
+        differentiate the formula, and the tests check the two agree.
+        """
+        given = tensor_list(params)
+        tensors = self._select(given)
+        strength = self.current_strength
+        if strength == 0.0 or not tensors:
+            return torch.zeros((), device=given[0].device)
+        if self.foreach is False:
+            return strength * self._total(tensors, fast=False)
+        value: Tensor = _PenaltyValue.apply(self, strength, *tensors)  # type: ignore[no-untyped-call]
+        return value
+
+    def _total(self, tensors: Sequence[Tensor], fast: bool) -> Tensor:
+        parts = []
+        for indices in group_by_device_and_dtype(tensors).values():
+            group = [tensors[i] for i in indices]
+            parts.append(self._sum(group, accumulation_dtype(group[0].dtype), fast))
+        return _combine(parts, tensors[0].device)
+
+    @torch.no_grad()
+    def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
+        """The proximal step ``w <- prox_{lr*R}(w)``, in place.
+
+        ``lr`` is a step size ``> 0``, or one tensor of per-coordinate step sizes per
+        parameter (the prox in a diagonal metric, as ``attach_prox`` uses for Adam):
+        each coordinate ``i`` then gets the step ``lr_i`` in place of ``lr``. Such tensors
+        must be positive and broadcast to their parameter's shape; they are not checked
+        element by element, to keep the step cheap.
+        """
+        tensors = tensor_list(params)
+        kept = [i for i, w in enumerate(tensors) if self._acts_on(w)]
+        strength = self.current_strength
+        given: object = lr  # checked at run time whatever the annotation says
+        if isinstance(given, Sequence) and not isinstance(given, str):
+            if len(given) != len(tensors):
+                fail(
+                    "lr",
+                    f"a number or one step-size tensor per parameter ({len(tensors)})",
+                    Described(f"{len(given)} tensors"),
+                )
+            if strength == 0.0:
+                return
+            # One tensor at a time, so lazily computed step sizes (attach_prox's for Adam)
+            # are used while they are still in cache and are never all alive at once.
+            for i in kept:
+                w = tensors[i]
+                steps = _step_tensor(given[i], w, i).to(accumulation_dtype(w.dtype))
+                self._prox_diagonal(w, steps, strength)
+            return
+        step = check_range("lr", given, low=0.0, low_open=True) * strength
+        if step == 0.0 or not kept:
+            return
+        fast = self.foreach is not False
+        for indices in group_by_device_and_dtype([tensors[i] for i in kept]).values():
+            self._prox([tensors[kept[i]] for i in indices], step, fast)
+
+    def _select(self, tensors: list[Tensor]) -> list[Tensor]:
+        return [w for w in tensors if self._acts_on(w)]
+
+    def _acts_on(self, tensor: Tensor) -> bool:
+        """Whether this penalty acts on ``tensor`` (L2SP: only if it has an anchor)."""
+        return True
+
+    @abstractmethod
+    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+        """``R(w) / s`` over one device/dtype group, accumulated in ``dtype``."""
+
+    @abstractmethod
+    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
+        """New tensors ``scale * dR/dw / s`` for one device/dtype group."""
+
+    @abstractmethod
+    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
+        """The proximal step with ``step = lr * s`` on one device/dtype group."""
+
+    @abstractmethod
+    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
+        """The proximal step of one tensor with per-coordinate step sizes ``lr_i``."""
+
+    def _fields(self) -> str:
+        return f"strength={self._strength!r}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._fields()})"
+
+
+def _step_tensor(step: object, w: Tensor, index: int) -> Tensor:
+    if not isinstance(step, Tensor) or not step.is_floating_point():
+        fail(f"lr[{index}]", "a floating-point tensor of step sizes", step)
+    if step.shape == w.shape:  # the usual case: skip the slower broadcast check
+        return step
+    try:
+        fits = torch.broadcast_shapes(step.shape, w.shape) == w.shape  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        fits = False
+    if not fits:
+        fail(
+            f"lr[{index}]",
+            f"a tensor that broadcasts to shape {tuple(w.shape)}",
+            Described(f"shape {tuple(step.shape)}"),
+        )
+    return step
+
+
+def _write(w: Tensor, result: Tensor) -> None:
+    """Store a float32-or-wider result into ``w``, rounding once for 16-bit weights."""
+    if result.data_ptr() != w.data_ptr():
+        w.copy_(result)
+
+
+def _soft_threshold_diagonal_(
+    w: Tensor, step: Tensor, threshold: float, shrink: Tensor | None = None
+) -> None:
+    """``w <- sign(w) * max(|w| - threshold*step_i, 0) [/ shrink_i]``, per coordinate.
+
+    Soft-thresholding is positively homogeneous, ``soft(w, t*a) = a * soft(w/a, t)`` for
+    ``a > 0``: three passes with one fused kernel, instead of building ``+-t*a`` to clamp.
+    """
+    scaled = w.to(step.dtype) / step
+    soft_threshold_(scaled, threshold)
+    scaled.mul_(step)
+    if shrink is not None:
+        scaled.div_(shrink)
+    _write(w, scaled)
+
+
+class _PenaltyValue(torch.autograd.Function):
+    """``s * R(w)`` as a single autograd node with a closed-form backward."""
+
+    @staticmethod
+    def forward(ctx: Any, penalty: Penalty, strength: float, *tensors: Tensor) -> Tensor:
+        ctx.penalty, ctx.strength = penalty, strength
+        ctx.save_for_backward(*tensors)
+        return strength * penalty._total(tensors, fast=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        tensors = ctx.saved_tensors
+        grads: list[Tensor | None] = [None] * len(tensors)
+        wanted = ctx.needs_input_grad[2:]
+        for (device, dtype), indices in group_by_device_and_dtype(tensors).items():
+            indices = [i for i in indices if wanted[i]]
+            if not indices:
+                continue
+            scale = (grad_output * ctx.strength).to(device=device, dtype=dtype)
+            for i, grad in zip(
+                indices, ctx.penalty._gradient([tensors[i] for i in indices], scale), strict=True
+            ):
+                grads[i] = grad
+        return (None, None, *grads)
+
+
+def _l1_sum(group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+    # ATen's CPU L1-norm reduction is not vectorized, so abs then a vectorized sum is
+    # faster; one tensor at a time keeps each temporary small and reused by the allocator
+    # (a foreach abs allocates all of them at once, which measured several times slower).
+    return torch.stack([w.abs().sum(dtype=dtype) for w in group]).sum()
+
+
+def _squares_sum(group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+    if fast:
+        return torch.stack(torch._foreach_norm(group, 2, dtype=dtype)).square().sum()
+    return torch.stack([w.to(dtype).square().sum() for w in group]).sum()
+
+
+def _soft_threshold_reference_(w: Tensor, threshold: float, scale: float = 1.0) -> None:
+    wide = w.to(accumulation_dtype(w.dtype))
+    w.copy_(wide.sign() * (wide.abs() - threshold).clamp_min(0.0) * scale)
+
+
+class L1(Penalty):
+    """Lasso: ``R(w) = s * sum|w|``.
+
+    Prox (soft-thresholding): ``w <- sign(w) * max(|w| - lr*s, 0)``; every weight with
+    ``|w| <= lr*s`` becomes exactly 0. With the mean squared error halved,
+    ``(1/2n)||y - Xw||^2 + R(w)`` is scikit-learn's ``Lasso(alpha=s)`` objective.
+    """
+
+    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+        return _l1_sum(group, dtype, fast)
+
+    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
+        grads = list(torch._foreach_sign(group))  # the subgradient 0 at w = 0, as torch.abs
+        torch._foreach_mul_(grads, scale)
+        return grads
+
+    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
+        for w in group:
+            if fast:
+                soft_threshold_(w, step)
+            else:
+                _soft_threshold_reference_(w, step)
+
+    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
+        _soft_threshold_diagonal_(w, step, strength)
+
+
+class L2(Penalty):
+    """Ridge: ``R(w) = (s/2) * sum w^2``.
+
+    Its gradient ``s*w`` is what torch's ``weight_decay=s`` adds for SGD. Prox (shrink):
+    ``w <- w / (1 + lr*s)``, equal to decoupled decay ``w*(1 - lr*s)`` to first order but
+    stable for any ``lr*s``. ``(1/2n)||y - Xw||^2 + R(w)`` is scikit-learn's
+    ``Ridge(alpha=n*s)`` objective, scaled by ``1/(2n)``.
+    """
+
+    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+        return 0.5 * _squares_sum(group, dtype, fast)
+
+    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
+        return list(torch._foreach_mul(group, scale))
+
+    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
+        shrink = 1.0 / (1.0 + step)
+        if fast:
+            torch._foreach_mul_(group, shrink)
+        else:
+            for w in group:
+                w.mul_(shrink)
+
+    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
+        _write(w, w.to(step.dtype) / (step * strength).add_(1.0))
+
+
+class ElasticNet(Penalty):
+    """Elastic net: ``R(w) = s * (r * sum|w| + (1 - r)/2 * sum w^2)``, ``r = l1_ratio``.
+
+    The same parametrization as scikit-learn's ``ElasticNet(alpha=s, l1_ratio=r)``:
+    ``r = 1`` is ``L1(s)``, ``r = 0`` is ``L2(s)``. Prox (soft-threshold, then shrink)::
+
+        w <- sign(w) * max(|w| - lr*s*r, 0) / (1 + lr*s*(1 - r))
+    """
+
+    def __init__(self, strength: Strength, l1_ratio: float = 0.5, *, foreach: bool | None = None) -> None:
+        super().__init__(strength, foreach=foreach)
+        self.l1_ratio = check_range("ElasticNet.l1_ratio", l1_ratio, low=0.0, high=1.0)
+
+    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+        ratio = self.l1_ratio
+        return ratio * _l1_sum(group, dtype, fast) + 0.5 * (1.0 - ratio) * _squares_sum(group, dtype, fast)
+
+    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
+        grads = list(torch._foreach_sign(group))
+        torch._foreach_mul_(grads, self.l1_ratio)
+        torch._foreach_add_(grads, group, alpha=1.0 - self.l1_ratio)
+        torch._foreach_mul_(grads, scale)
+        return grads
+
+    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
+        threshold = step * self.l1_ratio
+        shrink = 1.0 / (1.0 + step * (1.0 - self.l1_ratio))
+        if fast and group[0].dtype in (torch.float16, torch.bfloat16):
+            # Two in-place passes would round twice in 16 bits: compute wide, round once.
+            for w in group:
+                w.copy_(torch.nn.functional.softshrink(w.float(), threshold).mul_(shrink))
+        elif fast:
+            # Soft-thresholding is positively homogeneous, soft(w, t)*c = soft(c*w, c*t):
+            # one foreach shrink, then one fused kernel per tensor.
+            torch._foreach_mul_(group, shrink)
+            for w in group:
+                soft_threshold_(w, threshold * shrink)
+        else:
+            for w in group:
+                _soft_threshold_reference_(w, threshold, shrink)
+
+    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
+        shrink = (step * (strength * (1.0 - self.l1_ratio))).add_(1.0)
+        _soft_threshold_diagonal_(w, step, strength * self.l1_ratio, shrink)
+
+    def _fields(self) -> str:
+        return f"{super()._fields()}, l1_ratio={self.l1_ratio!r}"
+
+
+class GroupLasso(Penalty):
+    """Group lasso: ``R(w) = s * sum_g sqrt(|g|) * ||w_g||_2``.
+
+    Groups never mix tensors. ``groups`` picks them inside each tensor:
+
+    - ``"rows"`` (default): one group per output unit, the slices along dim 0 (the rows of
+      a Linear weight, the output channels of a conv kernel ``(out, in, *k)``). Zeroing a
+      group removes a unit or channel: structured pruning.
+    - ``"columns"``: one group per input feature, the slices along dim 1 (input channels
+      of a conv kernel). On the first layer this selects input features.
+    - ``"tensor"``: the whole tensor is one group.
+
+    A 1-D tensor (a bias) with ``"rows"`` has one group per element, i.e. plain L1.
+    ``sqrt(|g|)``, with ``|g|`` the group's size, keeps large groups from being favoured
+    (Yuan & Lin, 2006; for networks, Scardapane et al., 2017). Prox (block
+    soft-thresholding), exactly zero for every group with ``||w_g|| <= lr*s*sqrt(|g|)``::
+
+        w_g <- max(0, 1 - lr*s*sqrt(|g|) / ||w_g||_2) * w_g
+    """
+
+    def __init__(self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None) -> None:
+        super().__init__(strength, foreach=foreach)
+        self.groups = check_choice("GroupLasso.groups", groups, GROUP_LAYOUTS)
+
+    def _layout(self, w: Tensor) -> tuple[tuple[int, ...] | None, int]:
+        """(the dims a group spans, or None for a whole tensor; the group size)."""
+        if self.groups == "tensor" or w.dim() == 0:
+            return None, w.numel()
+        if self.groups == "columns" and w.dim() < 2:
+            fail(
+                "GroupLasso.groups",
+                f"'rows' or 'tensor' for a 1-D parameter (shape {tuple(w.shape)})",
+                self.groups,
+            )
+        keep = 0 if self.groups == "rows" else 1
+        dims = tuple(d for d in range(w.dim()) if d != keep)
+        return dims, w.numel() // max(w.shape[keep], 1)
+
+    def _group_norms(self, w: Tensor, dtype: torch.dtype, dims: tuple[int, ...] | None) -> Tensor:
+        norms: Tensor
+        if dims is None:
+            norms = torch.linalg.vector_norm(w, dtype=dtype)
+        elif not dims:  # 1-D rows: each element is a group, and its norm is |w|
+            norms = w.to(dtype).abs()
+        else:
+            norms = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=dtype)
+        return norms
+
+    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+        total = []
+        for w in group:
+            dims, size = self._layout(w)
+            if fast:
+                norms = self._group_norms(w, dtype, dims)
+            else:
+                norms = torch.stack([g.to(dtype).norm() for g in self._slices(w, dims)])
+            total.append(math.sqrt(size) * norms.sum())
+        return torch.stack(total).sum()
+
+    def _slices(self, w: Tensor, dims: tuple[int, ...] | None) -> list[Tensor]:
+        if dims is None:
+            return [w]
+        return list(w.unbind(0 if self.groups == "rows" else 1))
+
+    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
+        grads = []
+        for w in group:
+            dims, size = self._layout(w)
+            norms = self._group_norms(w, accumulation_dtype(w.dtype), dims)
+            # d||w_g||/dw_g = w_g/||w_g||, and the subgradient 0 for an all-zero group.
+            factor = torch.where(norms > 0, math.sqrt(size) / norms, 0.0)
+            grads.append((w * factor).to(w.dtype).mul_(scale))
+        return grads
+
+    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
+        for w in group:
+            dims, size = self._layout(w)
+            threshold = step * math.sqrt(size)
+            if not fast:
+                for g in self._slices(w, dims):
+                    norm = g.to(accumulation_dtype(g.dtype)).norm().item()
+                    g.mul_(max(0.0, 1.0 - threshold / norm) if norm > 0 else 0.0)
+                continue
+            if dims == ():  # 1-D rows: one-element groups, block soft-threshold is L1's
+                soft_threshold_(w, threshold)
+                continue
+            norms = self._group_norms(w, accumulation_dtype(w.dtype), dims)
+            # 1 - t/0 = -inf clamps to 0: an all-zero group stays zero, without NaN.
+            scale = (1.0 - threshold / norms).clamp_min_(0.0)
+            if scale.dtype == w.dtype:
+                w.mul_(scale)
+            else:  # 16-bit weights: scale in float32, round once
+                w.copy_(w * scale)
+
+    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
+        # In a diagonal metric the block prox has no closed form; each group takes its
+        # mean step, which is exact when the step is constant within the group (and for
+        # the one-element groups of 1-D rows) and keeps whole groups exactly at zero.
+        dims, size = self._layout(w)
+        if dims == ():
+            _soft_threshold_diagonal_(w, step, strength)
+            return
+        step = step.expand(w.shape)
+        mean_step = step.mean() if dims is None else step.mean(dim=dims, keepdim=True)
+        norms = self._group_norms(w, step.dtype, dims)
+        scale = (1.0 - mean_step * (strength * math.sqrt(size)) / norms).clamp_min_(0.0)
+        _write(w, w * scale)
+
+    def _fields(self) -> str:
+        return f"{super()._fields()}, groups={self.groups!r}"
+
+
+class L2SP(Penalty):
+    """L2-SP: ``R(w) = (s/2) * sum (w - w0)^2``, toward the starting point ``w0``.
+
+    For fine-tuning: instead of pulling weights toward zero, which erases what
+    pre-training learned, pull them toward the pretrained weights ``w0`` (Li, Grandvalet &
+    Davoine, 2018, "Explicit Inductive Bias for Transfer Learning with Convolutional
+    Networks"). Prox (shrink toward the anchor)::
+
+        w <- w0 + (w - w0) / (1 + lr*s)
+
+    Args:
+        strength: ``s >= 0`` or a schedule.
+        anchor: the pretrained weights: a module (a copy of the pretrained model, or the
+            model itself before fine-tuning starts) or a state dict.
+        model: the model being trained, whose parameters are matched to the anchor by
+            name and shape. Omit it to anchor ``anchor``'s own parameters at their current
+            values: ``L2SP(0.01, model)`` right after loading pretrained weights.
+
+    Parameters with no anchor of the same name and shape (a new classification head) are
+    left alone by ``value`` and ``prox_``; give them an ``L2`` of their own. The anchor is
+    copied, so it costs one more copy of the anchored weights in memory.
+    """
+
+    def __init__(
+        self,
+        strength: Strength,
+        anchor: nn.Module | Mapping[str, Tensor],
+        *,
+        model: nn.Module | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(strength, foreach=foreach)
+        if isinstance(anchor, nn.Module):
+            reference: Mapping[str, Tensor] = dict(anchor.named_parameters())
+            model = anchor if model is None else model
+        elif isinstance(anchor, Mapping):
+            reference = anchor
+            if model is None:
+                fail("L2SP.model", "the model being trained when anchor is a state dict", None)
+        else:
+            fail("L2SP.anchor", "an nn.Module or a state dict of tensors", anchor)
+        if not isinstance(model, nn.Module):
+            fail("L2SP.model", "an nn.Module", model)
+        self._anchors: dict[int, tuple[Tensor, Tensor]] = {}
+        unanchored = []
+        for name, param in model.named_parameters():
+            source = reference.get(name)
+            if not isinstance(source, Tensor) or source.shape != param.shape:
+                unanchored.append(name)
+                continue
+            anchor_copy = source.detach().to(device=param.device, dtype=param.dtype, copy=True)
+            self._anchors[id(param)] = (param, anchor_copy)
+        if not self._anchors:
+            fail(
+                "L2SP.anchor",
+                "weights sharing names and shapes with the model's parameters",
+                Described("none that match"),
+            )
+        if unanchored:
+            logger.info(
+                "L2SP: %d parameters have no anchor and are left alone: %s", len(unanchored), unanchored
+            )
+
+    def parameters(self) -> list[Tensor]:
+        """The anchored parameters, e.g. for ``attach_prox(optimizer, l2sp, params=...)``."""
+        return [param for param, _ in self._anchors.values()]
+
+    def _acts_on(self, tensor: Tensor) -> bool:
+        entry = self._anchors.get(id(tensor))
+        return entry is not None and entry[0] is tensor
+
+    def _anchors_for(self, group: list[Tensor]) -> list[Tensor]:
+        anchors = []
+        for w in group:
+            param, anchor = self._anchors[id(w)]
+            if anchor.device != w.device or anchor.dtype != w.dtype:  # the model moved
+                anchor = anchor.to(device=w.device, dtype=w.dtype)
+                self._anchors[id(w)] = (param, anchor)
+            anchors.append(anchor)
+        return anchors
+
+    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+        anchors = self._anchors_for(group)
+        if fast:  # one small temporary at a time (see _l1_sum)
+            distances = [
+                torch.linalg.vector_norm(w - a, dtype=dtype) for w, a in zip(group, anchors, strict=True)
+            ]
+            return 0.5 * torch.stack(distances).square().sum()
+        return (
+            0.5
+            * torch.stack(
+                [(w.to(dtype) - a.to(dtype)).square().sum() for w, a in zip(group, anchors, strict=True)]
+            ).sum()
+        )
+
+    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
+        grads = list(torch._foreach_sub(group, self._anchors_for(group)))
+        torch._foreach_mul_(grads, scale)
+        return grads
+
+    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
+        anchors = self._anchors_for(group)
+        if fast:
+            # w0 + (w - w0)/(1 + t) = lerp(w, w0, t/(1 + t)): one pass over w and w0.
+            torch._foreach_lerp_(group, anchors, step / (1.0 + step))
+        else:
+            for w, anchor in zip(group, anchors, strict=True):
+                w.copy_(anchor + (w - anchor) / (1.0 + step))
+
+    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
+        (anchor,) = self._anchors_for([w])
+        t = step * strength
+        weight = t.div_(t + 1.0)  # t/(1 + t): w0 + (w - w0)/(1 + t) = lerp(w, w0, t/(1 + t))
+        if w.dtype == weight.dtype:
+            w.lerp_(anchor, weight)
+        else:
+            w.copy_(torch.lerp(w.to(weight.dtype), anchor.to(weight.dtype), weight))

@@ -1,0 +1,27 @@
+"""The examples run and show what they claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(script: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, check=True, timeout=300
+    )
+    return result.stdout
+
+
+def test_l1_exact_zeros_example() -> None:
+    lines = {
+        line.split("  ")[0].strip(): line.split() for line in run("l1_exact_zeros.py").splitlines() if line
+    }
+    subgradient = lines["a loss term (subgrad.)"]
+    proximal = lines["a proximal step"]
+    assert subgradient[4] == "0"  # exact zeros with L1 in the loss
+    assert proximal[3] == "45"  # all 45 useless weights exactly zero
+    assert "exactly" in proximal  # and the surviving weights are the true features

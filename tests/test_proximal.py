@@ -1,0 +1,211 @@
+"""attach_prox and the max-norm constraint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from regdial import L1, L2, GroupLasso, MaxNorm, attach_prox, max_norm_, param_groups
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def loss_of(model: nn.Module) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=generator)
+    return model(x).square().mean()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_prox_runs_after_each_step_with_the_group_lr(name: str) -> None:
+    hooked, manual = make_model(), make_model()
+    hooked_opt = OPTIMIZERS[name](param_groups(hooked, 0.0))
+    manual_opt = OPTIMIZERS[name](param_groups(manual, 0.0))
+    penalty = L1(1.0)
+    attach_prox(hooked_opt, penalty, step_size="lr")
+    for _ in range(5):
+        for model, opt in ((hooked, hooked_opt), (manual, manual_opt)):
+            opt.zero_grad()
+            loss_of(model).backward()
+            opt.step()
+        # By hand: the prox on the decayed group only, with the group's lr.
+        penalty.prox_(manual_opt.param_groups[0]["params"], lr=manual_opt.param_groups[0]["lr"])
+    for a, b in zip(hooked.parameters(), manual.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert (hooked[0].weight == 0).any()  # L1 made exact zeros
+    assert not (hooked[0].bias == 0).any()  # and left the biases alone
+
+
+def test_each_group_uses_its_own_current_lr() -> None:
+    a, b = torch.nn.Parameter(torch.full((4,), 1.0)), torch.nn.Parameter(torch.full((4,), 1.0))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.5}], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    attach_prox(optimizer, L1(1.0))
+    for expected_a, expected_b in [(0.9, 0.5), (0.85, 0.25)]:
+        a.grad, b.grad = torch.zeros(4), torch.zeros(4)
+        optimizer.step()
+        scheduler.step()
+        torch.testing.assert_close(a.detach(), torch.full((4,), expected_a))
+        torch.testing.assert_close(b.detach(), torch.full((4,), expected_b))
+
+
+def test_remove_detaches_the_prox() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    handle = attach_prox(optimizer, L2(1.0))
+    w.grad = torch.zeros(3)
+    optimizer.step()
+    assert w.tolist() == [0.5, 0.5, 0.5]
+    handle.remove()
+    optimizer.step()
+    assert w.tolist() == [0.5, 0.5, 0.5]
+
+
+def test_params_restrict_the_prox() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    first_layer = model[0].weight
+    attach_prox(optimizer, GroupLasso(1e6, groups="columns"), params=[first_layer])
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    optimizer.step()
+    assert bool((first_layer == 0).all())
+    assert not bool((model[3].weight == 0).any())
+
+
+def test_skips_lr_zero_and_parameters_without_gradient() -> None:
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    frozen_lr = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([{"params": [used, unused]}, {"params": [frozen_lr], "lr": 0.0}], lr=1.0)
+    attach_prox(optimizer, L2(1.0))
+    used.grad, frozen_lr.grad = torch.zeros(2), torch.zeros(2)
+    optimizer.step()
+    assert used.tolist() == [0.5, 0.5]
+    assert unused.tolist() == [1.0, 1.0]
+    assert frozen_lr.tolist() == [1.0, 1.0]
+
+
+def test_tensor_learning_rate() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([w], lr=torch.tensor(0.5))
+    attach_prox(optimizer, L2(2.0), step_size="lr")
+    w.grad = torch.zeros(2)
+    optimizer.step()
+    torch.testing.assert_close(w.detach(), torch.full((2,), 0.5))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_step_size_includes_momentum(momentum: float) -> None:
+    from regdial.proximal import optimizer_step_sizes
+
+    w = torch.nn.Parameter(torch.ones(2))
+    for nesterov, expected in [(False, 0.1 / (1 - momentum)), (True, 0.1 * (1 + momentum / (1 - momentum)))]:
+        if nesterov and momentum == 0.0:
+            continue
+        optimizer = torch.optim.SGD([w], lr=0.1, momentum=momentum, nesterov=nesterov)
+        reader = optimizer_step_sizes(optimizer)
+        assert reader(optimizer, optimizer.param_groups[0], [w]) == pytest.approx(expected)
+
+
+def test_adam_step_size_is_its_per_coordinate_step() -> None:
+    from regdial.proximal import optimizer_step_sizes
+
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    optimizer = torch.optim.Adam([w], lr=0.1, eps=1e-8)
+    for _ in range(4):
+        w.grad = torch.tensor([1e-3, 1.0, 10.0], dtype=torch.float64)
+        before = w.detach().clone()
+        optimizer.step()
+    # Constant gradients: m_hat = g exactly, so the update is g times the step size.
+    (steps,) = optimizer_step_sizes(optimizer)(optimizer, optimizer.param_groups[0], [w])
+    torch.testing.assert_close(before - w.detach(), w.grad * steps)
+
+
+def test_max_norm_caps_each_units_incoming_weights() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(6, 10) * torch.tensor([0.01, 0.1, 1.0, 2.0, 5.0, 10.0])[:, None]
+    before = w.clone()
+    max_norm_(w, 1.0)
+    norms = w.norm(dim=1)
+    assert bool((norms <= 1.0 + 1e-5).all())
+    inside = before.norm(dim=1) <= 1.0
+    assert torch.equal(w[inside], before[inside])  # within the bound: untouched
+    torch.testing.assert_close(norms[~inside], torch.ones(int((~inside).sum())))
+    # Direction is kept.
+    torch.testing.assert_close(w[~inside], before[~inside] / before[~inside].norm(dim=1, keepdim=True))
+
+
+def test_max_norm_attaches_like_a_penalty() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    attach_prox(optimizer, MaxNorm(0.5))
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-loss_of(model)).backward()  # ascend: weights grow
+        optimizer.step()
+        for layer in (model[0], model[3]):
+            assert bool((layer.weight.norm(dim=1) <= 0.5 + 1e-5).all())
+
+
+def test_unchanged_models_stay_bitwise_equal_without_prox() -> None:
+    # The hook must not touch anything when removed immediately.
+    model = make_model()
+    clone = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_prox(optimizer, L1(1.0)).remove()
+    clone_opt = torch.optim.SGD(clone.parameters(), lr=0.1)
+    for m, o in ((model, optimizer), (clone, clone_opt)):
+        loss_of(m).backward()
+        o.step()
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: attach_prox("sgd", L1(0.1)), r"^optimizer must be a torch.optim.Optimizer, got 'sgd'$"),
+        (
+            lambda: attach_prox(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), 0.1),
+            r"^penalty must be a penalty or constraint with a prox_\(params, lr\) method, got 0.1$",
+        ),
+        (
+            lambda: attach_prox(
+                torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), L1(0.1), params=[torch.ones(1)]
+            ),
+            r"^params must be parameters the optimizer updates, got 1 tensors it does not hold$",
+        ),
+        (
+            lambda: attach_prox(
+                torch.optim.Rprop([torch.nn.Parameter(torch.ones(1))]), L1(0.1), step_size="optimizer"
+            ),
+            r"^step_size must be 'lr' or 'auto' for Rprop \(readable: SGD, Adam, .*\), got 'optimizer'$",
+        ),
+        (
+            lambda: attach_prox(
+                torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), L1(0.1), step_size="big"
+            ),
+            r"^step_size must be one of 'auto', 'optimizer', 'lr', got 'big'$",
+        ),
+        (lambda: max_norm_([torch.ones(2, 2)], 0.0), r"^max_norm must be in \(0, inf\), got 0.0$"),
+        (lambda: max_norm_([torch.ones(2, 2)], 1.0, dim=2), r"^dim must be an integer in \[-2, 1\], got 2$"),
+        (lambda: MaxNorm(-3.0), r"^MaxNorm.max_norm must be in \(0, inf\), got -3.0$"),
+    ],
+)
+def test_bad_arguments(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
