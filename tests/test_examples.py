@@ -25,3 +25,16 @@ def test_l1_exact_zeros_example() -> None:
     assert subgradient[4] == "0"  # exact zeros with L1 in the loss
     assert proximal[3] == "45"  # all 45 useless weights exactly zero
     assert "exactly" in proximal  # and the surviving weights are the true features
+
+
+def test_own_loop_example_regularized_beats_unregularized() -> None:
+    rows = {}
+    for line in run("own_loop.py").splitlines():
+        if line.startswith(("without", "with regdial")):
+            label = "without" if line.startswith("without") else "with"
+            rows[label] = [float(v) for v in line.split()[-3:]]
+    train_without, val_without, gap_without = rows["without"]
+    _, val_with, gap_with = rows["with"]
+    assert train_without == 1.0  # the unregularized CNN memorizes the 150 images
+    assert val_with > val_without + 0.01
+    assert gap_with < gap_without

@@ -13,6 +13,8 @@ def test_building_blocks_import_torch_alone() -> None:
         "import sys\n"
         "from regdial import L1, L2, ElasticNet, GroupLasso, L2SP, attach_prox, param_groups, MaxNorm\n"
         "import regdial.penalties, regdial.proximal, regdial.groups, regdial.schedules\n"
+        "import regdial.noise, regdial.mixing, regdial.augment, regdial.stopping, regdial.averaging\n"
+        "import regdial.setting, regdial.applied\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

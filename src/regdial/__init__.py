@@ -10,10 +10,36 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from regdial.applied import Applied
+from regdial.augment import (
+    EmbeddingNoise,
+    ImageAugment,
+    SignalAugment,
+    TabularAugment,
+    TokenAugment,
+    augmentation,
+)
+from regdial.averaging import EMA, SWA, recompute_batchnorm
 from regdial.groups import param_groups
+from regdial.mixing import CutMix, Mixup, MixupOrCutMix, smooth_targets, soft_cross_entropy
+from regdial.noise import (
+    DropBlock1d,
+    DropBlock2d,
+    DropConnect,
+    DropPath,
+    GaussianDropout,
+    GaussianNoise,
+    drop_block,
+    drop_path,
+    drop_path_rates,
+    set_drop_path,
+    set_dropout,
+)
 from regdial.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
 from regdial.proximal import MaxNorm, attach_prox, max_norm_
 from regdial.schedules import Constant, Cosine, Early, Linear, Schedule, Step
+from regdial.setting import Regularization
+from regdial.stopping import EarlyStopping
 
 __version__ = "0.1.0"
 
@@ -21,23 +47,51 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {}
 
 __all__ = [
+    "EMA",
     "L1",
     "L2",
     "L2SP",
+    "SWA",
+    "Applied",
     "Constant",
     "Cosine",
+    "CutMix",
+    "DropBlock1d",
+    "DropBlock2d",
+    "DropConnect",
+    "DropPath",
     "Early",
+    "EarlyStopping",
     "ElasticNet",
+    "EmbeddingNoise",
+    "GaussianDropout",
+    "GaussianNoise",
     "GroupLasso",
+    "ImageAugment",
     "Linear",
     "MaxNorm",
+    "Mixup",
+    "MixupOrCutMix",
     "Penalty",
+    "Regularization",
     "Schedule",
+    "SignalAugment",
     "Step",
+    "TabularAugment",
+    "TokenAugment",
     "__version__",
     "attach_prox",
+    "augmentation",
+    "drop_block",
+    "drop_path",
+    "drop_path_rates",
     "max_norm_",
     "param_groups",
+    "recompute_batchnorm",
+    "set_drop_path",
+    "set_dropout",
+    "smooth_targets",
+    "soft_cross_entropy",
 ]
 
 

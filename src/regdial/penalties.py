@@ -53,17 +53,13 @@ from torch import Tensor, nn
 
 from regdial._checks import Described, check_choice, check_range, fail
 from regdial._tensors import accumulation_dtype, group_by_device_and_dtype, tensor_list
-from regdial.schedules import Strength, check_strength, resolve
+from regdial.schedules import Scheduled, Strength
 
 __all__ = ["L1", "L2", "L2SP", "ElasticNet", "GroupLasso", "Penalty", "soft_threshold_"]
 
 logger = logging.getLogger(__name__)
 
 GROUP_LAYOUTS = ("rows", "columns", "tensor")
-
-
-def _nonnegative(field: str, value: object) -> float:
-    return check_range(field, value, low=0.0)
 
 
 def soft_threshold_(tensor: Tensor, threshold: float) -> Tensor:
@@ -86,7 +82,7 @@ def _combine(parts: Sequence[Tensor], device: torch.device) -> Tensor:
     return torch.stack([part.to(device=device, dtype=dtype) for part in parts]).sum()
 
 
-class Penalty(ABC):
+class Penalty(Scheduled, ABC):
     """A weight penalty ``R(w)`` with its proximal step; see the module docstring.
 
     Args:
@@ -100,24 +96,6 @@ class Penalty(ABC):
         self.strength = strength
         self.foreach = foreach
         self.progress = 0.0
-
-    @property
-    def strength(self) -> Strength:
-        """The strength ``s``, or its schedule."""
-        return self._strength
-
-    @strength.setter
-    def strength(self, strength: Strength) -> None:
-        self._strength = check_strength(f"{type(self).__name__}.strength", strength, _nonnegative)
-
-    @property
-    def current_strength(self) -> float:
-        """``s`` now: the schedule's value at ``progress``, or the fixed strength."""
-        return resolve(self._strength, self.progress)
-
-    def set_progress(self, progress: float) -> None:
-        """Tell a scheduled strength how far training is, as a fraction in [0, 1]."""
-        self.progress = check_range("progress", progress, low=0.0, high=1.0)
 
     def value(self, params: Tensor | Iterable[Tensor]) -> Tensor:
         """``R(params)`` as a differentiable scalar (float32 or wider) to add to the loss.

@@ -25,6 +25,7 @@ __all__ = [
     "Early",
     "Linear",
     "Schedule",
+    "Scheduled",
     "Step",
     "Strength",
     "check_strength",
@@ -196,3 +197,37 @@ def check_strength(field_name: str, strength: object, check: Callable[[str, obje
 def resolve(strength: Strength, progress: float) -> float:
     """The strength's value at ``progress``."""
     return strength(progress) if isinstance(strength, Schedule) else strength
+
+
+class Scheduled:
+    """Mixin for anything with a ``strength`` that may follow a schedule.
+
+    Subclasses set ``strength_range`` (low, high, high_open). ``set_progress(t)`` tells a
+    scheduled strength how far training is; ``current_strength`` is its value now.
+    """
+
+    strength_range: ClassVar[tuple[float, float | None, bool]] = (0.0, None, False)
+    _strength: Strength
+    progress: float = 0.0
+
+    def _check_one(self, field_name: str, value: object) -> float:
+        low, high, high_open = self.strength_range
+        return check_range(field_name, value, low=low, high=high, high_open=high_open)
+
+    @property
+    def strength(self) -> Strength:
+        """The strength, or its schedule."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, strength: Strength) -> None:
+        self._strength = check_strength(f"{type(self).__name__}.strength", strength, self._check_one)
+
+    @property
+    def current_strength(self) -> float:
+        """The strength now: the schedule's value at ``progress``, or the fixed strength."""
+        return resolve(self._strength, self.progress)
+
+    def set_progress(self, progress: float) -> None:
+        """How far training is, as a fraction in [0, 1]."""
+        self.progress = check_range("progress", progress, low=0.0, high=1.0)

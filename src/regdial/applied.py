@@ -1,0 +1,255 @@
+"""``Applied``: a ``Regularization`` wired into a model and optimizer, for any loop.
+
+``setting.apply(model, optimizer)`` does everything that happens once, and returns the
+few calls a training loop makes::
+
+    applied = setting.apply(model, lambda groups: torch.optim.AdamW(groups, lr=1e-3), num_classes=10)
+    for epoch in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            x, y = applied.batch(x, y)                                 # noise, augmentation, mixing
+            loss = applied.loss(model(x), y) + applied.penalty()      # smoothing, soft targets
+            applied.optimizer.zero_grad(); loss.backward(); applied.optimizer.step()
+        val_loss = evaluate(applied.eval_model)                       # the EMA model when on
+        if applied.end_epoch(epoch + 1, epochs, val_loss):            # schedules, early stopping
+            break
+    applied.finish()                                                  # best weights back
+
+Once, at ``apply``: parameter groups with weight decay on the weights only (for an
+optimizer factory), the proximal steps of the penalties (or loss terms), the max-norm
+constraint, dropout and drop-path rates, the EMA. Nothing here is needed to use one
+technique alone: each lives in its own module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from regdial._checks import Described, check_int, check_range, fail
+from regdial.augment import KINDS, Augment, augmentation
+from regdial.averaging import EMA
+from regdial.groups import param_groups
+from regdial.mixing import MixupOrCutMix
+from regdial.noise import GaussianNoise, set_drop_path, set_dropout
+from regdial.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
+from regdial.proximal import MaxNorm, attach_prox
+from regdial.schedules import Schedule, resolve
+from regdial.setting import Regularization
+from regdial.stopping import EarlyStopping
+
+__all__ = ["Applied", "infer_data_kind"]
+
+logger = logging.getLogger(__name__)
+
+
+def infer_data_kind(x: Tensor) -> str:
+    """The augmentation kind a batch looks like: image, signal, tabular or tokens."""
+    if not x.is_floating_point():
+        return "tokens"
+    return {4: "image", 3: "signal", 2: "tabular"}.get(x.dim(), "tabular")
+
+
+class Applied:
+    """The live side of a setting: hooks installed, helpers for the loop. See the module."""
+
+    def __init__(
+        self,
+        setting: Regularization,
+        model: nn.Module,
+        optimizer: Optimizer | Callable[[list[dict[str, Any]]], Optimizer],
+        *,
+        num_classes: int | None = None,
+        data_kind: str | None = None,
+        augment_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            fail("model", "an nn.Module", model)
+        self.setting, self.model = setting, model
+        self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=2)
+        if data_kind is not None and data_kind not in KINDS:
+            fail("data_kind", "one of " + ", ".join(map(repr, KINDS)), data_kind)
+        self.data_kind = data_kind
+        self._augment_options = dict(augment_options or {})
+        self.handles: list[RemovableHandle] = []
+
+        initial_decay = resolve(setting.weight_decay, 0.0)
+        groups = param_groups(model, initial_decay, exclude=setting.exclude, include=setting.include)
+        self.weights = [p for g in groups if g["regularize"] for p in g["params"]]
+        if isinstance(optimizer, Optimizer):
+            self.optimizer = optimizer
+            if initial_decay or isinstance(setting.weight_decay, Schedule):
+                self._set_weight_decay(initial_decay, strict=True)
+        elif callable(optimizer):
+            self.optimizer = optimizer(groups)
+            if not isinstance(self.optimizer, Optimizer):
+                fail(
+                    "optimizer",
+                    "a torch optimizer or a function of param groups returning one",
+                    self.optimizer,
+                )
+        else:
+            fail("optimizer", "a torch optimizer or a function of param groups returning one", optimizer)
+
+        self.penalties = self._penalties()
+        if self.weights:
+            if setting.penalties_in == "prox":
+                for penalty in self.penalties:
+                    self.handles.append(attach_prox(self.optimizer, penalty, params=self.weights))
+            if setting.max_norm > 0:
+                self.handles.append(
+                    attach_prox(self.optimizer, MaxNorm(setting.max_norm), params=self.weights)
+                )
+
+        self._set_rates(0.0)
+        self.ema: EMA | None = None
+        if setting.ema > 0:
+            self.ema = EMA(model, decay=setting.ema, warmup=True)
+            self.handles.append(self.ema.attach(self.optimizer, model))
+        self.early_stopping: EarlyStopping | None = None
+        if setting.early_stopping > 0:
+            self.early_stopping = EarlyStopping(patience=setting.early_stopping, min_delta=setting.min_delta)
+        self.noise = GaussianNoise(setting.noise) if setting.noise > 0 else None
+        self.mixer = None
+        if setting.mixup > 0 or setting.cutmix > 0:
+            self.mixer = MixupOrCutMix(setting.mixup, setting.cutmix, num_classes=self.num_classes)
+        self.augment: Augment | None = None
+        self.progress = 0.0
+
+    def _penalties(self) -> list[Penalty]:
+        s = self.setting
+        penalties: list[Penalty] = []
+        if s.l1:
+            penalties.append(L1(s.l1))
+        if s.l2:
+            penalties.append(L2(s.l2))
+        if s.elastic_net:
+            penalties.append(ElasticNet(s.elastic_net, l1_ratio=s.l1_ratio))
+        if s.group_lasso:
+            penalties.append(GroupLasso(s.group_lasso, groups=s.groups))
+        if s.l2sp:
+            penalties.append(L2SP(s.l2sp, self.model))
+        return penalties
+
+    def _set_weight_decay(self, value: float, strict: bool = False) -> None:
+        marked = [g for g in self.optimizer.param_groups if "regularize" in g]
+        if not marked and strict:
+            fail(
+                "optimizer",
+                "built from regdial.param_groups(...) (or pass a factory) when weight_decay is set",
+                Described("an optimizer whose groups do not say which parameters are weights"),
+            )
+        for group in marked:
+            if group["regularize"]:
+                group["weight_decay"] = value
+
+    def _set_rates(self, progress: float) -> None:
+        s = self.setting
+        if s.dropout is not None:
+            changed = set_dropout(self.model, s.dropout, progress=progress)
+            if (
+                progress == 0.0
+                and resolve(s.dropout, 0.0) > 0
+                and not changed
+                and not _has_dropout(self.model)
+            ):
+                logger.warning("dropout=%s: the model has no dropout layers to set", s.dropout)
+        if s.drop_path is not None:
+            set_drop_path(self.model, s.drop_path, progress=progress)
+
+    # -- in the loop ------------------------------------------------------------------
+
+    def batch(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """A training batch through input noise, augmentation and Mixup/CutMix.
+
+        Returns the inputs and targets to train on: soft targets (class probabilities)
+        when mixing is on, else the targets as given.
+        """
+        if self.setting.augment:
+            x = self._augmenter(x)(x)
+        if self.noise is not None and x.is_floating_point():
+            x = self.noise.train()(x)
+        if self.mixer is not None:
+            if self.setting.cutmix > 0 and x.dim() not in (3, 4):
+                fail(
+                    "regularization.cutmix",
+                    "0 for inputs that are not sequences or images",
+                    self.setting.cutmix,
+                )
+            x, targets = self.mixer(x, targets)
+        return x, targets
+
+    def _augmenter(self, x: Tensor) -> Augment:
+        if self.augment is None:
+            kind = self.data_kind or infer_data_kind(x)
+            self.augment = augmentation(kind, self.setting.augment, **self._augment_options)
+            self.augment.set_progress(self.progress)
+        return self.augment.train()
+
+    def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy with label smoothing (labels or soft targets) for classification,
+        mean squared error for regression (no ``num_classes``)."""
+        if self.num_classes is None:
+            return F.mse_loss(output.reshape(targets.shape), targets.to(output.dtype))
+        return F.cross_entropy(output, targets, label_smoothing=self.setting.label_smoothing)
+
+    def penalty(self) -> Tensor:
+        """The penalties' values when they go in the loss (``penalties_in="loss"``), else 0."""
+        device = self.weights[0].device if self.weights else torch.device("cpu")
+        total = torch.zeros((), device=device)
+        if self.setting.penalties_in != "loss" or not self.weights:
+            return total
+        for penalty in self.penalties:
+            total = total + penalty.value(self.weights)
+        return total
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate: the weight average when EMA is on, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def end_epoch(self, epoch: int, epochs: int, val_metric: float | None = None) -> bool:
+        """After epoch ``epoch`` of ``epochs``: move the schedules; True if early stopping says stop.
+
+        ``val_metric`` (lower is better, the validation loss) feeds early stopping when it
+        is on; the model whose weights it keeps is ``eval_model``.
+        """
+        epoch = check_int("epoch", epoch, low=1)
+        epochs = check_int("epochs", epochs, low=epoch)
+        self.progress = check_range("progress", epoch / epochs, low=0.0, high=1.0)
+        for penalty in self.penalties:
+            penalty.set_progress(self.progress)
+        if self.augment is not None:
+            self.augment.set_progress(self.progress)
+        if isinstance(self.setting.weight_decay, Schedule):
+            self._set_weight_decay(resolve(self.setting.weight_decay, self.progress))
+        self._set_rates(self.progress)
+        if self.early_stopping is not None and val_metric is not None:
+            return self.early_stopping.step(val_metric, self.eval_model)
+        return False
+
+    def finish(self) -> bool:
+        """End of training: put early stopping's best weights back; True if it did."""
+        if self.early_stopping is None:
+            return False
+        return self.early_stopping.restore(self.eval_model)
+
+    def remove(self) -> None:
+        """Detach every hook this setting installed (proximal steps, EMA updates)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __repr__(self) -> str:
+        return f"Applied({self.setting!r}, optimizer={type(self.optimizer).__name__})"
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
