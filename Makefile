@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python examples/l1_exact_zeros.py
+	$(BIN)/regdial run examples/configs/digits-small.toml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -38,3 +40,21 @@ def test_own_loop_example_regularized_beats_unregularized() -> None:
     assert train_without == 1.0  # the unregularized CNN memorizes the 150 images
     assert val_with > val_without + 0.01
     assert gap_with < gap_without
+
+
+CONFIGS = sorted((EXAMPLES / "configs").glob("*.toml"))
+
+
+def test_there_is_a_config_per_built_in_task() -> None:
+    from regdial.tasks import TASKS
+
+    assert {path.stem for path in CONFIGS} == set(TASKS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_example_configs_run(path: Path, tmp_path: Path) -> None:
+    from regdial.cli import main
+
+    main(["run", str(path), "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])  # returns on success
+    assert (tmp_path / "run" / "report.html").is_file()
+    assert (tmp_path / "run" / "baseline" / "summary.json").is_file()

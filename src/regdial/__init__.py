@@ -44,9 +44,17 @@ from regdial.stopping import EarlyStopping
 __version__ = "0.1.0"
 
 # Public names that live in modules with heavier imports, loaded on first access.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "fit": "regdial.train",
+    "evaluate": "regdial.train",
+    "History": "regdial.history",
+    "Dataset": "regdial.tasks",
+    "load_data": "regdial.tasks",
+    "load_task": "regdial.tasks",
+    "build_model": "regdial.models",
+}
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - the building blocks, then the lazily imported layers
     "EMA",
     "L1",
     "L2",
@@ -92,6 +100,13 @@ __all__ = [
     "set_dropout",
     "smooth_targets",
     "soft_cross_entropy",
+    "fit",
+    "evaluate",
+    "History",
+    "Dataset",
+    "load_data",
+    "load_task",
+    "build_model",
 ]
 
 

@@ -1,0 +1,120 @@
+"""fit's overhead: epochs of ``fit`` against a minimal hand-written loop doing the same work.
+
+Both train the same model (built-in ``cnn`` on ``digits``, regularization off) from the
+same initial weights with AdamW and a per-step cosine learning rate, and evaluate the
+train subset and the validation split in eval mode after every epoch, as ``fit`` does
+for its learning curves. The runs alternate, and the script prints the median seconds
+per epoch of each and fit's overhead. Target (issue 4): <= 5% with regularization off.
+It also prints what the clean train-set evaluation costs, which the overhead excludes.
+
+Run: ``python benchmarks/trainer.py`` (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from regdial import Regularization, build_model, fit, load_task
+from regdial.train import evaluate
+
+
+def minimal_loop(
+    data, epochs: int, batch_size: int, lr: float, seed: int, evaluate_train: bool = True
+) -> None:
+    model = build_model("cnn", data, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps = math.ceil(len(data.x_train) / batch_size)
+    total, step = epochs * steps, 0
+    subset = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))[:2048]
+    x_eval, y_eval = data.x_train[subset], data.y_train[subset]
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(
+            len(data.x_train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        )
+        for rows in order.split(batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(model(data.x_train[rows]), data.y_train[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        device = torch.device("cpu")
+        if evaluate_train:
+            evaluate(
+                model,
+                [(x_eval[i : i + 1024], y_eval[i : i + 1024]) for i in range(0, len(x_eval), 1024)],
+                10,
+                device,
+            )
+        evaluate(
+            model,
+            [(data.x_val[i : i + 1024], data.y_val[i : i + 1024]) for i in range(0, len(data.x_val), 1024)],
+            10,
+            device,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    data = load_task("digits")
+    setting = Regularization.off()
+    batch_size, lr, seed = 32, 1e-3, 0
+
+    runs = {
+        "minimal loop": lambda: minimal_loop(data, args.epochs, batch_size, lr, seed),
+        "fit, in memory": lambda: fit(
+            data, setting, epochs=args.epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False
+        ),
+        "fit, run directory": lambda: _fit_to_disk(data, setting, args.epochs, batch_size, lr, seed),
+        "minimal loop, no train eval": lambda: minimal_loop(
+            data, args.epochs, batch_size, lr, seed, evaluate_train=False
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm up: imports, allocator
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) / args.epochs)
+    reference = statistics.median(times["minimal loop"])
+    print(
+        f"digits, cnn, {len(data.x_train)} training images, batch {batch_size}, {args.epochs} epochs x {args.repeats}"
+    )
+    print(f"{'':<30}{'s/epoch':>9}{'vs minimal loop':>18}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<30}{median:9.4f}{(median / reference - 1) * 100:+17.1f}%")
+    print("\nTarget: fit's overhead <= 5% with regularization off. The last row is the minimal loop without")
+    print("the clean train-set evaluation that fit's learning curves use (its cost is not overhead).")
+
+
+def _fit_to_disk(data, setting, epochs: int, batch_size: int, lr: float, seed: int) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        fit(
+            data,
+            setting,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            run_dir=directory,
+            progress=False,
+        )
+
+
+if __name__ == "__main__":
+    main()

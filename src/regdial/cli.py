@@ -1,0 +1,280 @@
+"""The ``regdial`` command: run, tasks, diagnose, report (and tune).
+
+Bad input never shows a traceback: one line naming the field, the allowed values and
+the value received, and exit code 2 (set ``REGDIAL_DEBUG=1`` to see the traceback).
+Exit codes: 0 done, 1 the run diverged, 2 bad input, 130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from regdial._checks import Described, fail
+
+app = typer.Typer(
+    name="regdial",
+    help="Regularization of neural networks as a dial: train, diagnose, report and tune.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)  # paths stay on one line, copy-pasteable
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for the [regularization] table; values are read as TOML."""
+    from regdial.setting import read_toml
+
+    table: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            fail("--set", "KEY=VALUE (a regularization knob, e.g. dropout=0.2)", pair)
+        try:
+            table[key.strip()] = read_toml(f"v = {value.strip()}\n")["v"]
+        except ValueError:
+            table[key.strip()] = value.strip()  # a bare word: let the setting's check word the error
+    return table
+
+
+def _free_directory(path: Path) -> Path:
+    """``path`` if it is new or empty, else ``path-2``, ``path-3``...: never overwrite a run."""
+    candidate, number = path, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
+def _finished(run_dir: Path) -> bool:
+    import json
+
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    return json.loads(summary.read_text(encoding="utf-8")).get("status") in (
+        "completed",
+        "stopped early",
+        "pruned",
+    )
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="A TOML run configuration (see examples/).")] = None,
+    task: Annotated[str | None, typer.Option(help="A built-in task (regdial tasks).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Your data: a .npz (x, y, ...) or a .csv file.")] = None,
+    target: Annotated[str | None, typer.Option(help="The target column of a CSV file.")] = None,
+    kind: Annotated[str | None, typer.Option(help="auto, classification or regression.")] = None,
+    model: Annotated[str | None, typer.Option(help="linear, mlp, cnn, cnn1d or resnet.")] = None,
+    # Numbers are taken as text and checked by regdial, so errors name the value received.
+    epochs: Annotated[str | None, typer.Option(help="Epochs to train.", metavar="INTEGER")] = None,
+    lr: Annotated[str | None, typer.Option(help="Learning rate.", metavar="FLOAT")] = None,
+    seed: Annotated[
+        str | None, typer.Option(help="Seed of the splits, initialization and batches.", metavar="INTEGER")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="The run directory (default runs/<task>).")] = None,
+    baseline: Annotated[
+        bool | None, typer.Option("--baseline/--no-baseline", help="Also train with regularization off.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="A regularization knob, KEY=VALUE; repeatable.")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a model under one setting of the dial, diagnose it and write its report."""
+    from regdial.config import load_config
+
+    if resume is not None:
+        given = [name for name, value in (("config", config), ("task", task), ("data", data), ("model", model),
+                                          ("epochs", epochs), ("out", out), ("set", set_)) if value]  # fmt: skip
+        if given:
+            fail(
+                "--resume", "used alone (the run continues as RUN_DIR/config.toml says)", f"also --{given[0]}"
+            )
+        if not (resume / "config.toml").is_file():
+            fail("--resume", "a run directory written by regdial run", str(resume))
+        loaded = load_config(resume / "config.toml")
+        out_dir, resuming = resume, True
+    else:
+        overrides = {"task": task, "data": data, "target": target, "kind": kind, "model": model, "epochs": epochs,
+                     "lr": lr, "seed": seed, "out": out, "baseline": baseline}  # fmt: skip
+        loaded = load_config(config, overrides)
+        if set_:
+            loaded.regularization.update(_parse_sets(set_))
+        loaded.setting()
+        if loaded.run.task is None and loaded.run.data is None:
+            loaded.run.task = "digits-small"
+        if loaded.run.task is not None and loaded.run.data is not None:
+            both = Described(f"task {loaded.run.task!r} and data {str(loaded.run.data)!r}")
+            fail("run", "either a task or data, not both", both)
+        name = loaded.run.task or Path(str(loaded.run.data)).stem
+        out_dir, resuming = _free_directory(loaded.run.out or Path("runs") / name), False
+        loaded.run.out = out_dir
+    _execute(loaded, out_dir, resuming, progress=None if not quiet else False)
+
+
+def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None) -> None:
+    import tomli_w
+
+    from regdial._io import write_text
+    from regdial.diagnose import diagnose
+    from regdial.report import report
+    from regdial.setting import Regularization
+    from regdial.tasks import load_data, load_task
+    from regdial.train import fit
+
+    run = config.run
+    setting = config.setting()
+    dataset = (
+        load_task(run.task, run.seed)
+        if run.task is not None
+        else load_data(run.data, target=run.target, kind=run.kind, seed=run.seed)
+    )
+    task_arg: Any = run.task if run.task is not None else dataset
+    if not resuming:
+        document = config.model_dump(mode="json", exclude_none=True)
+        document["regularization"] = setting.to_dict()
+        write_text(out_dir / "config.toml", tomli_w.dumps(document))
+    console = _console()
+    common: dict[str, Any] = {
+        "model": run.model, "model_options": config.model, "epochs": run.epochs, "batch_size": run.batch_size,
+        "optimizer": run.optimizer, "lr": run.lr, "lr_schedule": run.lr_schedule, "seed": run.seed,
+        "checkpoint_seconds": run.checkpoint_seconds, "progress": progress,
+    }  # fmt: skip
+    console.print(f"[bold]{dataset.name}[/]: training under {_describe(setting)} -> {out_dir}")
+    history = fit(task_arg, setting, run_dir=out_dir, resume=resuming, **common)
+    baseline_history = None
+    if run.baseline and history.meta.get("status") not in ("interrupted",):
+        base_dir = out_dir / "baseline"
+        if not _finished(base_dir):
+            console.print("training the same model with regularization off (the baseline)")
+            again = resuming and (base_dir / "checkpoints" / "last.json").is_file()
+            baseline_history = fit(task_arg, Regularization.off(), run_dir=base_dir, resume=again, **common)
+        else:
+            from regdial.history import History
+
+            baseline_history = History.load(base_dir)
+    status = history.meta.get("status")
+    if status == "interrupted":
+        console.print(f"{history.meta.get('reason')}; continue with: regdial run --resume {out_dir}")
+        raise typer.Exit(130)
+    page = report(out_dir)
+    _print_summary(console, history, baseline_history, diagnose(history, setting))
+    console.print(f"report: {page}")
+    if status == "diverged":
+        console.print(f"[red]{history.meta.get('reason')}[/]")
+        raise typer.Exit(1)
+
+
+def _describe(setting: Any) -> str:
+    active = setting.active()
+    return ", ".join(f"{k}={v}" for k, v in active.items()) if active else "no regularization"
+
+
+def _print_summary(console: Any, history: Any, baseline: Any, diagnosis: Any) -> None:
+    from rich.table import Table
+
+    metric = history.metric
+    table = Table(title=None, show_edge=False)
+    for column in ("", f"val {metric}", f"test {metric}", "best epoch", "status"):
+        table.add_column(column, justify="right" if column else "left")
+
+    def add(label: str, h: Any) -> None:
+        summary = h.meta.get("summary", {})
+        final = summary.get("final", {})
+        cells = [f"{final[key]:.4f}" if key in final else "-" for key in (f"val_{metric}", f"test_{metric}")]
+        table.add_row(label, *cells, str(summary.get("best_epoch", "-")), str(h.meta.get("status")))
+
+    if baseline is not None:
+        add("unregularized", baseline)
+    add("this setting", history)
+    console.print(table)
+    console.print(f"diagnosis: {diagnosis.message}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the built-in tasks."""
+    from rich.table import Table
+
+    from regdial.tasks import TASKS, load_task
+
+    table = Table(show_edge=False)
+    table.add_column("task", no_wrap=True, style="bold")
+    table.add_column("data", no_wrap=True)
+    table.add_column("train/val/test", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("epochs", justify="right")
+    for name, spec in TASKS.items():
+        data = load_task(name, 0)
+        shape = "x".join(str(n) for n in data.input_shape)
+        target = f"{data.num_classes} classes" if data.kind == "classification" else "regression"
+        table.add_row(
+            name, f"{shape} {data.input_kind}, {target}", data.sizes(), spec.model, str(spec.epochs)
+        )
+    _console().print(table)
+    _console().print(
+        "train one with: regdial run --task NAME (--baseline to compare with regularization off)"
+    )
+
+
+@app.command(name="diagnose")
+def diagnose_command(
+    path: Annotated[Path, typer.Argument(help="A run directory or a history.csv/.json file.")],
+) -> None:
+    """Say where a run stands: overfitting, underfitting, good fit..., and which knob to turn."""
+    import json
+
+    from regdial.diagnose import diagnose
+    from regdial.history import History
+    from regdial.setting import Regularization
+
+    history = History.load(path)
+    setting = None
+    summary = (path if path.is_dir() else path.parent) / "summary.json"
+    if summary.is_file():
+        setting = Regularization.from_dict(json.loads(summary.read_text(encoding="utf-8")).get("setting", {}))
+    result = diagnose(history, setting)
+    _console().print(result.message)
+
+
+@app.command(name="report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+) -> None:
+    """Write report.html (with its PNGs) into a run directory."""
+    from regdial.report import report
+
+    _console().print(f"report: {report(run_dir)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors and exit code 2 for bad input, never a traceback."""
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("REGDIAL_DEBUG"))
+    try:
+        command.main(args=argv, prog_name="regdial", standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        print("regdial: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (typer.exceptions.TyperException, ValueError) as error:
+        if debug:
+            raise
+        format_message = getattr(error, "format_message", None)
+        message = format_message() if callable(format_message) else str(error)
+        print(f"regdial: error: {str(message).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,249 @@
+"""Where a run stands on the dial: ``diagnose(history) -> Diagnosis``.
+
+The diagnosis reads smoothed curves, never single noisy epochs. Each loss curve is
+smoothed by a centred moving average over ``w = max(3, n // 8)`` epochs (n epochs; odd w,
+shrinking at the ends); its noise ``sigma`` is 1.4826 times the median absolute residual
+around the smooth curve. A change counts only when it beats both a relative threshold
+and ``2 * sigma``. In this order:
+
+1. **diverged**: a loss is NaN or infinite (or the run says it diverged).
+2. **overfitting**: the smoothed validation loss rose above its minimum by more than
+   ``RISE`` (5%) of that minimum, while the training loss kept falling; or the model has
+   memorized its training data (train accuracy >= 99%, at least ``MEMORIZED_GAP`` (5
+   points) above validation, train loss under a tenth of validation loss). Overfitting
+   began at the smoothed minimum (or, for memorization, where the smoothed gap first
+   passed half its final size).
+3. **underfitting**: the final smoothed training loss is more than ``UNDERFIT`` (40%) of
+   an untrained model's: ``ln C`` for C classes, or ``1 - R^2`` above 0.4 in regression.
+   The model cannot fit even its training data.
+4. **still improving**: over the last quarter of the run the smoothed validation loss
+   fell by more than ``IMPROVING`` (2%) of its value: train longer before judging.
+5. **good fit**: none of the above.
+
+The advice is in dial terms: which knobs to turn which way and by how much
+(multiplicative steps for penalties and weight decay, additive for rates), and where
+early stopping would have stopped. ``Diagnosis.suggest(setting)`` applies it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from regdial._checks import fail
+from regdial.history import History
+from regdial.setting import Regularization
+from regdial.stopping import EarlyStopping
+
+__all__ = ["Diagnosis", "State", "diagnose", "smooth"]
+
+State = Literal["diverged", "overfitting", "underfitting", "still improving", "good fit"]
+
+RISE = 0.05
+MEMORIZED_GAP = 0.05
+UNDERFIT = 0.4
+IMPROVING = 0.02
+PATIENCE = 5
+
+
+def smooth(values: list[float]) -> tuple[list[float], float]:
+    """A centred moving average and the noise around it (robust standard deviation)."""
+    n = len(values)
+    window = max(3, n // 8)
+    window += 1 - window % 2
+    half = window // 2
+    smoothed = []
+    for i in range(n):
+        lo, hi = max(0, i - half), min(n, i + half + 1)
+        smoothed.append(sum(values[lo:hi]) / (hi - lo))
+    residuals = [abs(v - s) for v, s in zip(values, smoothed, strict=True)]
+    sigma = 1.4826 * statistics.median(residuals) if residuals else 0.0
+    return smoothed, sigma
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The state of a run and what to do about it."""
+
+    state: State
+    message: str
+    best_epoch: int | None
+    overfit_epoch: int | None = None
+    gap: float = 0.0
+    early_stop_epoch: int | None = None
+    direction: int = 0  # +1: regularize more; -1: less; 0: leave the strengths
+    moves: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, float] = field(default_factory=dict)
+
+    def suggest(self, setting: Regularization) -> Regularization:
+        """``setting`` with this diagnosis's moves applied."""
+        return setting.replace(**self.moves) if self.moves else setting
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _number(value: object) -> float | None:
+    """A knob's fixed value, or None for a schedule (the diagnosis leaves schedules alone)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _moves(setting: Regularization, direction: int, kind: str) -> dict[str, Any]:
+    """The knobs to turn: multiplicative for penalties, additive for rates (max two up)."""
+    moves: dict[str, Any] = {}
+    if direction > 0:
+        decay = _number(setting.weight_decay)
+        if decay is not None:
+            moves["weight_decay"] = round(decay * 3, 10) if decay > 0 else 1e-2
+        dropout = _number(setting.dropout)
+        if dropout is not None:
+            moves["dropout"] = round(min(0.7, dropout + 0.1), 4)
+        if len(moves) < 2 and kind == "classification" and setting.label_smoothing < 0.2:
+            moves["label_smoothing"] = round(setting.label_smoothing + 0.1, 4)
+        return dict(list(moves.items())[:2])
+    if direction < 0:
+        for name in ("weight_decay", "l1", "l2", "elastic_net", "group_lasso", "l2sp"):
+            value = _number(getattr(setting, name))
+            if value:
+                moves[name] = round(value / 3, 12)
+        for name, step in (
+            ("dropout", 0.1),
+            ("drop_path", 0.1),
+            ("label_smoothing", 0.05),
+            ("augment", 0.25),
+        ):
+            value = _number(getattr(setting, name))
+            if value:
+                moves[name] = round(max(0.0, value - step), 4)
+        for name in ("mixup", "cutmix", "noise"):
+            value = _number(getattr(setting, name))
+            if value:
+                moves[name] = round(value / 2, 6)
+    return moves
+
+
+def _describe(moves: dict[str, Any], setting: Regularization) -> str:
+    parts = []
+    for name, new in moves.items():
+        old = _number(getattr(setting, name)) or 0.0
+        if name in ("weight_decay", "l1", "l2", "elastic_net", "group_lasso", "l2sp") and old > 0:
+            factor = new / old
+            parts.append(f"{'raise' if factor > 1 else 'lower'} {name} (x{factor:.3g}: {old:g} -> {new:g})")
+        elif new > old:
+            parts.append(f"raise {name} ({old:g} -> {new:g})")
+        else:
+            parts.append(f"lower {name} ({old:g} -> {new:g})")
+    return " or ".join(parts)
+
+
+def diagnose(
+    history: History, setting: Regularization | None = None, *, num_classes: int | None = None
+) -> Diagnosis:
+    """Read ``history``'s curves; ``setting`` (the run's) makes the advice concrete."""
+    if not isinstance(history, History):
+        fail("history", "a regdial History", history)
+    setting = setting if setting is not None else Regularization()
+    n = len(history)
+    if n == 0:
+        fail("history", "at least one epoch", 0)
+    epochs = [int(e) for e in history.column("epoch")]
+    train, val = history.column("train_loss"), history.column("val_loss")
+    best = history.best_epoch("val_loss")
+    if history.meta.get("status") == "diverged" or not all(math.isfinite(v) for v in train + val):
+        bad = next(
+            (
+                e
+                for e, t, v in zip(epochs, train, val, strict=True)
+                if not (math.isfinite(t) and math.isfinite(v))
+            ),
+            None,
+        )
+        where = f"at epoch {bad}" if bad is not None else f"after epoch {epochs[-1]}"
+        return Diagnosis(
+            "diverged",
+            f"diverged {where}: the loss became non-finite; lower the learning rate, then look again",
+            best,
+        )
+    smooth_train, _ = smooth(train)
+    smooth_val, sigma = smooth(val)
+    gaps, _ = smooth([v - t for v, t in zip(val, train, strict=True)])
+    gap = gaps[-1]
+    low = min(range(n), key=lambda i: (smooth_val[i], i))
+    stopper = EarlyStopping(patience=setting.early_stopping or PATIENCE, restore_best=False)
+    early = next((e for e, v in zip(epochs, val, strict=True) if stopper.step(v)), None)
+    details = {"sigma": sigma, "smoothed_val_min": smooth_val[low], "smoothed_val_end": smooth_val[-1]}
+
+    def make(state: State, message: str, direction: int, overfit_epoch: int | None = None) -> Diagnosis:
+        moves = _moves(setting, direction, history.kind)
+        advice = _describe(moves, setting)
+        text = message + (f": {advice}" if advice else "")
+        if direction > 0 and early is not None:
+            text += f"; early stopping (patience {stopper.patience}) would have stopped at {early}"
+        return Diagnosis(state, text, best, overfit_epoch, gap, early, direction, moves, details)
+
+    if n < 3:
+        return make("still improving", f"only {n} epoch{'s' * (n > 1)}: too few to judge; train longer", 0)
+
+    rise = smooth_val[-1] - smooth_val[low]
+    train_fell = (
+        smooth_train[-1] < smooth_train[low] - 2 * sigma or smooth_train[-1] < smooth_train[low] * 0.95
+    )
+    if low < n - 1 and rise > max(RISE * smooth_val[low], 2 * sigma) and train_fell:
+        details["rise"] = rise
+        return make("overfitting", f"overfitting since epoch {epochs[low]}, gap {gap:.3g}", +1, epochs[low])
+    if history.kind == "classification":
+        train_acc, val_acc = history.column("train_accuracy"), history.column("val_accuracy")
+        memorized = (
+            train_acc[-1] >= 0.99
+            and train_acc[-1] - val_acc[-1] >= MEMORIZED_GAP
+            and train[-1] < 0.1 * val[-1]
+        )
+        if memorized:
+            since = next((epochs[i] for i in range(n) if gaps[i] >= 0.5 * gap), epochs[-1])
+            details["accuracy_gap"] = train_acc[-1] - val_acc[-1]
+            message = (
+                f"overfitting since epoch {since}: the training data is memorized "
+                f"(train accuracy {train_acc[-1]:.1%}, validation {val_acc[-1]:.1%}), gap {gap:.3g}"
+            )
+            return make("overfitting", message, +1, since)
+
+    classes = num_classes or history.meta.get("num_classes")
+    if history.kind == "regression":
+        untrained_share = 1.0 - history.column("train_r2")[-1]
+    else:
+        reference = math.log(classes) if classes else train[0]
+        untrained_share = smooth_train[-1] / reference if reference > 0 else 0.0
+    details["untrained_share"] = untrained_share
+    if untrained_share > UNDERFIT:
+        message = (
+            f"underfitting: the training loss is still {untrained_share:.0%} of an untrained model's "
+            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g})"
+        )
+        moves = _moves(setting, -1, history.kind)
+        if not moves:
+            message += (
+                "; regularization is already off: use a bigger model, a higher learning rate or more epochs"
+            )
+        return make("underfitting", message, -1)
+
+    quarter = max(1, n // 4)
+    fall = smooth_val[-1 - quarter] - smooth_val[-1]
+    if fall > max(IMPROVING * smooth_val[-1], 2 * sigma):
+        details["recent_fall"] = fall
+        return make(
+            "still improving",
+            f"still improving at epoch {epochs[-1]} (validation loss fell {fall:.3g} over the last {quarter} epochs): "
+            "train longer before turning the dial",
+            0,
+        )
+    return make(
+        "good fit",
+        f"good fit: best epoch {best}, gap {gap:.3g}; the strengths are close to right",
+        0,
+    )

@@ -1,0 +1,288 @@
+"""``report(run_dir)``: an HTML page, with its PNGs beside it, that shows where a run stands.
+
+``report.html`` opens offline (plain HTML and relative image links, nothing fetched) and
+holds: the setting, the diagnosis, the final test metrics (beside the unregularized
+baseline when the run has one in ``baseline/``), learning curves (loss and metric, train
+against validation), the generalization gap over epochs with the diagnosis marked,
+per-layer weight histograms and each layer's share of exact zeros.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from regdial._checks import fail
+from regdial._io import write_text
+from regdial.diagnose import Diagnosis, diagnose, smooth
+from regdial.history import History
+from regdial.setting import Regularization
+
+__all__ = ["report"]
+
+COLORS = {"train": "#1f77b4", "val": "#d62728", "baseline": "#7f7f7f"}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                         "axes.spines.right": False})  # fmt: skip
+    return plt
+
+
+def _metric_label(history: History) -> tuple[str, float]:
+    if history.kind == "classification":
+        return "accuracy (%)", 100.0
+    return "RMSE (target units)", 1.0
+
+
+def _mark(ax: Any, diagnosis: Diagnosis, last_epoch: float) -> None:
+    if diagnosis.best_epoch is not None:
+        ax.axvline(
+            diagnosis.best_epoch,
+            color="black",
+            linestyle=":",
+            linewidth=1,
+            label=f"best epoch {diagnosis.best_epoch}",
+        )
+    if diagnosis.overfit_epoch is not None:
+        ax.axvspan(diagnosis.overfit_epoch, last_epoch, color=COLORS["val"], alpha=0.07, label="overfitting")
+
+
+def _learning_curves(history: History, baseline: History | None, diagnosis: Diagnosis, path: Path) -> None:
+    plt = _pyplot()
+    figure, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = history.column("epoch")
+    loss_name = "cross-entropy (nats)" if history.kind == "classification" else "mean squared error"
+    label, scale = _metric_label(history)
+    for split in ("train", "val"):
+        name = "train" if split == "train" else "validation"
+        loss_ax.plot(epochs, history.column(f"{split}_loss"), color=COLORS[split], label=f"{name}")
+        metric_ax.plot(
+            epochs,
+            [v * scale for v in history.column(f"{split}_{history.metric}")],
+            color=COLORS[split],
+            label=name,
+        )
+        if baseline is not None:
+            style = "--" if split == "train" else "-."
+            base_epochs = baseline.column("epoch")
+            loss_ax.plot(base_epochs, baseline.column(f"{split}_loss"), color=COLORS["baseline"], linestyle=style,
+                         label=f"{name}, unregularized")  # fmt: skip
+            metric_ax.plot(base_epochs, [v * scale for v in baseline.column(f"{split}_{history.metric}")],
+                           color=COLORS["baseline"], linestyle=style, label=f"{name}, unregularized")  # fmt: skip
+    for ax in (loss_ax, metric_ax):
+        _mark(ax, diagnosis, epochs[-1])
+        ax.set_xlabel("epoch")
+    loss_ax.set_ylabel(loss_name)
+    loss_ax.set_title("Loss: train vs validation")
+    metric_ax.set_ylabel(label)
+    metric_ax.set_title(f"{label.split(' (')[0].capitalize()}: train vs validation")
+    loss_ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _gap(history: History, baseline: History | None, diagnosis: Diagnosis, path: Path) -> None:
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(11, 3.4))
+    epochs = history.column("epoch")
+    gap = history.column("gap")
+    ax.plot(epochs, gap, color=COLORS["val"], alpha=0.35, label="gap (validation - train loss)")
+    ax.plot(epochs, smooth(gap)[0], color=COLORS["val"], label="gap, smoothed")
+    if baseline is not None:
+        ax.plot(baseline.column("epoch"), smooth(baseline.column("gap"))[0], color=COLORS["baseline"], linestyle="--",
+                label="gap, unregularized (smoothed)")  # fmt: skip
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    _mark(ax, diagnosis, epochs[-1])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation - train loss")
+    ax.set_title(f"Generalization gap: {diagnosis.state}")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _weights(weights: Mapping[str, Any], path: Path) -> list[tuple[str, int, float]]:
+    """Histograms of each weight matrix; returns (name, size, share of exact zeros)."""
+    plt = _pyplot()
+    layers = [(name, w) for name, w in weights.items() if w.dim() >= 2 and w.is_floating_point()]
+    layers.sort(key=lambda item: _natural(item[0]))  # "2.weight" before "10.weight"
+    rows = [(name, w.numel(), float((w == 0).float().mean())) for name, w in layers]
+    if not layers:
+        return rows
+    shown = layers[:12]
+    columns = min(4, len(shown))
+    lines = math.ceil(len(shown) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False)
+    for ax, (name, w) in zip(axes.flat, shown, strict=False):
+        values = w.detach().float().flatten()
+        zeros = float((values == 0).float().mean())
+        nonzero = values[values != 0]  # exact zeros are counted in the title, not drawn as a spike
+        ax.hist(nonzero.numpy(), bins=60, color=COLORS["train"])
+        ax.set_title(f"{name}\n{w.numel():,} weights, {zeros:.0%} exactly 0", fontsize=8)
+        ax.set_xlabel("weight value", fontsize=8)
+        ax.set_ylabel("count", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    figure.suptitle("Final weights per layer", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return rows
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _sparsity(rows: Sequence[tuple[str, int, float]], path: Path) -> None:
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
+    names = [name for name, _, _ in rows]
+    ax.barh(names, [100 * share for _, _, share in rows], color=COLORS["train"])
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("exact zeros (% of the layer's weights)")
+    ax.set_title("Sparsity per layer")
+    ax.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _scores_table(summary: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> str:
+    final = summary.get("final", {})
+    keys = [k for k in final if k.startswith(("test_", "val_"))]
+    if not keys:
+        return "<p>No scores: the run did not finish.</p>"
+    header = ["metric", "this run (final)", "this run (best epoch)"] + (
+        ["unregularized (final)"] if baseline else []
+    )
+    rows = []
+    for key in sorted(keys, key=lambda k: (not k.startswith("test"), k)):
+        row = [key.replace("_", " "), _fmt(final.get(key)), _fmt(summary.get("best", {}).get(key, ""))]
+        if baseline:
+            row.append(_fmt(baseline.get("final", {}).get(key, "")))
+        rows.append(row)
+    return _table(rows, header)
+
+
+def _smoothing_note(setting: Regularization) -> str:
+    if not setting.label_smoothing and not setting.mixup and not setting.cutmix:
+        return ""
+    return (
+        "<p class='muted'>Label smoothing and mixing train the model to be less confident, which raises its "
+        "cross-entropy loss even where its accuracy improves: compare runs by accuracy.</p>"
+    )
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
+.state { font-size: 1.05rem; padding: 0.8rem 1rem; border-left: 5px solid #d62728; background: #fbf3f3; }
+.state.good { border-color: #2ca02c; background: #f3fbf3; } .muted { color: #666; font-size: 0.9rem; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.92rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3rem 0.8rem; text-align: left; }
+th { background: #f5f5f5; } img { max-width: 100%; border: 1px solid #eee; margin: 0.4rem 0; }
+"""
+
+
+def report(run_dir: str | Path) -> Path:
+    """Write ``report.html`` and its PNGs into ``run_dir``; return the page's path."""
+    from regdial.checkpoint import load_weights
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "history.json").is_file() and not (run_dir / "history.csv").is_file():
+        fail("run_dir", "a regdial run directory (with history.csv)", str(run_dir))
+    history = History.load(run_dir)
+    if len(history) == 0:
+        fail("run_dir", "a run with at least one finished epoch", str(run_dir))
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    setting = Regularization.from_dict(summary["setting"]) if "setting" in summary else Regularization()
+    diagnosis = diagnose(history, setting)
+    baseline_dir = run_dir / "baseline"
+    baseline = History.load(baseline_dir) if (baseline_dir / "history.csv").is_file() else None
+    baseline_summary = None
+    if baseline is not None and (baseline_dir / "summary.json").is_file():
+        baseline_summary = json.loads((baseline_dir / "summary.json").read_text(encoding="utf-8"))
+
+    _learning_curves(history, baseline, diagnosis, run_dir / "learning_curves.png")
+    _gap(history, baseline, diagnosis, run_dir / "gap.png")
+    images = ["learning_curves.png", "gap.png"]
+    weights_file = run_dir / "checkpoints" / "final.safetensors"
+    layer_rows: list[tuple[str, int, float]] = []
+    if weights_file.is_file():
+        layer_rows = _weights(load_weights(weights_file), run_dir / "weights.png")
+        if layer_rows:
+            _sparsity(layer_rows, run_dir / "sparsity.png")
+            images += ["weights.png", "sparsity.png"]
+
+    task = summary.get("task", history.meta.get("task", run_dir.name))
+    status = summary.get("status", "")
+    setting_rows = [[k, _fmt(v)] for k, v in setting.active().items()] or [["(every technique off)", ""]]
+    good = diagnosis.state in ("good fit", "still improving")
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>regdial report: {html.escape(str(task))}</title><style>{STYLE}</style></head><body>",
+        f"<h1>regdial report: {html.escape(str(task))}</h1>",
+        f"<p class='muted'>{html.escape(str(run_dir))} · {len(history)} epochs · status {html.escape(status)}"
+        + (f" ({html.escape(summary.get('reason', ''))})" if summary.get("reason") else "")
+        + "</p>",
+        f"<p class='state{' good' if good else ''}'><b>{html.escape(diagnosis.state)}</b>: {html.escape(diagnosis.message)}</p>",
+        "<h2>Scores</h2>",
+        _scores_table(summary, baseline_summary),
+        _smoothing_note(setting),
+        "<h2>Setting</h2>",
+        _table(setting_rows, ["knob", "value"]),
+        "<h2>Learning curves</h2>",
+        "<img src='learning_curves.png' alt='train and validation loss and metric per epoch'>",
+        "<h2>Generalization gap</h2>",
+        "<img src='gap.png' alt='validation minus train loss per epoch'>",
+    ]
+    if "weights.png" in images:
+        parts += [
+            "<h2>Weights</h2>",
+            "<img src='weights.png' alt='histograms of each layer\\'s final weights'>",
+            "<img src='sparsity.png' alt='share of exact zeros per layer'>",
+            _table(
+                [[n, f"{c:,}", f"{z:.1%}"] for n, c, z in layer_rows], ["layer", "weights", "exact zeros"]
+            ),
+        ]
+    if "support" in summary:
+        support = summary["support"]
+        parts += [
+            "<h2>Feature selection</h2>",
+            _table([[k, _fmt(v)] for k, v in support.items() if k != "features"], ["measure", "value"]),
+            f"<p class='muted'>features kept: {html.escape(', '.join(map(str, support.get('features', []))))}</p>",
+        ]
+    parts.append("</body></html>")
+    page = run_dir / "report.html"
+    write_text(page, "\n".join(parts))
+    return page

@@ -1,0 +1,125 @@
+"""diagnose: synthetic histories of each state, real runs, and the advice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from regdial import Regularization, fit
+from regdial.diagnose import diagnose, smooth
+from regdial.history import History
+
+
+def history(train, val, *, train_acc=None, val_acc=None, noise=0.0, seed=0, classes=10) -> History:
+    rng = np.random.default_rng(seed)
+    n = len(train)
+    val = np.asarray(val) + noise * rng.standard_normal(n)
+    train_acc = np.full(n, 0.9) if train_acc is None else np.asarray(train_acc)
+    val_acc = np.full(n, 0.85) if val_acc is None else np.asarray(val_acc)
+    rows = [
+        {"epoch": e + 1, "train_loss": t, "val_loss": v, "gap": v - t, "train_accuracy": ta, "val_accuracy": va,
+         "weight_norm": 1.0, "zero_fraction": 0.0, "lr": 1e-3, "seconds": 0.1}
+        for e, (t, v, ta, va) in enumerate(zip(train, val, train_acc, val_acc, strict=True))
+    ]  # fmt: skip
+    return History("classification", rows, num_classes=classes)
+
+
+E = np.arange(1, 61)
+
+
+def test_u_shaped_validation_is_overfitting_since_its_minimum() -> None:
+    train = 2.0 * np.exp(-E / 6)
+    val = 2.0 * np.exp(-E / 6) + 0.3 + 0.015 * np.maximum(0, E - 20)
+    result = diagnose(history(train, val, noise=0.02), Regularization(weight_decay=0.01, dropout=0.1))
+    assert result.state == "overfitting"
+    assert 16 <= result.overfit_epoch <= 26
+    assert result.direction == +1
+    assert result.moves == {"weight_decay": 0.03, "dropout": 0.2}
+    assert result.message.startswith(f"overfitting since epoch {result.overfit_epoch}, gap ")
+    assert "raise weight_decay (x3: 0.01 -> 0.03) or raise dropout (0.1 -> 0.2)" in result.message
+    assert result.early_stop_epoch is not None and result.early_stop_epoch > result.overfit_epoch
+    assert f"would have stopped at {result.early_stop_epoch}" in result.message
+    suggested = result.suggest(Regularization(weight_decay=0.01, dropout=0.1))
+    assert (suggested.weight_decay, suggested.dropout) == (0.03, 0.2)
+
+
+def test_memorized_training_data_is_overfitting() -> None:
+    train = 2.0 * np.exp(-E / 3) + 1e-4
+    val = 0.3 + 2.0 * np.exp(-E / 3)
+    accuracy = np.minimum(1.0, 0.5 + E / 20)
+    result = diagnose(history(train, val, train_acc=accuracy, val_acc=np.minimum(0.93, accuracy)))
+    assert result.state == "overfitting"
+    assert "memorized" in result.message
+    assert result.moves == {"weight_decay": 0.01, "dropout": 0.1}
+
+
+def test_flat_high_loss_is_underfitting() -> None:
+    train = math.log(10) - 0.05 * (1 - np.exp(-E / 5))
+    result = diagnose(history(train, train + 0.01), Regularization(weight_decay=30.0, dropout=0.5))
+    assert result.state == "underfitting"
+    assert result.direction == -1
+    assert result.moves == {"weight_decay": 10.0, "dropout": 0.4}
+    assert "lower weight_decay (x0.333: 30 -> 10)" in result.message
+    bare = diagnose(history(train, train + 0.01))
+    assert "regularization is already off" in bare.message
+
+
+def test_falling_to_the_end_is_still_improving() -> None:
+    train = 2.0 * np.exp(-E / 40)
+    result = diagnose(history(train, train + 0.05))
+    assert result.state == "still improving"
+    assert result.direction == 0
+    assert "train longer" in result.message
+
+
+def test_plateau_is_a_good_fit_even_with_noise_and_a_last_spike() -> None:
+    train = 0.2 + 2.0 * np.exp(-E / 4)
+    val = 0.3 + 2.0 * np.exp(-E / 4)
+    val_noisy = val + 0.01 * np.random.default_rng(1).standard_normal(len(E))
+    val_noisy[-1] += 0.08  # one bad epoch must not flip the verdict
+    result = diagnose(history(train, val_noisy))
+    assert result.state == "good fit"
+    assert result.moves == {}
+
+
+def test_non_finite_is_diverged() -> None:
+    train = list(2.0 * np.exp(-E[:10] / 4))
+    val = [*train[:-1], math.nan]
+    result = diagnose(history(train, val))
+    assert result.state == "diverged"
+    assert result.message.startswith("diverged at epoch 10")
+    assert "lower the learning rate" in result.message
+
+
+def test_regression_underfitting_uses_r2() -> None:
+    rows = [
+        {"epoch": e, "train_loss": 5.0, "val_loss": 5.1, "gap": 0.1, "train_rmse": 2.2, "val_rmse": 2.3,
+         "train_r2": 0.3, "val_r2": 0.28, "weight_norm": 1.0, "zero_fraction": 0.0, "lr": 0.1, "seconds": 0.01}
+        for e in range(1, 21)
+    ]  # fmt: skip
+    result = diagnose(History("regression", rows), Regularization(l1=1.0))
+    assert result.state == "underfitting"
+    assert result.moves == {"l1": pytest.approx(1 / 3)}
+
+
+def test_too_few_epochs() -> None:
+    assert diagnose(history([1.0, 0.8], [1.1, 0.9])).state == "still improving"
+
+
+def test_smoothing_and_its_noise_estimate() -> None:
+    rng = np.random.default_rng(0)
+    values = list(1.0 + 0.1 * rng.standard_normal(400))
+    smoothed, sigma = smooth(values)
+    assert 0.08 < sigma < 0.12
+    assert max(abs(s - 1.0) for s in smoothed[30:-30]) < 0.1
+
+
+def test_real_runs_read_as_they_should() -> None:
+    """The issue's two real cases: unregularized digits-small overfits, absurd decay underfits."""
+    plain = fit("digits-small", Regularization.off(), epochs=40, progress=False)
+    assert diagnose(plain, Regularization.off()).state == "overfitting"
+    crushed_setting = Regularization(weight_decay=50.0)
+    crushed = fit("digits-small", crushed_setting, epochs=20, progress=False)
+    assert diagnose(crushed, crushed_setting).state == "underfitting"

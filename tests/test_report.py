@@ -1,0 +1,48 @@
+"""The HTML report: files, contents, offline."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from regdial import Regularization, fit
+from regdial.report import report
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("run")
+    fit("wine", Regularization(dropout=0.2, l1=1e-3), epochs=6, run_dir=directory, progress=False)
+    fit("wine", Regularization.off(), epochs=6, run_dir=directory / "baseline", progress=False)
+    return directory
+
+
+def test_report_writes_the_page_and_its_images(run_dir: Path) -> None:
+    page = report(run_dir)
+    assert page == run_dir / "report.html"
+    text = page.read_text()
+    images = re.findall(r"src='([^']+)'", text)
+    assert set(images) == {"learning_curves.png", "gap.png", "weights.png", "sparsity.png"}
+    for name in images:
+        data = (run_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http" not in text  # opens offline: nothing to fetch
+    for needed in ("Scores", "unregularized (final)", "test accuracy", "dropout", "l1", "Generalization gap"):
+        assert needed in text
+    assert any(state in text for state in ("overfitting", "underfitting", "good fit", "still improving"))
+
+
+def test_report_without_baseline_or_weights(tmp_path: Path) -> None:
+    fit("wine", epochs=3, run_dir=tmp_path, progress=False)
+    (tmp_path / "checkpoints" / "final.safetensors").unlink()
+    text = report(tmp_path).read_text()
+    assert "weights.png" not in text
+    assert "unregularized" not in text
+    assert "(every technique off)" in text
+
+
+def test_report_needs_a_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^run_dir must be a regdial run directory \(with history.csv\)"):
+        report(tmp_path)

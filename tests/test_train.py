@@ -1,0 +1,274 @@
+"""fit: determinism, the run directory, resume after SIGKILL and Ctrl-C, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from regdial import Regularization, fit
+from regdial.checkpoint import load_weights
+from regdial.history import metric_columns
+
+SETTING = Regularization(dropout=0.2, augment=0.5, ema=0.9, label_smoothing=0.05, l1=1e-5, early_stopping=50)
+
+
+def without_seconds(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_same_seed_same_numbers() -> None:
+    first = fit("wine", SETTING, epochs=4, progress=False)
+    second = fit("wine", SETTING, epochs=4, progress=False)
+    assert without_seconds(first.rows) == without_seconds(second.rows)
+    other = fit("wine", SETTING, epochs=4, seed=1, progress=False)
+    assert without_seconds(other.rows) != without_seconds(first.rows)
+
+
+def test_fit_leaves_the_callers_random_state_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit("wine", SETTING, epochs=1, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_run_directory(tmp_path: Path) -> None:
+    history = fit("wine", SETTING, epochs=3, run_dir=tmp_path, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "config.toml",
+        "history.csv",
+        "history.json",
+        "summary.json",
+        "checkpoints",
+    }
+    lines = (tmp_path / "history.csv").read_text().splitlines()
+    assert lines[0].split(",") == metric_columns("classification")
+    assert len(lines) == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["epochs_run"] == 3
+    assert Regularization.from_dict(summary["setting"]) == SETTING
+    assert set(summary["final"]) == {"val_loss", "val_accuracy", "test_loss", "test_accuracy"}
+    assert summary["best_epoch"] == history.best_epoch()
+    assert {"final.safetensors", "best.safetensors", "last.json"} <= {
+        p.name for p in (tmp_path / "checkpoints").iterdir()
+    }
+    # Nothing pickled: weights are safetensors, the rest is JSON and TOML.
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
+    row = history.rows[-1]
+    assert row["gap"] == pytest.approx(row["val_loss"] - row["train_loss"])
+    assert 0.0 < row["zero_fraction"] < 1.0  # L1's exact zeros in the trained weights... of the EMA model
+
+
+RUNNER = """
+import sys, time
+from regdial import fit, Regularization
+setting = Regularization(dropout=0.2, augment=0.5, ema=0.9, label_smoothing=0.05, l1=1e-5, early_stopping=50)
+fit("digits-small", setting, epochs=10, run_dir=sys.argv[1], checkpoint_seconds=0, progress=False,
+    on_epoch=lambda row: time.sleep(0.2))
+"""
+
+
+def slow_fit(run_dir: Path, resume: bool = False):
+    return fit(
+        "digits-small", SETTING, epochs=10, run_dir=run_dir, checkpoint_seconds=0, progress=False, resume=resume,
+        on_epoch=lambda row: None,
+    )  # fmt: skip
+
+
+def epoch_on_disk(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoints" / "last.json").read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def interrupt_at(run_dir: Path, epoch: int, sig: int) -> subprocess.CompletedProcess[str] | None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while epoch_on_disk(run_dir) < epoch and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    a, b = (
+        load_weights(resumed / "checkpoints" / "final.safetensors"),
+        load_weights(uninterrupted / "checkpoints" / "final.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a = json.loads((resumed / "history.json").read_text())["rows"]
+    rows_b = json.loads((uninterrupted / "history.json").read_text())["rows"]
+    assert without_seconds(rows_a) == without_seconds(rows_b)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    done = interrupt_at(killed, 4, signal.SIGKILL)
+    assert done is not None and done.returncode == -signal.SIGKILL
+    stopped_at = epoch_on_disk(killed)
+    assert 4 <= stopped_at < 10  # really in the middle
+    assert not (killed / "summary.json").exists()
+    history = slow_fit(killed, resume=True)
+    assert history.meta["status"] == "completed"
+    slow_fit(tmp_path / "straight")
+    assert_same_run(killed, tmp_path / "straight")
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path: Path) -> None:
+    stopped = tmp_path / "stopped"
+    done = interrupt_at(stopped, 3, signal.SIGINT)
+    assert done is not None and done.returncode == 0
+    state = json.loads((stopped / "checkpoints" / "last.json").read_text())
+    assert state["batch"] > 0  # saved inside an epoch, not at its end
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["reason"].startswith("interrupted at epoch")
+    slow_fit(stopped, resume=True)
+    slow_fit(tmp_path / "straight")
+    assert_same_run(stopped, tmp_path / "straight")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    history = fit(
+        "breast-cancer", Regularization(), epochs=20, optimizer="sgd", lr=1e6, lr_schedule="constant",
+        run_dir=tmp_path, checkpoint_seconds=0, progress=False,
+    )  # fmt: skip
+    assert history.meta["status"] == "diverged"
+    assert "non-finite training loss" in history.meta["reason"]
+    assert "at epoch" in history.meta["reason"] and "step" in history.meta["reason"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    if (tmp_path / "checkpoints" / "last.json").exists():  # a checkpoint from before the divergence
+        saved = epoch_on_disk(tmp_path)
+        assert saved < summary["epochs_run"] + 1
+        weights = load_weights(next((tmp_path / "checkpoints").glob("state-*.safetensors")))
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    assert not (tmp_path / "checkpoints" / "final.safetensors").exists()
+
+
+def test_early_stopping_ends_the_run_and_says_why() -> None:
+    history = fit("breast-cancer", Regularization(early_stopping=3), epochs=200, lr=1e-2, progress=False)
+    assert history.meta["status"] == "stopped early"
+    assert history.meta["reason"].startswith("stopped at epoch")
+    assert len(history) < 200
+
+
+def test_own_model_with_dataloaders() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 5), torch.randint(0, 2, (200,))
+    train = DataLoader(TensorDataset(x[:150], y[:150]), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x[150:], y[150:]), batch_size=64)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 2))
+    history = fit(
+        model,
+        Regularization(dropout=0.1, weight_decay=0.01),
+        train=train,
+        val=val,
+        num_classes=2,
+        epochs=3,
+        progress=False,
+    )
+    assert len(history) == 3
+    assert model[2].p == 0.1
+    assert "test_accuracy" not in history.meta["summary"]["final"]
+
+
+def test_regression_with_l1_selects_the_lassos_features() -> None:
+    """Full batch, L1 in Adam's metric: the features kept are scikit-learn's Lasso's.
+
+    The trainer's loss is the mean squared error, twice the lasso's (1/2n)||y - Xw||^2,
+    so L1(s) is Lasso(alpha=s/2).
+    """
+    import numpy as np
+    from sklearn.linear_model import Lasso
+
+    from regdial import load_task
+    from regdial.train import _selected_features
+
+    data = load_task("sparse-regression")
+    for strength in (0.3, 1.0):
+        history = fit("sparse-regression", Regularization(l1=strength), progress=False)
+        lasso = Lasso(alpha=strength / 2, tol=1e-10, max_iter=100_000).fit(
+            data.x_train.double().numpy(), data.y_train.double().numpy()
+        )
+        summary = history.meta["summary"]
+        assert summary["support"]["features"] == [int(i) for i in np.nonzero(lasso.coef_)[0]]
+        assert summary["support"]["recall"] == 1.0
+    assert summary["support"]["precision"] == 1.0  # at 1.0: exactly the true support
+    assert history.columns == metric_columns("regression")
+    assert history.rows[-1]["zero_fraction"] == 0.9
+    plain = fit("sparse-regression", Regularization(), progress=False).meta["summary"]
+    mild = fit("sparse-regression", Regularization(l1=0.3), progress=False).meta["summary"]
+    assert plain["support"]["selected"] == 100  # without L1 every feature stays
+    assert mild["final"]["test_rmse"] < 0.8 * plain["final"]["test_rmse"]  # and L1 generalizes better
+    assert _selected_features(nn.Linear(3, 1)) == [0, 1, 2]
+    assert np.isfinite(mild["final"]["test_r2"])
+
+
+def test_on_epoch_can_prune_and_initial_weights_warm_start() -> None:
+    pruned = fit("wine", epochs=10, on_epoch=lambda row: row["epoch"] >= 2, progress=False)
+    assert pruned.meta["status"] == "pruned"
+    assert len(pruned) == 2
+    from regdial import build_model, load_task
+
+    model = build_model("mlp", load_task("wine"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    zero_start = fit("wine", epochs=1, initial_weights=model.state_dict(), lr=1e-12, progress=False)
+    assert zero_start.rows[0]["val_loss"] == pytest.approx(
+        math.log(3), rel=1e-4
+    )  # zero weights: uniform output
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, r"^epochs must be an integer in \[1, inf\), got 0$"),
+        ({"optimizer": "adam"}, r"^optimizer must be one of 'adamw', 'sgd', got 'adam'$"),
+        ({"lr": -1.0}, r"^lr must be in \(0, inf\), got -1.0$"),
+        ({"lr_schedule": "step"}, r"^lr_schedule must be one of 'cosine', 'constant', got 'step'$"),
+        (
+            {"model": "transformer"},
+            r"^model must be one of 'linear', 'mlp', 'cnn', 'cnn1d', 'resnet', got 'transformer'$",
+        ),
+        ({"model": "cnn"}, r"^model must be a model for tabular inputs, not 'cnn'"),
+        ({"resume": True}, r"^resume must be a run directory to resume from, got None$"),
+    ],
+)
+def test_bad_arguments(kwargs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fit("wine", **kwargs)
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^resume must be a run directory with a checkpoint"):
+        fit("wine", epochs=1, run_dir=tmp_path, resume=True)
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
+def test_task_names_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"^task must be one of 'digits'"):
+        fit("mnist")
