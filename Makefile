@@ -2,7 +2,7 @@
 # pyproject.toml changes): torch first, from TORCH, so that pip never resolves another
 # build of it; then regdial, editable, with its development tools.
 #
-#   make demo   set up, then run the main job on its built-in default
+#   make demo   set up, then tune digits-small (the main job on its built-in default)
 #   make test   set up, then lint (ruff), format check, type check (mypy) and test (pytest)
 
 PYTHON ?= python3
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/regdial run examples/configs/digits-small.toml
+	$(BIN)/regdial tune --task digits-small
 
 lint: setup
 	$(BIN)/ruff check .

@@ -8,28 +8,13 @@ Targets (issue 3): DropPath <= 1.5x, DropBlock2d <= 3x. Run: ``python benchmarks
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import paired_ms
 from torch import nn
 
 from regdial import DropBlock2d, DropPath, Mixup
-
-
-def paired_ms(fn: Callable[[], object], reference: Callable[[], object], repeats: int) -> tuple[float, float]:
-    for _ in range(3):
-        fn()
-        reference()
-    times: list[float] = []
-    reference_times: list[float] = []
-    for _ in range(repeats):
-        for f, bucket in ((fn, times), (reference, reference_times)):
-            start = time.perf_counter()
-            f()
-            bucket.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), 1e3 * statistics.median(reference_times)
 
 
 def main() -> None:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import median_ms, paired_ms
 from torch import nn
 
 from regdial import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
@@ -32,32 +30,6 @@ def build_model() -> nn.Module:
     for _ in range(12):
         blocks += [nn.Linear(256, 1024), nn.LayerNorm(1024), nn.Linear(1024, 256), nn.LayerNorm(256)]
     return nn.Sequential(*blocks)
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def paired_ms(fn: Callable[[], object], reference: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median times of ``fn`` and ``reference``, measured alternately so drift hits both."""
-    for _ in range(3):
-        fn()
-        reference()
-    times: list[float] = []
-    reference_times: list[float] = []
-    for _ in range(repeats):
-        for f, bucket in ((fn, times), (reference, reference_times)):
-            start = time.perf_counter()
-            f()
-            bucket.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), 1e3 * statistics.median(reference_times)
 
 
 def naive_value(kind: str, params: list[torch.Tensor], anchors: list[torch.Tensor], s: float) -> torch.Tensor:

@@ -116,6 +116,13 @@ def test_diagnose_report_and_tasks(tmp_path: Path, capsys: pytest.CaptureFixture
         (["run", "--task", "wine", "--model", "cnn"], "model must be a model for tabular inputs"),
         (["diagnose", "nowhere"], "history must be a run directory or a history.csv/.json file"),
         (["report", "nowhere"], "run_dir must be a regdial run directory"),
+        (["tune", "--budget", "lots"], "budget must be a number of epochs"),
+        (
+            ["tune", "--strategy", "magic"],
+            "strategy must be one of 'auto', 'path', 'online', 'tpe', 'random', 'grid', got 'magic'",
+        ),
+        (["tune", "--workers", "two"], "workers must be an integer, got 'two'"),
+        (["tune", "--storage", "nosuchdb://x"], "storage must be a database Optuna can open"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

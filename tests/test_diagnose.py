@@ -123,3 +123,15 @@ def test_real_runs_read_as_they_should() -> None:
     crushed_setting = Regularization(weight_decay=50.0)
     crushed = fit("digits-small", crushed_setting, epochs=20, progress=False)
     assert diagnose(crushed, crushed_setting).state == "underfitting"
+
+
+def test_regression_memorization_and_penalty_moves() -> None:
+    """Least squares with 100 features on 150 rows memorizes; the lasso's own knob goes up."""
+    plain = fit("sparse-regression", Regularization(), epochs=100, progress=False)
+    result = diagnose(plain)
+    assert result.state == "overfitting"
+    assert "train R^2" in result.message
+    lasso = Regularization(l1=0.01)
+    weak = diagnose(fit("sparse-regression", lasso, epochs=100, progress=False), lasso)
+    assert weak.state == "overfitting"
+    assert weak.moves["l1"] == pytest.approx(0.03)  # the penalty in use is turned up first

@@ -295,3 +295,25 @@ def test_apply_errors() -> None:
         )
     with pytest.raises(ValueError, match=r"^data_kind must be one of 'image'"):
         Regularization().apply(Net(), adamw, data_kind="audio")
+
+
+def test_retune_turns_knobs_during_training() -> None:
+    model = Net()
+    applied = Regularization(dropout=0.1, weight_decay=0.01).apply(model, adamw, num_classes=3)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    step(applied, x, y)
+    applied.retune(Regularization(dropout=0.4, weight_decay=0.05, l1=0.5, label_smoothing=0.1, mixup=0.2))
+    assert model.body[3].p == 0.4
+    assert applied.optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert [type(p).__name__ for p in applied.penalties] == ["L1"]
+    for _ in range(5):
+        step(applied, x, y)
+    assert (model.body[0].weight == 0).sum() > 0  # the L1 turned on mid-run gives exact zeros
+    _, targets = applied.batch(x, y)
+    assert targets.shape == (32, 3)  # mixing is on now
+    applied.retune(Regularization(dropout=0.4, weight_decay=0.05, l1=0.0))
+    assert applied.penalties[0].current_strength == 0.0  # off again: the prox is the identity
+    with pytest.raises(
+        ValueError, match=r"^regularization.ema must be unchanged during training \(0.0\), got 0.99$"
+    ):
+        applied.retune(Regularization(ema=0.99))

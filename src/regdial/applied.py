@@ -41,11 +41,16 @@ from regdial.mixing import MixupOrCutMix
 from regdial.noise import GaussianNoise, set_drop_path, set_dropout
 from regdial.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
 from regdial.proximal import MaxNorm, attach_prox
-from regdial.schedules import Schedule, resolve
+from regdial.schedules import Schedule, Strength, resolve
 from regdial.setting import Regularization
 from regdial.stopping import EarlyStopping
 
 __all__ = ["Applied", "infer_data_kind"]
+
+PENALTY_KNOBS = ("l1", "l2", "elastic_net", "group_lasso", "l2sp")
+FIXED_DURING_TRAINING = (
+    "ema", "early_stopping", "min_delta", "l2sp", "max_norm", "l1_ratio", "groups", "penalties_in", "exclude", "include",
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ class Applied:
         self.data_kind = data_kind
         self._augment_options = dict(augment_options or {})
         self.handles: list[RemovableHandle] = []
+        self.progress = 0.0
 
         initial_decay = resolve(setting.weight_decay, 0.0)
         groups = param_groups(model, initial_decay, exclude=setting.exclude, include=setting.include)
@@ -98,15 +104,11 @@ class Applied:
         else:
             fail("optimizer", "a torch optimizer or a function of param groups returning one", optimizer)
 
-        self.penalties = self._penalties()
-        if self.weights:
-            if setting.penalties_in == "prox":
-                for penalty in self.penalties:
-                    self.handles.append(attach_prox(self.optimizer, penalty, params=self.weights))
-            if setting.max_norm > 0:
-                self.handles.append(
-                    attach_prox(self.optimizer, MaxNorm(setting.max_norm), params=self.weights)
-                )
+        self._penalty_by_knob: dict[str, Penalty] = {}
+        for name in PENALTY_KNOBS:
+            self._turn_penalty(name, getattr(setting, name))
+        if self.weights and setting.max_norm > 0:
+            self.handles.append(attach_prox(self.optimizer, MaxNorm(setting.max_norm), params=self.weights))
 
         self._set_rates(0.0)
         self.ema: EMA | None = None
@@ -121,22 +123,37 @@ class Applied:
         if setting.mixup > 0 or setting.cutmix > 0:
             self.mixer = MixupOrCutMix(setting.mixup, setting.cutmix, num_classes=self.num_classes)
         self.augment: Augment | None = None
-        self.progress = 0.0
 
-    def _penalties(self) -> list[Penalty]:
+    @property
+    def penalties(self) -> list[Penalty]:
+        """The penalties in use (strength may be 0 after a retune)."""
+        return list(self._penalty_by_knob.values())
+
+    def _turn_penalty(self, name: str, strength: Strength) -> None:
+        """Set a penalty's strength, creating (and attaching) it the first time it is on."""
+        penalty = self._penalty_by_knob.get(name)
+        if penalty is not None:
+            penalty.strength = strength
+            penalty.set_progress(self.progress)
+            return
+        if not strength:
+            return
         s = self.setting
-        penalties: list[Penalty] = []
-        if s.l1:
-            penalties.append(L1(s.l1))
-        if s.l2:
-            penalties.append(L2(s.l2))
-        if s.elastic_net:
-            penalties.append(ElasticNet(s.elastic_net, l1_ratio=s.l1_ratio))
-        if s.group_lasso:
-            penalties.append(GroupLasso(s.group_lasso, groups=s.groups))
-        if s.l2sp:
-            penalties.append(L2SP(s.l2sp, self.model))
-        return penalties
+        made: Penalty
+        if name == "l1":
+            made = L1(strength)
+        elif name == "l2":
+            made = L2(strength)
+        elif name == "elastic_net":
+            made = ElasticNet(strength, l1_ratio=s.l1_ratio)
+        elif name == "group_lasso":
+            made = GroupLasso(strength, groups=s.groups)
+        else:
+            made = L2SP(strength, self.model)
+        made.set_progress(self.progress)
+        self._penalty_by_knob[name] = made
+        if self.weights and s.penalties_in == "prox":
+            self.handles.append(attach_prox(self.optimizer, made, params=self.weights))
 
     def _set_weight_decay(self, value: float, strict: bool = False) -> None:
         marked = [g for g in self.optimizer.param_groups if "regularize" in g]
@@ -240,6 +257,34 @@ class Applied:
         if self.early_stopping is None:
             return False
         return self.early_stopping.restore(self.eval_model)
+
+    def retune(self, setting: Regularization) -> None:
+        """Turn knobs during training: strengths, rates, smoothing, mixing, noise, augmentation.
+
+        What was built at ``apply`` stays: ``ema``, ``early_stopping``, ``min_delta``,
+        ``l2sp`` (its anchor), ``max_norm``, ``l1_ratio``, ``groups``, ``penalties_in``,
+        ``exclude`` and ``include`` must not change; a change is a ValueError naming it.
+        """
+        if not isinstance(setting, Regularization):
+            fail("setting", "a regdial.Regularization", setting)
+        for name in FIXED_DURING_TRAINING:
+            if getattr(setting, name) != getattr(self.setting, name):
+                fail(
+                    f"regularization.{name}",
+                    f"unchanged during training ({getattr(self.setting, name)!r})",
+                    getattr(setting, name),
+                )
+        self.setting = setting
+        self._set_weight_decay(resolve(setting.weight_decay, self.progress))
+        for name in PENALTY_KNOBS:
+            self._turn_penalty(name, getattr(setting, name))
+        self._set_rates(self.progress)
+        self.noise = GaussianNoise(setting.noise) if setting.noise > 0 else None
+        self.mixer = None
+        if setting.mixup > 0 or setting.cutmix > 0:
+            self.mixer = MixupOrCutMix(setting.mixup, setting.cutmix, num_classes=self.num_classes)
+        if self.augment is not None:
+            self.augment.strength = setting.augment
 
     def remove(self) -> None:
         """Detach every hook this setting installed (proximal steps, EMA updates)."""

@@ -25,6 +25,21 @@ app = typer.Typer(
 )
 
 
+# The flags `run` and `tune` share, declared once. Numbers are taken as text and checked by
+# regdial, so that an error names the value received.
+Task = Annotated[str | None, typer.Option(help="A built-in task (regdial tasks).")]
+Data = Annotated[Path | None, typer.Option(help="Your data: a .npz (x, y, ...) or a .csv file.")]
+Target = Annotated[str | None, typer.Option(help="The target column of a CSV file.")]
+Kind = Annotated[str | None, typer.Option(help="auto, classification or regression.")]
+Model = Annotated[str | None, typer.Option(help="linear, mlp, cnn, cnn1d or resnet.")]
+Epochs = Annotated[
+    str | None, typer.Option(help="Epochs to train (per trial when tuning).", metavar="INTEGER")
+]
+Seed = Annotated[
+    str | None, typer.Option(help="Seed of the splits, initial weights and batches.", metavar="INTEGER")
+]
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -45,6 +60,33 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         except ValueError:
             table[key.strip()] = value.strip()  # a bare word: let the setting's check word the error
     return table
+
+
+def _integer(field: str, text: str | None) -> int | None:
+    """An integer flag given as text, so that the error names the value received."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        fail(field, "an integer", text)
+
+
+def _choose_data(config: Any) -> str:
+    """Check that the config names a task or a data file (not both); default digits-small.
+
+    Returns the name the run directory is named after.
+    """
+    run = config.run
+    if run.task is None and run.data is None:
+        run.task = "digits-small"
+    if run.task is not None and run.data is not None:
+        fail(
+            "run",
+            "either a task or data, not both",
+            Described(f"task {run.task!r} and data {str(run.data)!r}"),
+        )
+    return str(run.task) if run.task is not None else Path(str(run.data)).stem
 
 
 def _free_directory(path: Path) -> Path:
@@ -72,17 +114,15 @@ def _finished(run_dir: Path) -> bool:
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="A TOML run configuration (see examples/).")] = None,
-    task: Annotated[str | None, typer.Option(help="A built-in task (regdial tasks).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Your data: a .npz (x, y, ...) or a .csv file.")] = None,
-    target: Annotated[str | None, typer.Option(help="The target column of a CSV file.")] = None,
-    kind: Annotated[str | None, typer.Option(help="auto, classification or regression.")] = None,
-    model: Annotated[str | None, typer.Option(help="linear, mlp, cnn, cnn1d or resnet.")] = None,
+    task: Task = None,
+    data: Data = None,
+    target: Target = None,
+    kind: Kind = None,
+    model: Model = None,
     # Numbers are taken as text and checked by regdial, so errors name the value received.
-    epochs: Annotated[str | None, typer.Option(help="Epochs to train.", metavar="INTEGER")] = None,
+    epochs: Epochs = None,
     lr: Annotated[str | None, typer.Option(help="Learning rate.", metavar="FLOAT")] = None,
-    seed: Annotated[
-        str | None, typer.Option(help="Seed of the splits, initialization and batches.", metavar="INTEGER")
-    ] = None,
+    seed: Seed = None,
     out: Annotated[Path | None, typer.Option(help="The run directory (default runs/<task>).")] = None,
     baseline: Annotated[
         bool | None, typer.Option("--baseline/--no-baseline", help="Also train with regularization off.")
@@ -114,12 +154,7 @@ def run(
         if set_:
             loaded.regularization.update(_parse_sets(set_))
         loaded.setting()
-        if loaded.run.task is None and loaded.run.data is None:
-            loaded.run.task = "digits-small"
-        if loaded.run.task is not None and loaded.run.data is not None:
-            both = Described(f"task {loaded.run.task!r} and data {str(loaded.run.data)!r}")
-            fail("run", "either a task or data, not both", both)
-        name = loaded.run.task or Path(str(loaded.run.data)).stem
+        name = _choose_data(loaded)
         out_dir, resuming = _free_directory(loaded.run.out or Path("runs") / name), False
         loaded.run.out = out_dir
     _execute(loaded, out_dir, resuming, progress=None if not quiet else False)
@@ -205,6 +240,107 @@ def _print_summary(console: Any, history: Any, baseline: Any, diagnosis: Any) ->
 
 
 @app.command()
+def tune(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="A TOML config: its tune table holds the search (space, budget, strategy)."),
+    ] = None,
+    task: Task = None,
+    data: Data = None,
+    target: Target = None,
+    kind: Kind = None,
+    model: Model = None,
+    epochs: Epochs = None,
+    seed: Seed = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The search's directory (default runs/<task>-tune).")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="Epochs (default 12 trials' worth), 'N trials' or 'N minutes'.")
+    ] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto, path, online, tpe, random or grid.")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="An Optuna storage URL (postgresql://...) to share.")
+    ] = None,
+    workers: Annotated[str | None, typer.Option(help="Local worker processes.", metavar="INTEGER")] = None,
+    retrain: Annotated[
+        bool, typer.Option("--retrain/--no-retrain", help="Retrain the best and the baseline.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option(help="Only the final table.")] = False,
+) -> None:
+    """Find the right strengths from validation results; running it again resumes the search."""
+    from regdial.config import load_config
+    from regdial.space import Space
+    from regdial.tune import tune as search
+
+    overrides = {"task": task, "data": data, "target": target, "kind": kind, "model": model, "epochs": epochs,
+                 "seed": seed, "out": out}  # fmt: skip
+    loaded = load_config(config, overrides)
+    table = dict(loaded.tune)
+    for key in table:
+        if key not in ("budget", "strategy", "storage", "workers", "space", "grid_points"):
+            from regdial.setting import unknown_key
+
+            raise unknown_key(
+                "tune", key, ("budget", "strategy", "storage", "workers", "space", "grid_points")
+            )
+    name = _choose_data(loaded)
+    out_dir = loaded.run.out or Path("runs") / f"{name}-tune"
+    base = loaded.setting()
+    space = Space.from_dict(table["space"], base) if "space" in table else None
+    console = _console()
+    say = None if quiet else (lambda message: console.print(message, markup=False))
+    result = search(
+        loaded.run.task if loaded.run.task is not None else Path(str(loaded.run.data)),
+        space,
+        model=loaded.run.model,
+        model_options=loaded.model,
+        epochs=loaded.run.epochs,
+        lr=loaded.run.lr,
+        batch_size=loaded.run.batch_size,
+        budget=budget if budget is not None else table.get("budget"),
+        strategy=strategy or table.get("strategy", "auto"),
+        storage=storage or table.get("storage"),
+        workers=_integer("workers", workers) or table.get("workers", 1),
+        seed=loaded.run.seed,
+        run_dir=out_dir,
+        target=loaded.run.target,
+        kind=loaded.run.kind,
+        grid_points=table.get("grid_points", 4),
+        retrain=retrain,
+        progress=say,
+    )
+    _print_tune(console, result, out_dir, space if space is not None else None)
+
+
+def _print_tune(console: Any, result: Any, out_dir: Path, space: Any) -> None:
+    from rich.table import Table
+
+    metric = result.metric
+    test = metric.replace("val_", "test_")
+    table = Table(show_edge=False)
+    for column in ("", metric.replace("_", " "), test.replace("_", " ")):
+        table.add_column(column, justify="right" if column else "left")
+    if result.retrain:
+        for label, key in (("unregularized", "baseline"), ("tuned", "tuned")):
+            final = result.retrain[key].get("final", {})
+            cells = [f"{final[k]:.4f}" if k in final else "-" for k in (metric, test)]
+            table.add_row(label, *cells)
+    else:
+        table.add_row("tuned (search)", f"{result.best_value:.4f}", "-")
+    console.print(table)
+    chosen = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.active().items()
+    )
+    console.print(f"chosen: {chosen or 'every technique off'}")
+    console.print(
+        f"spent {result.epochs_spent} epochs ({result.strategy}); best setting: {out_dir / 'best.toml'}"
+    )
+    if (out_dir / "report.html").is_file():
+        console.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
 def tasks() -> None:
     """List the built-in tasks."""
     from rich.table import Table
@@ -252,12 +388,15 @@ def diagnose_command(
 
 @app.command(name="report")
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (regdial run) or a search's (regdial tune).")
+    ],
 ) -> None:
-    """Write report.html (with its PNGs) into a run directory."""
-    from regdial.report import report
+    """Write report.html (with its PNGs) into a run directory or a search's directory."""
+    from regdial.report import report, tune_report
 
-    _console().print(f"report: {report(run_dir)}")
+    written = tune_report(run_dir) if (run_dir / "result.json").is_file() else report(run_dir)
+    _console().print(f"report: {written}")
 
 
 def main(argv: list[str] | None = None) -> None:

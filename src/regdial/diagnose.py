@@ -9,10 +9,12 @@ and ``2 * sigma``. In this order:
 1. **diverged**: a loss is NaN or infinite (or the run says it diverged).
 2. **overfitting**: the smoothed validation loss rose above its minimum by more than
    ``RISE`` (5%) of that minimum, while the training loss kept falling; or the model has
-   memorized its training data (train accuracy >= 99%, at least ``MEMORIZED_GAP`` (5
-   points) above validation, train loss under a tenth of validation loss). Overfitting
-   began at the smoothed minimum (or, for memorization, where the smoothed gap first
-   passed half its final size).
+   memorized its training data: for classification, train accuracy >= 99%, at least
+   ``MEMORIZED_GAP`` (5 points) above validation, and a training loss under a tenth of
+   the validation loss; for regression, train R^2 at least ``MEMORIZED_GAP`` above
+   validation R^2 and a training loss under half the validation loss. Overfitting began
+   at the smoothed minimum (or, for memorization, where the smoothed gap first passed half
+   its final size).
 3. **underfitting**: the final smoothed training loss is more than ``UNDERFIT`` (40%) of
    an untrained model's: ``ln C`` for C classes, or ``1 - R^2`` above 0.4 in regression.
    The model cannot fit even its training data.
@@ -98,6 +100,10 @@ def _moves(setting: Regularization, direction: int, kind: str) -> dict[str, Any]
     """The knobs to turn: multiplicative for penalties, additive for rates (max two up)."""
     moves: dict[str, Any] = {}
     if direction > 0:
+        for name in ("l1", "l2", "elastic_net", "group_lasso", "l2sp"):  # a penalty in use: turn it up first
+            value = _number(getattr(setting, name))
+            if value:
+                moves[name] = round(value * 3, 12)
         decay = _number(setting.weight_decay)
         if decay is not None:
             moves["weight_decay"] = round(decay * 3, 10) if decay > 0 else 1e-2
@@ -198,20 +204,22 @@ def diagnose(
         details["rise"] = rise
         return make("overfitting", f"overfitting since epoch {epochs[low]}, gap {gap:.3g}", +1, epochs[low])
     if history.kind == "classification":
-        train_acc, val_acc = history.column("train_accuracy"), history.column("val_accuracy")
-        memorized = (
-            train_acc[-1] >= 0.99
-            and train_acc[-1] - val_acc[-1] >= MEMORIZED_GAP
-            and train[-1] < 0.1 * val[-1]
+        train_fit, val_fit = history.column("train_accuracy")[-1], history.column("val_accuracy")[-1]
+        memorized = train_fit >= 0.99 and train_fit - val_fit >= MEMORIZED_GAP and train[-1] < 0.1 * val[-1]
+        measure = "accuracy"
+    else:
+        train_fit, val_fit = history.column("train_r2")[-1], history.column("val_r2")[-1]
+        memorized = train_fit - val_fit >= MEMORIZED_GAP and smooth_train[-1] < 0.5 * smooth_val[-1]
+        measure = "R^2"
+    if memorized:
+        since = next((epochs[i] for i in range(n) if gaps[i] >= 0.5 * gap), epochs[-1])
+        details["fit_gap"] = train_fit - val_fit
+        style = ".1%" if measure == "accuracy" else ".3f"
+        message = (
+            f"overfitting since epoch {since}: the training data is memorized "
+            f"(train {measure} {train_fit:{style}}, validation {val_fit:{style}}), gap {gap:.3g}"
         )
-        if memorized:
-            since = next((epochs[i] for i in range(n) if gaps[i] >= 0.5 * gap), epochs[-1])
-            details["accuracy_gap"] = train_acc[-1] - val_acc[-1]
-            message = (
-                f"overfitting since epoch {since}: the training data is memorized "
-                f"(train accuracy {train_acc[-1]:.1%}, validation {val_acc[-1]:.1%}), gap {gap:.3g}"
-            )
-            return make("overfitting", message, +1, since)
+        return make("overfitting", message, +1, since)
 
     classes = num_classes or history.meta.get("num_classes")
     if history.kind == "regression":

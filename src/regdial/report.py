@@ -23,7 +23,7 @@ from regdial.diagnose import Diagnosis, diagnose, smooth
 from regdial.history import History
 from regdial.setting import Regularization
 
-__all__ = ["report"]
+__all__ = ["report", "tune_report"]
 
 COLORS = {"train": "#1f77b4", "val": "#d62728", "baseline": "#7f7f7f"}
 
@@ -282,6 +282,153 @@ def report(run_dir: str | Path) -> Path:
             _table([[k, _fmt(v)] for k, v in support.items() if k != "features"], ["measure", "value"]),
             f"<p class='muted'>features kept: {html.escape(', '.join(map(str, support.get('features', []))))}</p>",
         ]
+    parts.append("</body></html>")
+    page = run_dir / "report.html"
+    write_text(page, "\n".join(parts))
+    return page
+
+
+# -- the search ---------------------------------------------------------------------------
+
+
+def _knob_curves(result: Mapping[str, Any], trials: list[dict[str, Any]], path: Path) -> None:
+    """Validation metric against each knob: every finished trial, the path, the best."""
+    plt = _pyplot()
+    metric = result["metric"]
+    knobs = [k for k in result["best"]["setting"] if any(k in t for t in trials)]
+    knobs = [k for k in knobs if k not in ("number", "state", "value", "epochs", "seconds")]
+    if not knobs:
+        return
+    scale = 100.0 if metric.endswith("accuracy") else 1.0
+    unit = " (%)" if scale == 100.0 else ""
+    figure, axes = plt.subplots(1, len(knobs), figsize=(3.6 * len(knobs), 3.3), squeeze=False)
+    best = result["best"]["setting"]
+    for ax, knob in zip(axes[0], knobs, strict=True):
+        done = [
+            t
+            for t in trials
+            if t["state"] == "complete" and t.get(knob) is not None and t["value"] is not None
+        ]
+        ax.scatter([t[knob] for t in done], [t["value"] * scale for t in done], s=18, color=COLORS["train"], alpha=0.7,
+                   label="trials")  # fmt: skip
+        if result.get("path") and knob == result.get("path_knob"):
+            rows = sorted(result["path"], key=lambda r: r["value"])
+            ax.plot([r["value"] for r in rows], [r[metric] * scale for r in rows], color=COLORS["baseline"], marker="o",
+                    markersize=3, label="path (warm-started)")  # fmt: skip
+        ax.axvline(best[knob], color=COLORS["val"], linestyle="--", linewidth=1, label="chosen")
+        shown = [t[knob] for t in done] + [best[knob]]
+        if result.get("path") and knob == result.get("path_knob"):
+            shown += [r["value"] for r in result["path"]]
+        positive = [v for v in shown if v > 0]
+        if positive and max(positive) / min(positive) > 50:  # a log-scale knob
+            if min(shown) > 0:
+                ax.set_xscale("log")
+            else:  # some trials had it off (0): linear around 0, logarithmic above
+                ax.set_xscale("symlog", linthresh=min(positive))
+                ax.set_xlim(left=0)
+        ax.set_xlabel(knob)
+        ax.set_ylabel(metric.replace("_", " ") + unit)
+        ax.set_title(f"{metric.replace('_', ' ')} vs {knob}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _progress(result: Mapping[str, Any], trials: list[dict[str, Any]], path: Path) -> None:
+    """Best validation metric found so far against epochs spent."""
+    plt = _pyplot()
+    metric, maximize = result["metric"], result["direction"] == "maximize"
+    scale = 100.0 if metric.endswith("accuracy") else 1.0
+    spent = sum(r.get("epochs", 0) for r in result.get("path", []) if "epochs" in r)
+    xs, ys, best = [], [], None
+    for trial in sorted(trials, key=lambda t: t["number"]):
+        spent += int(trial.get("epochs") or 0)
+        if trial["state"] == "complete" and trial["value"] is not None:
+            value = trial["value"]
+            best = value if best is None or (value > best if maximize else value < best) else best
+        if best is not None:
+            xs.append(spent)
+            ys.append(best * scale)
+    figure, ax = plt.subplots(figsize=(7, 3.3))
+    ax.step(xs, ys, where="post", color=COLORS["val"])
+    ax.set_xlabel("epochs spent (all trials, pruned ones included)")
+    ax.set_ylabel(f"best {metric.replace('_', ' ')}" + (" (%)" if scale == 100.0 else ""))
+    ax.set_title("Search progress")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _importances(importances: Mapping[str, float], path: Path) -> None:
+    plt = _pyplot()
+    names = list(importances)
+    figure, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names], color=COLORS["train"])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the validation metric's variance (fANOVA)")
+    ax.set_title("Which knobs matter")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def tune_report(run_dir: str | Path) -> Path:
+    """Write the search's ``report.html`` (and PNGs) into a ``regdial tune`` directory."""
+    import csv
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "result.json").is_file():
+        fail("run_dir", "a regdial tune directory (with result.json)", str(run_dir))
+    result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    trials: list[dict[str, Any]] = []
+    if (run_dir / "trials.csv").is_file():
+        with (run_dir / "trials.csv").open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                parsed: dict[str, Any] = {"number": int(row["number"]), "state": row["state"]}
+                for key, value in row.items():
+                    if key not in ("number", "state"):
+                        parsed[key] = float(value) if value not in ("", "None") else None
+                trials.append(parsed)
+    images = []
+    if trials:
+        _knob_curves(result, trials, run_dir / "knobs.png")
+        _progress(result, trials, run_dir / "progress.png")
+        images += ["knobs.png", "progress.png"]
+    if result.get("importances"):
+        _importances(result["importances"], run_dir / "importances.png")
+        images.append("importances.png")
+    metric = result["metric"]
+    retrain = result.get("retrain", {})
+    rows = []
+    for label, key in (("unregularized", "baseline"), ("tuned", "tuned")):
+        final = retrain.get(key, {}).get("final", {})
+        rows.append([label, _fmt(final.get(metric)), _fmt(final.get(metric.replace("val_", "test_")))])
+    chosen = Regularization.from_dict(result["best"]["setting"]).active()
+    counts = ", ".join(f"{n} {state}" for state, n in result.get("trials", {}).items())
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>regdial tune: {html.escape(str(result.get('task')))}</title><style>{STYLE}</style></head><body>",
+        f"<h1>regdial tune: {html.escape(str(result.get('task')))}</h1>",
+        f"<p class='muted'>strategy {html.escape(result['strategy'])} · {result['epochs_spent']} epochs spent · "
+        f"trials: {html.escape(counts or 'none')}</p>",
+        "<h2>Baseline vs tuned</h2>",
+        _table(
+            rows, ["setting", metric.replace("_", " "), metric.replace("val_", "test ").replace("_", " ")]
+        ),
+        "<p class='muted'>Both trained again with the search's seed; the test split was used for these two scores only."
+        " <a href='best/report.html'>The tuned run's own report</a>.</p>",
+        "<h2>Chosen setting</h2>",
+        _table(
+            [[k, _fmt(v)] for k, v in chosen.items()] or [["(every technique off)", ""]], ["knob", "value"]
+        ),
+        "<p class='muted'>As a run config: best.toml (<code>regdial run best.toml</code>). All trials: trials.csv.</p>",
+    ]
+    if "knobs.png" in images:
+        parts += ["<h2>Validation curve per knob</h2>", "<img src='knobs.png' alt='validation metric against each knob'>",
+                  "<h2>Search progress</h2>", "<img src='progress.png' alt='best validation metric against epochs spent'>"]  # fmt: skip
+    if "importances.png" in images:
+        parts += ["<h2>Knob importance</h2>", "<img src='importances.png' alt='importance of each knob'>"]
     parts.append("</body></html>")
     page = run_dir / "report.html"
     write_text(page, "\n".join(parts))

@@ -233,10 +233,18 @@ class Regularization:
 
     # -- TOML -------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (schedules as dicts, ``None`` left out), for TOML and JSON."""
+    def to_dict(self, *, changed_only: bool = False) -> dict[str, Any]:
+        """Plain values (schedules as dicts, ``None`` left out), for TOML and JSON.
+
+        ``changed_only`` keeps the fields that differ from the defaults (what a person
+        wants to read); the full form is what a run records.
+        """
+        default = Regularization()
         return {
-            name: _toml_value(getattr(self, name)) for name in self.names() if getattr(self, name) is not None
+            name: _toml_value(value)
+            for name in self.names()
+            if (value := getattr(self, name)) is not None
+            and not (changed_only and value == getattr(default, name))
         }
 
     @classmethod

@@ -280,6 +280,7 @@ def fit(
     augment_options: Mapping[str, Any] | None = None,
     initial_weights: Mapping[str, Tensor] | None = None,
     on_epoch: Callable[[Mapping[str, float]], bool | None] | None = None,
+    controller: Callable[[History, Applied], Regularization | None] | None = None,
     device: str | torch.device = "cpu",
 ) -> History:
     """Train under ``setting`` (default: every technique off); return the epoch history.
@@ -295,6 +296,10 @@ def fit(
         resume: continue the run in ``run_dir`` from its last checkpoint.
         initial_weights: start from these weights (a warm start) instead of the seed's.
         on_epoch: called with each epoch's row; returning True stops the run ("pruned").
+        controller: called after each epoch with the history and the live ``Applied``; a
+            setting it returns is applied from the next epoch on (``Applied.retune``): the
+            dial turned from inside the run. The summary's ``best_setting`` is the setting
+            in force at the best epoch.
     """
     setting = Regularization() if setting is None else setting
     if not isinstance(setting, Regularization):
@@ -344,7 +349,7 @@ def fit(
         run = _Run(
             net=net, data=data, train=train, val=val, test=test, num_classes=kind_classes, input_kind=input_kind,
             setting=setting, options=options, device=device, augment=augment,
-            run_dir=None if run_dir is None else Path(run_dir), on_epoch=on_epoch,
+            run_dir=None if run_dir is None else Path(run_dir), on_epoch=on_epoch, controller=controller,
         )  # fmt: skip
         if run.run_dir is not None and not resume and not (run.run_dir / "config.toml").exists():
             write_text(
@@ -378,8 +383,11 @@ class _Run:
         augment: Mapping[str, Any],
         run_dir: Path | None,
         on_epoch: Callable[[Mapping[str, float]], bool | None] | None,
+        controller: Callable[[History, Applied], Regularization | None] | None = None,
     ) -> None:
         self.net, self.data, self.setting, self.options, self.device = net, data, setting, options, device
+        self.controller = controller
+        self.settings: dict[int, Regularization] = {}  # the setting in force during each epoch
         self.num_classes, self.run_dir, self.on_epoch = num_classes, run_dir, on_epoch
         self.loaders = (train, val, test)
         self.applied: Applied = setting.apply(
@@ -514,6 +522,7 @@ class _Run:
                 row[f"train_{key}"] = value
                 row[f"val_{key}"] = val_stats[key]
         self.history.append(row)
+        self.settings[epoch] = self.applied.setting
         self.epoch, self.batch = epoch, 0
         self.running = {"loss": 0.0, "seen": 0}
         if math.isfinite(val_stats["loss"]) and val_stats["loss"] < self.best["val_loss"]:
@@ -524,6 +533,13 @@ class _Run:
             self.status, self.reason = "stopped early", stopper.message if stopper else ""
         elif self.on_epoch is not None and self.on_epoch(row):
             self.status, self.reason = "pruned", f"stopped by the caller after epoch {epoch}"
+        if self.controller is not None and self.status == "running":
+            turned = self.controller(self.history, self.applied)
+            if turned is not None and turned != self.applied.setting:
+                self.applied.retune(turned)
+                self.history.meta.setdefault("retunes", []).append(
+                    {"epoch": epoch, "setting": turned.to_dict()}
+                )
         return row
 
     def _diverged(self, epoch: int, index: int, value: float) -> History:
@@ -638,6 +654,8 @@ class _Run:
             self.applied.eval_model.load_state_dict(self.best_state)
             summary["best"] = self._scores(self.applied.eval_model)
             self.applied.eval_model.load_state_dict(current)
+        if self.best["epoch"] in self.settings:
+            summary["best_setting"] = self.settings[self.best["epoch"]].to_dict()
         if self.data is not None and self.data.true_support is not None:
             summary["support"] = _support_scores(
                 _selected_features(self.applied.eval_model), self.data.true_support

@@ -1,0 +1,198 @@
+"""``Space``: the part of the dial a search may turn, and how far.
+
+A space maps knob names (``Regularization`` fields, see ``setting.KNOBS``) to ranges. A
+range is searched on a log scale (penalties and weight decay, whose useful values span
+decades) or a linear one (rates). ``optional=True`` lets the search also switch the
+technique off (0). Knobs not in the space keep the value of the ``base`` setting, which
+is how a knob is fixed. In a TOML config::
+
+    [tune.space]
+    weight_decay = {low = 1e-4, high = 1.0, scale = "log"}
+    dropout = {low = 0.0, high = 0.5}
+    l1 = {low = 1e-6, high = 1e-3, scale = "log", optional = true}
+
+    [regularization]       # the base: fixed knobs
+    ema = 0.99
+
+``Space.default(data, model)`` gives the default space for a kind of task: weight decay,
+dropout, label smoothing and augmentation strength for image classifiers; weight decay,
+dropout and augmentation for signals; weight decay, dropout and input noise for tabular
+models; L1 and L2 for a linear model (a lasso / ridge / elastic-net search).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from regdial._checks import Described, check_choice, check_int, fail
+from regdial.setting import KNOBS, Regularization, unknown_key
+
+if TYPE_CHECKING:
+    import optuna
+
+    from regdial.tasks import Dataset
+
+__all__ = ["Range", "Space"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a search may put one knob."""
+
+    low: float
+    high: float
+    log: bool = False
+    optional: bool = False
+
+    def values(self, count: int) -> list[float]:
+        """``count`` evenly spaced values (geometrically on a log scale), ends included."""
+        if count == 1:
+            return [math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2]
+        if self.log:
+            ratio = (self.high / self.low) ** (1 / (count - 1))
+            return [self.low * ratio**i for i in range(count)]
+        step = (self.high - self.low) / (count - 1)
+        return [self.low + step * i for i in range(count)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"low": self.low, "high": self.high, "scale": "log" if self.log else "linear"}
+        if self.optional:
+            data["optional"] = True
+        return data
+
+
+def _range(name: str, spec: object) -> Range:
+    field = f"tune.space.{name}"
+    if name not in KNOBS:
+        raise unknown_key("tune.space", name, KNOBS)
+    knob = KNOBS[name]
+    if isinstance(spec, Range):
+        spec = spec.to_dict()
+    if isinstance(spec, tuple | list) and len(spec) == 2:
+        spec = {"low": spec[0], "high": spec[1], "scale": knob.scale if knob.scale != "int" else "linear"}
+    if not isinstance(spec, Mapping):
+        fail(field, "a table {low, high, scale, optional} or a [low, high] pair", spec)
+    for key in spec:
+        if key not in ("low", "high", "scale", "optional"):
+            raise unknown_key(field, str(key), ("low", "high", "scale", "optional"))
+    if "low" not in spec or "high" not in spec:
+        fail(field, "a range with both low and high", Described(f"keys {sorted(spec)}"))
+    scale = check_choice(
+        f"{field}.scale", spec.get("scale", "log" if knob.scale == "log" else "linear"), ("log", "linear")
+    )
+    low = knob.check(f"{field}.low", spec["low"])
+    high = knob.check(f"{field}.high", spec["high"])
+    if low > high:
+        fail(f"{field}.low", f"at most high ({high:g})", low)
+    if scale == "log" and low <= 0:
+        fail(f"{field}.low", "above 0 on a log scale (use optional = true to allow off)", low)
+    optional = spec.get("optional", False)
+    if not isinstance(optional, bool):
+        fail(f"{field}.optional", "true or false", optional)
+    return Range(low, high, log=scale == "log", optional=optional)
+
+
+class Space:
+    """Ranges for some knobs, on top of a base setting that holds the others fixed."""
+
+    def __init__(
+        self,
+        knobs: Mapping[str, Range | Mapping[str, Any] | tuple[float, float]],
+        base: Regularization | None = None,
+    ) -> None:
+        if not isinstance(knobs, Mapping) or not knobs:
+            fail("tune.space", "at least one knob to search", knobs)
+        self.knobs: dict[str, Range] = {name: _range(name, spec) for name, spec in knobs.items()}
+        self.base = Regularization() if base is None else base
+        if not isinstance(self.base, Regularization):
+            fail("base", "a Regularization", self.base)
+
+    # -- building -----------------------------------------------------------------------
+
+    @classmethod
+    def default(cls, data: Dataset, model: str | None = None, base: Regularization | None = None) -> Space:
+        """The default space for ``data`` and ``model`` (see the module docstring)."""
+        if model == "linear":
+            knobs: dict[str, Any] = {"l1": (1e-3, 3.0), "l2": (1e-3, 3.0)}
+        elif data.input_kind == "image":
+            knobs = {
+                "weight_decay": (1e-4, 1.0),
+                "dropout": (0.0, 0.5),
+                "label_smoothing": (0.0, 0.2),
+                "augment": (0.0, 1.0),
+            }
+        elif data.input_kind == "signal":
+            knobs = {"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5), "augment": (0.0, 1.0)}
+        else:
+            knobs = {"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5), "noise": (0.0, 0.5)}
+        if data.kind == "classification" and data.input_kind == "tabular":
+            knobs["label_smoothing"] = (0.0, 0.2)
+        return cls(knobs, base)
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any], base: Regularization | None = None) -> Space:
+        return cls(dict(table), base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: r.to_dict() for name, r in self.knobs.items()}
+
+    def narrow(self, **ranges: Any) -> Space:
+        """A copy with some ranges replaced (or knobs added)."""
+        return Space({**self.knobs, **ranges}, self.base)
+
+    def fix(self, **values: Any) -> Space:
+        """A copy where these knobs are fixed to ``values`` and no longer searched."""
+        remaining = {k: v for k, v in self.knobs.items() if k not in values}
+        return Space(remaining, self.base.replace(**values))
+
+    # -- searching ----------------------------------------------------------------------
+
+    @property
+    def path_knob(self) -> str:
+        """The knob a regularization path sweeps: the first log-scale one."""
+        return next((name for name, r in self.knobs.items() if r.log), next(iter(self.knobs)))
+
+    def setting(self, values: Mapping[str, float]) -> Regularization:
+        """The base setting with ``values`` for the searched knobs."""
+        changes = {}
+        for name, value in values.items():
+            if name not in self.knobs:
+                raise unknown_key("tune.space", name, self.knobs)
+            changes[name] = round(value) if KNOBS[name].scale == "int" else float(value)
+        return self.base.replace(**changes)
+
+    def suggest(self, trial: optuna.trial.Trial) -> Regularization:
+        """The setting an Optuna trial asks for."""
+        values: dict[str, float] = {}
+        for name, r in self.knobs.items():
+            if r.optional and not trial.suggest_categorical(f"{name}_on", [True, False]):
+                values[name] = 0.0
+                continue
+            values[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+        return self.setting(values)
+
+    def values_of(self, params: Mapping[str, Any]) -> dict[str, float]:
+        """Knob values from an Optuna trial's ``params`` (0 where switched off)."""
+        return {
+            name: 0.0 if r.optional and params.get(f"{name}_on") is False else float(params[name])
+            for name, r in self.knobs.items()
+            if name in params or f"{name}_on" in params
+        }
+
+    def grid(self, points: int | Mapping[str, int] = 4) -> list[dict[str, float]]:
+        """Every combination of ``points`` values per knob (per knob if a mapping)."""
+        counts = {name: check_int(f"points.{name}", points[name] if isinstance(points, Mapping) else points, low=1)
+                  for name in self.knobs}  # fmt: skip
+        axes = [[(name, v) for v in self.knobs[name].values(counts[name])] for name in self.knobs]
+        return [dict(combination) for combination in itertools.product(*axes)]
+
+    def __repr__(self) -> str:
+        ranges = ", ".join(
+            f"{n}=[{r.low:g}, {r.high:g}]{' log' if r.log else ''}{' optional' if r.optional else ''}"
+            for n, r in self.knobs.items()
+        )
+        return f"Space({ranges})"

@@ -1,0 +1,310 @@
+"""The dial: spaces, budgets, resuming, pruning, the path, online, and many workers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from postgres import available, postgres_server
+from regdial import Regularization
+from regdial.cli import main
+from regdial.space import Range, Space
+from regdial.tasks import load_task
+from regdial.tune import Budget, _Context, regularization_path, tune
+
+WINE = Space({"weight_decay": (1e-3, 1.0), "dropout": (0.0, 0.5)})
+
+
+def study_of(run_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("600", Budget(600, "epochs")), (120, Budget(120, "epochs")), ("20 trials", Budget(20, "trials")),
+     ("5 minutes", Budget(5, "minutes")), ("2.5m", Budget(2.5, "minutes")), ("30t", Budget(30, "trials"))],
+)  # fmt: skip
+def test_budget_parsing(text, expected: Budget) -> None:
+    assert Budget.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("ten", r"^budget must be a number of epochs, or text like '600 epochs', '20 trials', '5 minutes', got 'ten'$"),
+     ("2.5 trials", r"^budget must be a positive whole number of trials, got '2.5 trials'$"),
+     ("0", r"^budget must be a positive whole number of epochs, got '0'$")],
+)  # fmt: skip
+def test_bad_budgets(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Budget.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"dropout": {"low": 0.5, "high": 0.2}}, r"^tune.space.dropout.low must be at most high \(0.2\), got 0.5$"),
+        ({"l1": {"low": 0.0, "high": 1.0, "scale": "log"}}, r"^tune.space.l1.low must be above 0 on a log scale \(use optional = true to allow off\), got 0.0$"),
+        ({"dropuot": (0.0, 0.5)}, r"^tune.space.dropuot is not a known setting; did you mean 'dropout'\?"),
+        ({"dropout": {"low": 0.0, "high": 1.0}}, r"^tune.space.dropout.high must be in \[0, 1\), got 1.0$"),
+        ({"dropout": {"low": 0.0, "top": 0.5}}, r"^tune.space.dropout.top is not a known setting"),
+        ({"dropout": {"low": 0.0}}, r"^tune.space.dropout must be a range with both low and high"),
+        ({"l1": {"low": 1e-4, "high": 1.0, "scale": "ln"}}, r"^tune.space.l1.scale must be one of 'log', 'linear', got 'ln'$"),
+        ({}, r"^tune.space must be at least one knob to search"),
+    ],
+)  # fmt: skip
+def test_bad_spaces(knobs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Space(knobs)
+
+
+def test_space_basics() -> None:
+    space = Space({"l1": {"low": 1e-4, "high": 1e-2, "scale": "log", "optional": True}, "dropout": (0.0, 0.4)},
+                  base=Regularization(ema=0.99))  # fmt: skip
+    assert space.knobs["l1"] == Range(1e-4, 1e-2, log=True, optional=True)
+    assert space.knobs["dropout"] == Range(0.0, 0.4)
+    assert Range(1e-4, 1e-2, log=True).values(3) == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert len(space.grid(3)) == 9
+    assert space.setting({"l1": 1e-3, "dropout": 0.2}) == Regularization(ema=0.99, l1=1e-3, dropout=0.2)
+    fixed = space.fix(dropout=0.1)
+    assert list(fixed.knobs) == ["l1"] and fixed.base.dropout == 0.1
+    assert space.path_knob == "l1"
+    assert Space.from_dict(space.to_dict(), space.base).knobs == space.knobs
+    assert set(Space.default(load_task("digits-small"), "cnn").knobs) == {
+        "weight_decay",
+        "dropout",
+        "label_smoothing",
+        "augment",
+    }
+    assert set(Space.default(load_task("sparse-regression"), "linear").knobs) == {"l1", "l2"}
+
+
+def test_a_search_resumes_and_keeps_its_trials(tmp_path: Path) -> None:
+    first = tune("wine", WINE, epochs=3, budget="2 trials", strategy="tpe", run_dir=tmp_path, retrain=False)
+    assert first.epochs_spent == 6
+    before = [(t.number, t.value) for t in study_of(tmp_path, "regdial-wine-tpe").get_trials()]
+    tune("wine", WINE, epochs=3, budget="4 trials", strategy="tpe", run_dir=tmp_path, retrain=False)
+    after = study_of(tmp_path, "regdial-wine-tpe").get_trials()
+    assert [(t.number, t.value) for t in after][:2] == before
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 4
+    with pytest.raises(
+        ValueError, match=r"^study must be the same search to resume \(epochs was 3\), got epochs 4$"
+    ):
+        tune("wine", WINE, epochs=4, budget="4 trials", strategy="tpe", run_dir=tmp_path, retrain=False)
+
+
+CRASHING = """
+import sys
+from regdial.tune import tune
+from regdial.space import Space
+tune("digits-small", Space({"weight_decay": (1e-3, 1.0), "dropout": (0.0, 0.5)}), epochs=25, budget="4 trials",
+     strategy="tpe", run_dir=sys.argv[1], retrain=False)
+"""
+
+
+def _trial_states(database: Path) -> list[str]:
+    """Trial states read through a read-only connection: polling with Optuna itself would
+    create the tables concurrently with the search being watched."""
+    if not database.exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return [state for (state,) in db.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return []
+
+
+def test_a_search_killed_mid_trial_resumes(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", CRASHING, str(tmp_path)], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until one trial is complete and the next one running
+        time.sleep(0.2)
+        assert process.poll() is None, f"the search ended before it was killed: {process.stderr.read()}"  # type: ignore[union-attr]
+        states = _trial_states(tmp_path / "study.db")
+        if "COMPLETE" in states and states[-1] == "RUNNING":
+            break
+    else:
+        pytest.fail("no trial was running after a complete one within 300 s")
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    crashed = study_of(tmp_path, "regdial-digits-small-tpe").get_trials()
+    kept = {t.number: t.value for t in crashed if t.state == TrialState.COMPLETE}
+    assert kept and crashed[-1].state == TrialState.RUNNING
+    space = Space({"weight_decay": (1e-3, 1.0), "dropout": (0.0, 0.5)})
+    tune("digits-small", space, epochs=25, budget="4 trials", strategy="tpe", run_dir=tmp_path, retrain=False)
+    resumed = study_of(tmp_path, "regdial-digits-small-tpe").get_trials()
+    assert resumed[crashed[-1].number].state == TrialState.FAIL  # the interrupted trial, marked failed
+    assert {t.number: t.value for t in resumed if t.number in kept} == kept  # the finished ones, kept
+    assert sum(t.state == TrialState.COMPLETE for t in resumed) == 4
+
+
+def test_the_result_runs_with_regdial_run(tmp_path: Path) -> None:
+    result = tune("wine", WINE, epochs=3, budget="3 trials", strategy="tpe", run_dir=tmp_path / "tune")
+    out = tmp_path / "tune"
+    assert {
+        "result.json",
+        "best.toml",
+        "trials.csv",
+        "report.html",
+        "knobs.png",
+        "progress.png",
+        "study.db",
+        "best",
+    } <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["best"]["setting"] == result.best.to_dict()
+    assert saved["trials"] == {"complete": 3}
+    assert set(saved["retrain"]) == {"tuned", "baseline"}
+    assert "test_accuracy" in saved["retrain"]["tuned"]["final"]
+    assert (out / "best" / "report.html").is_file()
+    assert len((out / "trials.csv").read_text().splitlines()) == 4
+    main(["run", str(out / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "rerun"), "--quiet"])
+    rerun = json.loads((tmp_path / "rerun" / "summary.json").read_text())
+    assert Regularization.from_dict(rerun["setting"]) == result.best
+    (out / "report.html").unlink()
+    main(["report", str(out)])  # regdial report knows a search's directory too
+    assert "Validation curve per knob" in (out / "report.html").read_text()
+
+
+def test_pruning_prunes() -> None:
+    result = tune("digits-small", epochs=12, budget="12 trials", strategy="auto", retrain=False)
+    pruned = [t for t in result.trials if t["state"] == "pruned"]
+    assert pruned
+    assert all(t["epochs"] < 12 for t in pruned)
+    assert len(result.path) == 6  # the path ran first
+
+
+def test_the_path_is_monotone_in_its_knob() -> None:
+    context = _Context(task="sparse-regression", data_path=None, target=None, kind="auto", model="linear",
+                       model_options={}, epochs=100, seed=0)  # fmt: skip
+    space = Space({"l1": (1e-2, 3.0)})
+    rows = regularization_path(context, space, points=6, epochs_per_point=50)
+    values = [r["value"] for r in rows]
+    assert values == sorted(values, reverse=True)  # strong to weak
+    zeros = [r["zero_fraction"] for r in rows]
+    assert all(a >= b for a, b in itertools.pairwise(zeros))  # weaker L1, fewer exact zeros
+    assert zeros[0] > 0.9 and zeros[-1] < 0.5
+    assert sum(r["epochs"] for r in rows) == 300  # warm-started: 50 epochs a point
+
+
+def test_online_turns_the_knobs_from_inside_one_run() -> None:
+    result = tune("digits-small", Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)}), epochs=30,
+                  strategy="online", retrain=False)  # fmt: skip
+    assert result.strategy == "online"
+    assert result.epochs_spent == 60
+    assert result.path, "the controller never turned a knob"
+    assert all(turn["direction"] in (-1, 1) for turn in result.path)
+    assert 0.0 <= result.best.dropout <= 0.5
+
+
+def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(
+        [
+            "tune",
+            "--task",
+            "wine",
+            "--epochs",
+            "3",
+            "--budget",
+            "3 trials",
+            "--strategy",
+            "tpe",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "unregularized" in printed and "tuned" in printed and "chosen:" in printed
+    assert f"report: {tmp_path / 't' / 'report.html'}" in printed
+
+
+def test_cli_tune_bad_space_in_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tune.toml"
+    config.write_text('[run]\ntask = "wine"\n\n[tune.space]\ndropout = {low = 0.4, high = 0.1}\n')
+    with pytest.raises(SystemExit) as done:
+        main(["tune", str(config)])
+    assert done.value.code == 2
+    assert "tune.space.dropout.low must be at most high (0.1), got 0.4" in capsys.readouterr().err
+
+
+# -- many workers, one study --------------------------------------------------------------
+
+
+def test_two_local_workers_share_the_sqlite_study(tmp_path: Path) -> None:
+    tune(
+        "wine", WINE, epochs=2, budget="4 trials", strategy="tpe", workers=2, run_dir=tmp_path, retrain=False
+    )
+    trials = study_of(tmp_path, "regdial-wine-tpe").get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) == 2
+
+
+NO_POSTGRES = available()
+
+
+@pytest.mark.skipif(NO_POSTGRES is not None, reason=str(NO_POSTGRES))
+def test_three_workers_on_postgres_complete_exactly_the_budget() -> None:
+    with postgres_server() as url:
+        tune("wine", WINE, epochs=3, budget="6 trials", strategy="tpe", storage=url, workers=3, retrain=False)
+        study = optuna.load_study(study_name="regdial-wine-tpe", storage=url)
+        trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 6  # exactly the budget
+    assert len({t.number for t in trials}) == len(trials)  # none twice
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
+    assert all(
+        t.user_attrs.get("epochs") is None for t in trials if t.state == TrialState.FAIL
+    )  # never trained
+    assert len({t.user_attrs["worker"] for t in complete}) >= 2  # really several workers
+
+
+@pytest.mark.skipif(NO_POSTGRES is not None, reason=str(NO_POSTGRES))
+def test_a_killed_worker_loses_only_its_trial(tmp_path: Path) -> None:
+    with postgres_server() as url:
+        command = [sys.executable, "-m", "regdial", "tune", "--task", "digits-small", "--epochs", "25", "--budget",
+                   "4 trials", "--strategy", "tpe", "--storage", url, "--no-retrain", "--quiet"]  # fmt: skip
+        workers = [
+            subprocess.Popen(
+                [*command, "--out", str(tmp_path / f"w{i}")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        victim = workers[0]
+        deadline, killed_trial = time.monotonic() + 120, None
+        while killed_trial is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                study = optuna.load_study(study_name="regdial-digits-small-tpe", storage=url)
+            except KeyError:
+                continue
+            running = [
+                t
+                for t in study.get_trials()
+                if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == victim.pid
+            ]
+            if running:
+                killed_trial = running[0].number
+        assert killed_trial is not None, "the first worker never started a trial"
+        victim.send_signal(signal.SIGKILL)
+        for worker in workers[1:]:
+            _, err = worker.communicate(timeout=180)
+            assert worker.returncode == 0, err
+        trials = optuna.load_study(study_name="regdial-digits-small-tpe", storage=url).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed_trial].state == TrialState.FAIL  # marked failed by the others' heartbeat check
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4  # and the others finished the study
