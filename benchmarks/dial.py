@@ -4,7 +4,7 @@ For each built-in task below, over the same knobs, it runs:
 
 - ``grid``: every combination of a few values per knob (the oracle: its best validation
   score defines the target);
-- ``auto``: regdial's default (warm-started path, then TPE with Hyperband pruning);
+- ``auto``: regdial's default (warm-started path, then TPE, pruning the worse half half-way);
 - ``path``: the warm-started regularization path alone;
 - ``online``: one run whose controller turns the knobs;
 - ``tpe``: Optuna's plain TPE, no pruning; ``random``: random search.
@@ -19,7 +19,7 @@ Targets (issue 5): ``auto`` needs <= 15% of the grid's epochs and <= 50% of plai
 and its test score is within 0.5 points of the grid's choice (no worse by more than that;
 for regression, no worse than 0.5% of the grid's RMSE).
 
-Run: ``python benchmarks/dial.py`` (about 45 minutes on 2 CPU cores; results are cached in
+Run: ``python benchmarks/dial.py`` (about 50 minutes on 2 CPU cores; results are cached in
 ``benchmarks/.cache/dial`` so a second run only prints, ``--fresh`` recomputes).
 """
 

@@ -58,3 +58,30 @@ def test_example_configs_run(path: Path, tmp_path: Path) -> None:
     main(["run", str(path), "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])  # returns on success
     assert (tmp_path / "run" / "report.html").is_file()
     assert (tmp_path / "run" / "baseline" / "summary.json").is_file()
+
+
+TUNE_CONFIGS = sorted((EXAMPLES / "tune").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.stem)
+def test_example_tune_configs_run(path: Path, tmp_path: Path) -> None:
+    from regdial.cli import main
+
+    out = tmp_path / "tune"
+    main(
+        [
+            "tune",
+            str(path),
+            "--epochs",
+            "2",
+            "--budget",
+            "2 trials",
+            "--out",
+            str(out),
+            "--no-retrain",
+            "--quiet",
+        ]
+    )
+    assert (out / "best.toml").is_file()
+    main(["run", str(out / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    assert (tmp_path / "run" / "summary.json").is_file()

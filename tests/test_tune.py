@@ -228,6 +228,9 @@ def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     assert "unregularized" in printed and "tuned" in printed and "chosen:" in printed
     assert f"report: {tmp_path / 't' / 'report.html'}" in printed
+    retrain = json.loads((tmp_path / "t" / "result.json").read_text())["retrain"]
+    tuned, baseline = (retrain[k]["final"]["val_accuracy"] for k in ("tuned", "baseline"))
+    assert ("note: the unregularized baseline validates as well" in printed) == (tuned <= baseline)
 
 
 def test_cli_tune_bad_space_in_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

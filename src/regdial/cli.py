@@ -270,6 +270,7 @@ def tune(
 ) -> None:
     """Find the right strengths from validation results; running it again resumes the search."""
     from regdial.config import load_config
+    from regdial.setting import unknown_key
     from regdial.space import Space
     from regdial.tune import tune as search
 
@@ -277,13 +278,10 @@ def tune(
                  "seed": seed, "out": out}  # fmt: skip
     loaded = load_config(config, overrides)
     table = dict(loaded.tune)
+    known = ("budget", "strategy", "storage", "workers", "space", "grid_points")
     for key in table:
-        if key not in ("budget", "strategy", "storage", "workers", "space", "grid_points"):
-            from regdial.setting import unknown_key
-
-            raise unknown_key(
-                "tune", key, ("budget", "strategy", "storage", "workers", "space", "grid_points")
-            )
+        if key not in known:
+            raise unknown_key("tune", key, known)
     name = _choose_data(loaded)
     out_dir = loaded.run.out or Path("runs") / f"{name}-tune"
     base = loaded.setting()
@@ -310,7 +308,7 @@ def tune(
         retrain=retrain,
         progress=say,
     )
-    _print_tune(console, result, out_dir, space if space is not None else None)
+    _print_tune(console, result, out_dir, space)
 
 
 def _print_tune(console: Any, result: Any, out_dir: Path, space: Any) -> None:
@@ -333,6 +331,14 @@ def _print_tune(console: Any, result: Any, out_dir: Path, space: Any) -> None:
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.active().items()
     )
     console.print(f"chosen: {chosen or 'every technique off'}")
+    if result.retrain:
+        tuned, base = (result.retrain[k].get("final", {}).get(metric) for k in ("tuned", "baseline"))
+        both = tuned is not None and base is not None
+        if both and (tuned <= base if result.direction == "maximize" else tuned >= base):
+            console.print(
+                "note: the unregularized baseline validates as well as the tuned setting or better: "
+                "this model may need no more regularization, or the space should reach weaker settings"
+            )
     console.print(
         f"spent {result.epochs_spent} epochs ({result.strategy}); best setting: {out_dir / 'best.toml'}"
     )

@@ -20,8 +20,9 @@ Strategies:
     a fraction of the cost of independent runs.
 ``online``
     One training run in which, every few epochs, a controller reads the diagnosis of the
-    recent curves and turns every knob of the space one step (x2 or /2 for penalties,
-    +- a fifth of the range for rates). Its choice is the setting in force at its best
+    recent curves and turns every knob of the space one step (multiplicative for
+    penalties: x or / max(2, (high/low)^(1/6)), so that six steps cross the range; +- a
+    fifth of the range for rates). Its choice is the setting in force at its best
     epoch.
 ``tpe``, ``random``, ``grid``
     Optuna's plain TPE, random search and a grid, without pruning: references for
@@ -268,6 +269,10 @@ class _Controller:
     def __init__(self, space: Space, every: int) -> None:
         self.space, self.every = space, every
         self.values = {name: r.low for name, r in space.knobs.items()}  # start weak: loosen nothing yet
+        # Log-scale knobs step by at least x2, and by enough to cross their range in six turns.
+        self.factors = {
+            name: max(2.0, (r.high / r.low) ** (1 / 6)) for name, r in space.knobs.items() if r.log
+        }
         self.turns: list[dict[str, Any]] = []
 
     def start(self) -> Regularization:
@@ -288,7 +293,7 @@ class _Controller:
         for name, r in self.space.knobs.items():
             value = self.values[name]
             if r.log:
-                value = value * 2.0 if direction > 0 else value / 2.0
+                value = value * self.factors[name] if direction > 0 else value / self.factors[name]
             else:
                 value = value + direction * (r.high - r.low) / 5
             self.values[name] = min(r.high, max(r.low, value))
