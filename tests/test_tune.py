@@ -19,9 +19,10 @@ from optuna.trial import TrialState
 from postgres import available, postgres_server
 from regdial import Regularization
 from regdial.cli import main
+from regdial.history import History
 from regdial.space import Range, Space
 from regdial.tasks import load_task
-from regdial.tune import Budget, _Context, regularization_path, tune
+from regdial.tune import Budget, _Context, _gap_trend, regularization_path, tune
 
 WINE = Space({"weight_decay": (1e-3, 1.0), "dropout": (0.0, 0.5)})
 
@@ -311,3 +312,33 @@ def test_a_killed_worker_loses_only_its_trial(tmp_path: Path) -> None:
     by_number = {t.number: t for t in trials}
     assert by_number[killed_trial].state == TrialState.FAIL  # marked failed by the others' heartbeat check
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 4  # and the others finished the study
+
+
+def _window(train: list[float], val: list[float]) -> History:
+    rows = [
+        {
+            "epoch": e + 1,
+            "train_loss": t,
+            "val_loss": v,
+            "gap": v - t,
+            "train_accuracy": 0.9,
+            "val_accuracy": 0.8,
+        }
+        for e, (t, v) in enumerate(zip(train, val, strict=True))
+    ]
+    return History("classification", rows, num_classes=3)
+
+
+@pytest.mark.parametrize(
+    ("train", "val", "expected"),
+    [
+        ([0.5 - 0.01 * i for i in range(32)], [1.0 + 0.01 * i for i in range(32)], 1),  # gap widens
+        ([0.5] * 32, [1.0 + 0.003 * (-1) ** i for i in range(32)], 0),  # a flat, noisy gap
+        ([0.5 - 0.001 * i for i in range(32)], [1.0 - 0.001 * i for i in range(32)], 0),  # both fall together
+        ([0.5 + 0.01 * i for i in range(32)], [1.0 - 0.01 * i for i in range(32)], 0),  # the gap narrows
+    ],
+)
+def test_the_controller_tightens_when_the_gap_widens(
+    train: list[float], val: list[float], expected: int
+) -> None:
+    assert _gap_trend(_window(train, val)) == expected

@@ -22,8 +22,8 @@ Strategies:
     One training run in which, every few epochs, a controller reads the diagnosis of the
     recent curves and turns every knob of the space one step (multiplicative for
     penalties: x or / max(2, (high/low)^(1/6)), so that six steps cross the range; +- a
-    fifth of the range for rates). Its choice is the setting in force at its best
-    epoch.
+    fifth of the range for rates); where the diagnosis holds, a widening gap still
+    tightens. Its choice is the setting in force at its best epoch.
 ``tpe``, ``random``, ``grid``
     Optuna's plain TPE, random search and a grid, without pruning: references for
     ``benchmarks/dial.py``.
@@ -48,6 +48,7 @@ import math
 import multiprocessing
 import os
 import re
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -263,6 +264,23 @@ def regularization_path(
     return rows
 
 
+def _gap_trend(recent: History) -> int:
+    """+1 when the smoothed generalization gap (validation minus training loss) widened
+    over the window by more than its noise and by 5% of the validation loss; else 0.
+
+    The diagnosis holds while curves are ambiguous ("good fit", "still improving"); a
+    widening gap is the earliest sign that the current strengths let the model overfit.
+    """
+    from regdial.diagnose import RISE, smooth
+
+    gaps = [v - t for v, t in zip(recent.column("val_loss"), recent.column("train_loss"), strict=True)]
+    smoothed, sigma = smooth(gaps)
+    half = len(smoothed) // 2
+    widened = statistics.fmean(smoothed[half:]) - statistics.fmean(smoothed[:half])
+    scale = statistics.fmean(recent.column("val_loss"))
+    return 1 if widened > max(2 * sigma, RISE * scale) else 0
+
+
 class _Controller:
     """Turn every knob of a space one step after each diagnosis of the recent curves."""
 
@@ -287,7 +305,7 @@ class _Controller:
         recent = History(
             history.kind, history.rows[-2 * self.every :], num_classes=history.meta.get("num_classes")
         )
-        direction = diagnose(recent).direction
+        direction = diagnose(recent).direction or _gap_trend(recent)
         if direction == 0:
             return None
         for name, r in self.space.knobs.items():
