@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from regdial import Regularization, fit
 from regdial.checkpoint import load_weights
 from regdial.history import metric_columns
+from regdial.models import build_model
+from regdial.tasks import TASKS, load_task
+from regdial.train import evaluate
 
 SETTING = Regularization(dropout=0.2, augment=0.5, ema=0.9, label_smoothing=0.05, l1=1e-5, early_stopping=50)
 
@@ -69,6 +72,17 @@ def test_run_directory(tmp_path: Path) -> None:
     row = history.rows[-1]
     assert row["gap"] == pytest.approx(row["val_loss"] - row["train_loss"])
     assert 0.0 < row["zero_fraction"] < 1.0  # L1's exact zeros in the trained weights... of the EMA model
+    # The best checkpoint scores, evaluated again, what summary.json says of it.
+    best = history.rows[summary["best_epoch"] - 1]
+    assert {k: summary["best"][k] for k in ("val_loss", "val_accuracy")} == {
+        k: best[k] for k in ("val_loss", "val_accuracy")
+    }
+    data = load_task("wine")
+    model = build_model(TASKS["wine"].model, data)
+    model.load_state_dict(load_weights(tmp_path / "checkpoints" / "best.safetensors"))
+    scores = evaluate(model, [(data.x_val, data.y_val)], data.num_classes, torch.device("cpu"))
+    assert scores["accuracy"] == pytest.approx(summary["best"]["val_accuracy"])
+    assert scores["loss"] == pytest.approx(summary["best"]["val_loss"], rel=1e-5)
 
 
 RUNNER = """

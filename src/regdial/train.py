@@ -625,9 +625,9 @@ class _Run:
         self.applied.remove()
         return self.history
 
-    def _scores(self, model: nn.Module) -> dict[str, float]:
+    def _scores(self, model: nn.Module, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
         scores: dict[str, float] = {}
-        for split in ("val", "test"):
+        for split in splits:
             batches = self._split(split)
             if batches is not None:
                 for key, value in evaluate(model, batches, self.num_classes, self.device).items():
@@ -650,9 +650,13 @@ class _Run:
             return summary
         summary["final"] = self._scores(self.applied.eval_model)
         if self.best_state is not None:
+            # The best epoch's validation scores are its history row (the same weights).
+            row = next(r for r in self.history.rows if r["epoch"] == self.best["epoch"])
             current = {k: v.detach().clone() for k, v in self.applied.eval_model.state_dict().items()}
             self.applied.eval_model.load_state_dict(self.best_state)
-            summary["best"] = self._scores(self.applied.eval_model)
+            summary["best"] = {k: v for k, v in row.items() if k.startswith("val_")} | self._scores(
+                self.applied.eval_model, ("test",)
+            )
             self.applied.eval_model.load_state_dict(current)
         if self.best["epoch"] in self.settings:
             summary["best_setting"] = self.settings[self.best["epoch"]].to_dict()
