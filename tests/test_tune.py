@@ -267,6 +267,7 @@ def test_three_workers_on_postgres_complete_exactly_the_budget() -> None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 6  # exactly the budget
     assert len({t.number for t in trials}) == len(trials)  # none twice
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 6  # no setting trained twice
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
     assert all(
         t.user_attrs.get("epochs") is None for t in trials if t.state == TrialState.FAIL
