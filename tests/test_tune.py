@@ -343,3 +343,11 @@ def test_the_controller_tightens_when_the_gap_widens(
     train: list[float], val: list[float], expected: int
 ) -> None:
     assert _gap_trend(_window(train, val)) == expected
+
+
+def test_a_missing_postgres_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now fails
+    with pytest.raises(ValueError, match=r"pip install 'regdial\[postgres\]'"):
+        tune(
+            "wine", WINE, epochs=1, budget="1 trials", strategy="tpe", storage="postgresql://u@127.0.0.1:1/db"
+        )

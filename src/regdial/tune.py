@@ -338,11 +338,10 @@ def _storage(url: str | None, run_dir: Path | None) -> Any:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=2, grace_period=8)
     except Exception as error:  # any driver error becomes one line
-        raise ValueError(
-            f"storage must be a database Optuna can open, got {url!r} ({type(error).__name__}: {error})".splitlines()[
-                0
-            ]
-        ) from None
+        why = f"{type(error).__name__}: {error}".splitlines()[0]
+        if isinstance(error, ImportError) and url.startswith("postgres"):
+            why += "; install the driver with: pip install 'regdial[postgres]'"
+        raise ValueError(f"storage must be a database Optuna can open, got {url!r} ({why})") from None
 
 
 def _sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:
