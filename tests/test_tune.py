@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -351,3 +352,26 @@ def test_a_missing_postgres_driver_says_how_to_install_it(monkeypatch: pytest.Mo
         tune(
             "wine", WINE, epochs=1, budget="1 trials", strategy="tpe", storage="postgresql://u@127.0.0.1:1/db"
         )
+
+
+def test_a_budget_in_minutes_counts_the_path_and_still_ends_with_a_result() -> None:
+    result = tune("wine", WINE, epochs=4, budget="0.001 minutes", strategy="auto", retrain=False)
+    assert result.path  # the path ran, and spent the whole budget
+    complete = [t for t in result.trials if t["state"] == "complete"]
+    assert 1 <= len(result.trials) <= 2 and complete  # then one or two trials, for a result
+
+
+def test_cli_tune_on_a_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    np.savez(tmp_path / "mine.npz", x=x[:200], y=y[:200], x_test=x[200:], y_test=y[200:])
+    out = tmp_path / "search"
+    main(["tune", "--data", str(tmp_path / "mine.npz"), "--epochs", "3", "--budget", "3 trials", "--strategy",
+          "random", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "tuned" in printed and "chosen:" in printed
+    assert json.loads((out / "result.json").read_text())["trials"] == {"complete": 3}
+    assert "data = " in (out / "best.toml").read_text()
+    main(["run", str(out / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "rerun"), "--quiet"])
+    assert (tmp_path / "rerun" / "summary.json").is_file()

@@ -36,7 +36,9 @@ mid-trial loses only that trial, which is marked failed, and the others finish t
 budget. Optuna's own tools (``optuna-dashboard``, the ``optuna`` CLI) open the study.
 
 The budget is counted in epochs (default: results do not depend on machine speed),
-trials or minutes: ``"600"``, ``"600 epochs"``, ``"20 trials"``, ``"5 minutes"``.
+trials or minutes: ``"600"``, ``"600 epochs"``, ``"20 trials"``, ``"5 minutes"``. Minutes
+count from the start of the search, the path included; no new trial starts after them,
+except that a search with no finished trial yet runs one (two tries) so it has a result.
 """
 
 from __future__ import annotations
@@ -411,8 +413,10 @@ def _run_worker(
     seed: int,
     grid_points: int,
     say: Callable[[str], None] | None = None,
+    started: float | None = None,
 ) -> None:
-    """Run trials on the shared study until the budget is spent."""
+    """Run trials on the shared study until the budget is spent (a budget in minutes
+    counts from ``started``, a ``time.monotonic()`` reading: when the search began)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -423,7 +427,7 @@ def _run_worker(
         study_name=study_name, storage=storage, sampler=_sampler(strategy, seed, space, grid_points),
         pruner=_pruner(strategy, epochs),
     )  # fmt: skip
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
 
     def objective(trial: optuna.Trial) -> float:
         if budget.unit == "trials":
@@ -459,6 +463,7 @@ def _run_worker(
             f"{metric} {value:.4f} (best {best:.4f})"
         )
 
+    overtime = 0  # trials started after a budget in minutes ran out, none having completed
     while True:
         # A trial whose worker died stops sending heartbeats: mark it failed, free its share.
         with warnings.catch_warnings():  # "experimental" in Optuna 5, and exactly what is needed
@@ -466,8 +471,13 @@ def _run_worker(
             optuna.storages.fail_stale_trials(study)
         used, claimed = _usage(study, budget, started)
         if used >= budget.amount:
-            break
-        if used + claimed >= budget.amount:  # others are spending the rest: wait in case one dies
+            # A budget in minutes that ran out before any trial completed (the path took it,
+            # or its trials were pruned) still ends with a result: up to two more trials.
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if budget.unit != "minutes" or done or overtime >= 2:
+                break
+            overtime += 1
+        elif used + claimed >= budget.amount:  # others are spending the rest: wait in case one dies
             time.sleep(1.0)
             continue
         if strategy == "grid" and len(study.get_trials(deepcopy=False)) >= len(space.grid(grid_points)):
@@ -484,7 +494,7 @@ def _worker_process(arguments: dict[str, Any]) -> None:
     storage = _storage(arguments["storage"], Path(arguments["run_dir"]) if arguments["run_dir"] else None)
     _run_worker(
         context, space, arguments["strategy"], Budget(**arguments["budget"]), storage, arguments["study_name"],
-        arguments["seed"], arguments["grid_points"],
+        arguments["seed"], arguments["grid_points"], started=arguments["started"],
     )  # fmt: skip
 
 
@@ -531,6 +541,7 @@ def tune(
     """
     import optuna
 
+    started = time.monotonic()  # a budget in minutes includes the path
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_choice("strategy", strategy, STRATEGIES)
     workers = check_int("workers", workers, low=1)
@@ -617,13 +628,23 @@ def tune(
     )
     if workers == 1:
         _run_worker(
-            context, space, strategy, plan, store, name, search_seed, grid_points, say if progress else None
+            context,
+            space,
+            strategy,
+            plan,
+            store,
+            name,
+            search_seed,
+            grid_points,
+            say if progress else None,
+            started=started,
         )
     else:
         arguments = {
             "context": context.to_dict(), "space": space.to_dict(), "base": space.base.to_dict(), "strategy": strategy,
             "budget": {"amount": plan.amount, "unit": plan.unit}, "storage": storage,
             "run_dir": str(directory) if directory else None, "study_name": name, "grid_points": grid_points,
+            "started": started,  # CLOCK_MONOTONIC: one clock for every process on this machine
         }  # fmt: skip
         spawn = multiprocessing.get_context("spawn")
         processes = [
