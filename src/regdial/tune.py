@@ -628,17 +628,9 @@ def tune(
     )
     if workers == 1:
         _run_worker(
-            context,
-            space,
-            strategy,
-            plan,
-            store,
-            name,
-            search_seed,
-            grid_points,
-            say if progress else None,
-            started=started,
-        )
+            context, space, strategy, plan, store, name, search_seed, grid_points,
+            say=say if progress else None, started=started,
+        )  # fmt: skip
     else:
         arguments = {
             "context": context.to_dict(), "space": space.to_dict(), "base": space.base.to_dict(), "strategy": strategy,
