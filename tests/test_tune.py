@@ -201,14 +201,27 @@ def test_the_path_is_monotone_in_its_knob() -> None:
     assert sum(r["epochs"] for r in rows) == 300  # warm-started: 50 epochs a point
 
 
-def test_online_turns_the_knobs_from_inside_one_run() -> None:
-    result = tune("digits-small", Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)}), epochs=30,
-                  strategy="online", retrain=False)  # fmt: skip
+def test_online_turns_the_knobs_from_inside_one_run(tmp_path: Path) -> None:
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    result = tune("digits-small", space, epochs=30, strategy="online", retrain=False, run_dir=tmp_path)
     assert result.strategy == "online"
     assert result.epochs_spent == 60
     assert result.path, "the controller never turned a knob"
     assert all(turn["direction"] in (-1, 1) for turn in result.path)
     assert 0.0 <= result.best.dropout <= 0.5
+    # The curve says which setting was in force at each epoch: the first turn applies next.
+    turn = result.path[0]
+    by_epoch = {row["epoch"]: row for row in result.curve}
+    assert len(result.curve) == 60
+    assert (
+        by_epoch[turn["epoch"]]["dropout"] == 0.0
+        and by_epoch[turn["epoch"] + 1]["dropout"] == turn["dropout"]
+    )
+    assert result.best_epoch is not None
+    assert {k: by_epoch[result.best_epoch][k] for k in space.knobs} == space.values_of(result.best.to_dict())
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["space"]["weight_decay"] == {"low": 1e-4, "high": 1.0, "scale": "log"}
+    assert "online.png" in (tmp_path / "report.html").read_text()
 
 
 def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

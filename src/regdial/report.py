@@ -360,6 +360,49 @@ def _progress(result: Mapping[str, Any], trials: list[dict[str, Any]], path: Pat
     plt.close(figure)
 
 
+def _position(value: float, spec: Mapping[str, Any]) -> float:
+    """Where ``value`` sits in a knob's range: 0 at ``low``, 1 at ``high`` (log scale for log knobs)."""
+    low, high = float(spec["low"]), float(spec["high"])
+    if spec.get("scale") == "log":
+        return 0.0 if value <= 0 else math.log(value / low) / math.log(high / low)
+    return (value - low) / (high - low) if high > low else 0.0
+
+
+def _controller(result: Mapping[str, Any], path: Path) -> None:
+    """The online run: its train and validation metric, and each knob as the controller turned it."""
+    plt = _pyplot()
+    curve, metric = result["curve"], result["metric"]
+    train_metric = metric.replace("val_", "train_")
+    scale = 100.0 if metric.endswith("accuracy") else 1.0
+    unit = " (%)" if scale == 100.0 else ""
+    epochs = [row["epoch"] for row in curve]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.6), sharex=True)
+    top.plot(epochs, [row[train_metric] * scale for row in curve], color=COLORS["train"], label="train")
+    top.plot(epochs, [row[metric] * scale for row in curve], color=COLORS["val"], label="validation")
+    top.set_ylabel(metric.replace("val_", "").replace("_", " ") + unit)
+    top.set_title("The online run: the controller turns the knobs as it goes")
+    space = result.get("space", {})
+    for name, spec in space.items():
+        positions = [_position(float(row[name]), spec) for row in curve if name in row]
+        bottom.step(epochs[: len(positions)], positions, where="post", label=name)
+    for turn in result.get("path", []):
+        for ax in (top, bottom):
+            ax.axvline(turn["epoch"], color=COLORS["baseline"], linewidth=0.6, alpha=0.5)
+    if result.get("best_epoch"):
+        top.axvline(
+            result["best_epoch"], color=COLORS["val"], linestyle="--", linewidth=1, label="chosen epoch"
+        )
+        bottom.axvline(result["best_epoch"], color=COLORS["val"], linestyle="--", linewidth=1)
+    top.legend(fontsize=8)
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_ylabel("place in its range\n(0 weakest, 1 strongest)")
+    bottom.set_xlabel("epoch (grey lines: turns)")
+    bottom.legend(fontsize=8, ncol=min(4, max(1, len(space))))
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def _importances(importances: Mapping[str, float], path: Path) -> None:
     plt = _pyplot()
     names = list(importances)
@@ -391,7 +434,10 @@ def tune_report(run_dir: str | Path) -> Path:
                         parsed[key] = float(value) if value not in ("", "None") else None
                 trials.append(parsed)
     images = []
-    if trials:
+    if result.get("curve"):
+        _controller(result, run_dir / "online.png")
+        images.append("online.png")
+    elif trials:
         _knob_curves(result, trials, run_dir / "knobs.png")
         _progress(result, trials, run_dir / "progress.png")
         images += ["knobs.png", "progress.png"]
@@ -412,12 +458,23 @@ def tune_report(run_dir: str | Path) -> Path:
         f"<h1>regdial tune: {html.escape(str(result.get('task')))}</h1>",
         f"<p class='muted'>strategy {html.escape(result['strategy'])} · {result['epochs_spent']} epochs spent · "
         f"trials: {html.escape(counts or 'none')}</p>",
-        "<h2>Baseline vs tuned</h2>",
-        _table(
-            rows, ["setting", metric.replace("_", " "), metric.replace("val_", "test ").replace("_", " ")]
+        *(
+            [
+                "<h2>Baseline vs tuned</h2>",
+                _table(
+                    rows,
+                    ["setting", metric.replace("_", " "), metric.replace("val_", "test ").replace("_", " ")],
+                ),
+                "<p class='muted'>Both trained again with the search's seed; the test split was used for these two "
+                "scores only. <a href='best/report.html'>The tuned run's own report</a>.</p>",
+            ]
+            if retrain
+            else [
+                "<h2>Best found</h2>",
+                f"<p>{html.escape(metric.replace('_', ' '))} {_fmt(result['best']['value'])} in the search; not "
+                "trained again or scored on the test split (the search ran without retraining).</p>",
+            ]
         ),
-        "<p class='muted'>Both trained again with the search's seed; the test split was used for these two scores only."
-        " <a href='best/report.html'>The tuned run's own report</a>.</p>",
         "<h2>Chosen setting</h2>",
         _table(
             [[k, _fmt(v)] for k, v in chosen.items()] or [["(every technique off)", ""]], ["knob", "value"]
@@ -427,6 +484,10 @@ def tune_report(run_dir: str | Path) -> Path:
     if "knobs.png" in images:
         parts += ["<h2>Validation curve per knob</h2>", "<img src='knobs.png' alt='validation metric against each knob'>",
                   "<h2>Search progress</h2>", "<img src='progress.png' alt='best validation metric against epochs spent'>"]  # fmt: skip
+    if "online.png" in images:
+        parts += ["<h2>The online run</h2>", "<img src='online.png' alt='metric and knob positions over epochs'>",
+                  "<p class='muted'>Its choice is the setting in force at the chosen epoch, trained again from the "
+                  "start for the table above.</p>"]  # fmt: skip
     if "importances.png" in images:
         parts += ["<h2>Knob importance</h2>", "<img src='importances.png' alt='importance of each knob'>"]
     parts.append("</body></html>")

@@ -129,6 +129,8 @@ class TuneResult:
     importances: dict[str, float] = field(default_factory=dict)
     retrain: dict[str, Any] = field(default_factory=dict)
     path_knob: str | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)  # online: the run, epoch by epoch
+    best_epoch: int | None = None  # online: the epoch whose setting was chosen
     run_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +144,8 @@ class TuneResult:
             "importances": self.importances,
             "path_knob": self.path_knob,
             "path": self.path,
+            "curve": self.curve,
+            "best_epoch": self.best_epoch,
             "retrain": self.retrain,
         }
 
@@ -739,14 +743,23 @@ def _online(
     epochs = 2 * context.full_epochs
     controller = _Controller(space, every=max(2, epochs // 12))
     say(f"one run of {epochs} epochs, turning {', '.join(space.knobs)} every {controller.every} epochs")
+    in_force = dict(controller.values)  # the knobs at the start; the controller then turns them
     history = context.fit(controller.start(), epochs=epochs, controller=controller)
     summary = history.meta["summary"]
     best = Regularization.from_dict(summary.get("best_setting", controller.start().to_dict()))
     value = float(summary.get("best", summary["final"]).get(metric, math.nan))
+    train_metric = metric.replace("val_", "train_")
+    turns = {turn["epoch"]: turn for turn in controller.turns}
+    curve = []
+    for row in history.rows:  # a turn after epoch n applies from epoch n + 1
+        epoch = int(row["epoch"])
+        curve.append({"epoch": epoch, metric: row[metric], train_metric: row[train_metric], **in_force})
+        if epoch in turns:
+            in_force = {name: turns[epoch][name] for name in space.knobs}
     result = TuneResult(
         "online", metric, direction, best, value, len(history),
         trials=[{"number": 0, "state": "complete", "value": value, "epochs": len(history), **space.values_of(best.to_dict())}],
-        path=controller.turns,
+        path=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
     )  # fmt: skip
     return _finish(result, context, space, directory, retrain, say)
 
@@ -780,7 +793,9 @@ def _write(result: TuneResult, context: _Context, space: Space, directory: Path)
     import tomli_w
 
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "result.json", {"task": context.data.name, **result.to_dict()})
+    write_json(
+        directory / "result.json", {"task": context.data.name, "space": space.to_dict(), **result.to_dict()}
+    )
     run: dict[str, Any] = {"seed": context.seed, "epochs": context.full_epochs}
     if context.task is not None:
         run["task"] = context.task
@@ -810,7 +825,6 @@ def _write(result: TuneResult, context: _Context, space: Space, directory: Path)
     for row in result.trials:
         writer.writerow(row)
     write_text(directory / "trials.csv", out.getvalue())
-    if result.retrain:
-        from regdial.report import tune_report
+    from regdial.report import tune_report
 
-        tune_report(directory)
+    tune_report(directory)
