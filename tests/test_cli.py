@@ -163,3 +163,13 @@ def test_no_traceback_reaches_the_user(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "regdial: error: run.epochs must be an integer in [1, inf), got -3"
+
+
+def test_a_diverged_run_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "diverge.toml"
+    config.write_text(
+        '[run]\ntask = "breast-cancer"\noptimizer = "sgd"\nlr = 1e6\nlr_schedule = "constant"\nepochs = 20\n'
+    )
+    assert cli("run", str(config), "--out", str(tmp_path / "run"), "--quiet") == 1
+    printed = capsys.readouterr().out
+    assert "non-finite training loss (nan) at epoch 1" in printed and "lower the learning rate" in printed

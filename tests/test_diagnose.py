@@ -66,6 +66,15 @@ def test_flat_high_loss_is_underfitting() -> None:
     assert "regularization is already off" in bare.message
 
 
+def test_a_loss_above_an_untrained_models_asks_for_a_lower_learning_rate() -> None:
+    train = 3 * math.log(10) + 0.0 * E  # three times the loss of a uniform guess, flat
+    result = diagnose(history(train, train + 0.1), Regularization(weight_decay=1e-2))
+    assert result.state == "underfitting"
+    assert result.direction == 0 and result.moves == {}  # not a matter of the dial
+    assert "3 times an untrained model's" in result.message
+    assert "lower the learning rate" in result.message
+
+
 def test_falling_to_the_end_is_still_improving() -> None:
     train = 2.0 * np.exp(-E / 40)
     result = diagnose(history(train, train + 0.05))

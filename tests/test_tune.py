@@ -388,3 +388,28 @@ def test_cli_tune_on_a_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "data = " in (out / "best.toml").read_text()
     main(["run", str(out / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "rerun"), "--quiet"])
     assert (tmp_path / "rerun" / "summary.json").is_file()
+
+
+def test_ctrl_c_stops_the_search_and_the_same_command_resumes_it(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "regdial", "tune", "--task", "digits-small", "--epochs", "25", "--budget",
+               "3 trials", "--strategy", "tpe", "--out", str(tmp_path), "--no-retrain"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until one trial is complete and the next one running
+        time.sleep(0.2)
+        assert process.poll() is None, f"the search ended before Ctrl-C: {process.stdout.read()}"  # type: ignore[union-attr]
+        states = _trial_states(tmp_path / "study.db")
+        if "COMPLETE" in states and states[-1] == "RUNNING":
+            break
+    else:
+        pytest.fail("no trial was running after a complete one within 300 s")
+    process.send_signal(signal.SIGINT)
+    printed, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted: the finished trials are kept in" in printed and "Traceback" not in printed
+    states = _trial_states(tmp_path / "study.db")
+    assert states[-1] == "FAIL" and "RUNNING" not in states  # the interrupted trial, and no other started
+    finished = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "searching" in finished.stdout
+    states = _trial_states(tmp_path / "study.db")
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1

@@ -205,6 +205,9 @@ def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None) 
     if status == "interrupted":
         console.print(f"{history.meta.get('reason')}; continue with: regdial run --resume {out_dir}")
         raise typer.Exit(130)
+    if status == "diverged" and not history.rows:  # nothing to report or diagnose
+        console.print(f"[red]{history.meta.get('reason')}[/]: no epoch finished; lower the learning rate")
+        raise typer.Exit(1)
     page = report(out_dir)
     _print_summary(console, history, baseline_history, diagnose(history, setting))
     console.print(f"report: {page}")
@@ -288,26 +291,36 @@ def tune(
     space = Space.from_dict(table["space"], base) if "space" in table else None
     console = _console()
     say = None if quiet else (lambda message: console.print(message, markup=False))
-    result = search(
-        loaded.run.task if loaded.run.task is not None else Path(str(loaded.run.data)),
-        space,
-        model=loaded.run.model,
-        model_options=loaded.model,
-        epochs=loaded.run.epochs,
-        lr=loaded.run.lr,
-        batch_size=loaded.run.batch_size,
-        budget=budget if budget is not None else table.get("budget"),
-        strategy=strategy or table.get("strategy", "auto"),
-        storage=storage or table.get("storage"),
-        workers=_integer("workers", workers) or table.get("workers", 1),
-        seed=loaded.run.seed,
-        run_dir=out_dir,
-        target=loaded.run.target,
-        kind=loaded.run.kind,
-        grid_points=table.get("grid_points", 4),
-        retrain=retrain,
-        progress=say,
-    )
+    try:
+        result = search(
+            loaded.run.task if loaded.run.task is not None else Path(str(loaded.run.data)),
+            space,
+            model=loaded.run.model,
+            model_options=loaded.model,
+            epochs=loaded.run.epochs,
+            lr=loaded.run.lr,
+            batch_size=loaded.run.batch_size,
+            budget=budget if budget is not None else table.get("budget"),
+            strategy=strategy or table.get("strategy", "auto"),
+            storage=storage or table.get("storage"),
+            workers=_integer("workers", workers) or table.get("workers", 1),
+            seed=loaded.run.seed,
+            run_dir=out_dir,
+            target=loaded.run.target,
+            kind=loaded.run.kind,
+            grid_points=table.get("grid_points", 4),
+            retrain=retrain,
+            progress=say,
+        )
+    except KeyboardInterrupt:
+        if (strategy or table.get("strategy", "auto")) in ("path", "online"):
+            console.print("interrupted (the path and online strategies start over when run again)")
+        else:
+            where = "the shared study" if storage or table.get("storage") else out_dir / "study.db"
+            console.print(
+                f"interrupted: the finished trials are kept in {where}; run the same command again to resume"
+            )
+        raise typer.Exit(130) from None
     _print_tune(console, result, out_dir, space)
 
 
@@ -410,7 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     debug = bool(os.environ.get("REGDIAL_DEBUG"))
     try:
-        command.main(args=argv, prog_name="regdial", standalone_mode=False)
+        code = command.main(args=argv, prog_name="regdial", standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns a command's typer.Exit code here
+            sys.exit(code)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (KeyboardInterrupt, typer.Abort):

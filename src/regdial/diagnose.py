@@ -17,7 +17,8 @@ and ``2 * sigma``. In this order:
    its final size).
 3. **underfitting**: the final smoothed training loss is more than ``UNDERFIT`` (40%) of
    an untrained model's: ``ln C`` for C classes, or ``1 - R^2`` above 0.4 in regression.
-   The model cannot fit even its training data.
+   The model cannot fit even its training data. Above 100% (worse than untrained) the
+   problem is the optimization, not the dial: the advice is a lower learning rate.
 4. **still improving**: over the last quarter of the run the smoothed validation loss
    fell by more than ``IMPROVING`` (2%) of its value: train longer before judging.
 5. **good fit**: none of the above.
@@ -228,6 +229,14 @@ def diagnose(
         reference = math.log(classes) if classes else train[0]
         untrained_share = smooth_train[-1] / reference if reference > 0 else 0.0
     details["untrained_share"] = untrained_share
+    if untrained_share > 1.0:  # worse than not training at all: an optimization problem
+        return make(
+            "underfitting",
+            f"underfitting: the training loss is {untrained_share:.3g} times an untrained model's "
+            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g}): training is unstable; "
+            "lower the learning rate before turning the dial",
+            0,
+        )
     if untrained_share > UNDERFIT:
         message = (
             f"underfitting: the training loss is still {untrained_share:.0%} of an untrained model's "

@@ -214,7 +214,12 @@ class _Context:
             "seed": self.seed, "lr": self.lr, "batch_size": self.batch_size, "progress": False,
         }  # fmt: skip
         options.update(kwargs)
-        return fit(self.task_arg, setting, **options)
+        history = fit(self.task_arg, setting, **options)
+        if history.meta.get("status") == "interrupted":
+            # fit turns Ctrl-C into a clean stop of its run; for a search it means stop the
+            # search (the trial in progress is marked failed, the finished ones are kept).
+            raise KeyboardInterrupt(history.meta.get("reason", "interrupted"))
+        return history
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -424,7 +429,7 @@ def _run_worker(
     import optuna
     from optuna.trial import TrialState
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # regdial reports trials itself
     metric, _ = context.metric
     epochs = context.full_epochs
     study = optuna.load_study(
@@ -496,10 +501,13 @@ def _worker_process(arguments: dict[str, Any]) -> None:
     context = _Context(**arguments["context"])
     space = Space.from_dict(arguments["space"], Regularization.from_dict(arguments["base"]))
     storage = _storage(arguments["storage"], Path(arguments["run_dir"]) if arguments["run_dir"] else None)
-    _run_worker(
-        context, space, arguments["strategy"], Budget(**arguments["budget"]), storage, arguments["study_name"],
-        arguments["seed"], arguments["grid_points"], started=arguments["started"],
-    )  # fmt: skip
+    try:
+        _run_worker(
+            context, space, arguments["strategy"], Budget(**arguments["budget"]), storage, arguments["study_name"],
+            arguments["seed"], arguments["grid_points"], started=arguments["started"],
+        )  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: each stops quietly, the parent says so
+        return
 
 
 # -- tune ------------------------------------------------------------------------------------
@@ -546,7 +554,7 @@ def tune(
     import optuna
 
     started = time.monotonic()  # a budget in minutes includes the path
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # regdial reports trials itself
     check_choice("strategy", strategy, STRATEGIES)
     workers = check_int("workers", workers, low=1)
     seed = check_int("seed", seed, low=0)
