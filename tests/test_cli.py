@@ -122,6 +122,7 @@ def test_diagnose_report_and_tasks(tmp_path: Path, capsys: pytest.CaptureFixture
             "strategy must be one of 'auto', 'path', 'online', 'tpe', 'random', 'grid', got 'magic'",
         ),
         (["tune", "--workers", "two"], "workers must be an integer, got 'two'"),
+        (["tune", "--workers", "0"], "workers must be an integer in [1, inf), got 0"),
         (["tune", "--storage", "nosuchdb://x"], "storage must be a database Optuna can open"),
     ],
 )

@@ -152,7 +152,7 @@ def test_a_search_killed_mid_trial_resumes(tmp_path: Path) -> None:
     assert sum(t.state == TrialState.COMPLETE for t in resumed) == 4
 
 
-def test_the_result_runs_with_regdial_run(tmp_path: Path) -> None:
+def test_the_result_runs_with_regdial_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = tune("wine", WINE, epochs=3, budget="3 trials", strategy="tpe", run_dir=tmp_path / "tune")
     out = tmp_path / "tune"
     assert {
@@ -177,6 +177,10 @@ def test_the_result_runs_with_regdial_run(tmp_path: Path) -> None:
     assert Regularization.from_dict(rerun["setting"]) == result.best
     (out / "report.html").unlink()
     main(["report", str(out)])  # regdial report knows a search's directory too
+    with pytest.raises(SystemExit) as done:
+        main(["diagnose", str(out)])  # and diagnose points to the chosen setting's run
+    assert done.value.code == 2
+    assert f"whose chosen setting's run is {out / 'best'}" in capsys.readouterr().err
     assert "Validation curve per knob" in (out / "report.html").read_text()
 
 

@@ -303,7 +303,7 @@ def tune(
             budget=budget if budget is not None else table.get("budget"),
             strategy=strategy or table.get("strategy", "auto"),
             storage=storage or table.get("storage"),
-            workers=_integer("workers", workers) or table.get("workers", 1),
+            workers=table.get("workers", 1) if workers is None else _integer("workers", workers) or 0,
             seed=loaded.run.seed,
             run_dir=out_dir,
             target=loaded.run.target,
@@ -396,6 +396,12 @@ def diagnose_command(
     from regdial.history import History
     from regdial.setting import Regularization
 
+    if path.is_dir() and (path / "result.json").is_file() and not (path / "history.csv").is_file():
+        fail(
+            "history",
+            f"a run directory; {path} is a search's, whose chosen setting's run is {path / 'best'}",
+            str(path),
+        )
     history = History.load(path)
     setting = None
     summary = (path if path.is_dir() else path.parent) / "summary.json"
