@@ -21,9 +21,10 @@ from postgres import available, postgres_server
 from regdial import Regularization
 from regdial.cli import main
 from regdial.history import History
+from regdial.online import gap_trend
 from regdial.space import Range, Space
 from regdial.tasks import load_task
-from regdial.tune import Budget, _Context, _gap_trend, regularization_path, tune
+from regdial.tune import Budget, _Context, regularization_path, tune
 
 WINE = Space({"weight_decay": (1e-3, 1.0), "dropout": (0.0, 0.5)})
 
@@ -360,7 +361,7 @@ def _window(train: list[float], val: list[float]) -> History:
 def test_the_controller_tightens_when_the_gap_widens(
     train: list[float], val: list[float], expected: int
 ) -> None:
-    assert _gap_trend(_window(train, val)) == expected
+    assert gap_trend(_window(train, val)) == expected
 
 
 def test_a_missing_postgres_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,8 @@ _LAZY: dict[str, str] = {
     "load_data": "regdial.tasks",
     "load_task": "regdial.tasks",
     "build_model": "regdial.models",
+    "Space": "regdial.space",
+    "OnlineController": "regdial.online",
 }
 
 __all__ = [  # noqa: RUF022 - the building blocks, then the lazily imported layers
@@ -107,6 +109,8 @@ __all__ = [  # noqa: RUF022 - the building blocks, then the lazily imported laye
     "load_data",
     "load_task",
     "build_model",
+    "Space",
+    "OnlineController",
 ]
 
 

@@ -50,7 +50,6 @@ import math
 import multiprocessing
 import os
 import re
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from regdial._checks import Described, check_choice, check_int, fail
 from regdial._io import write_json, write_text
 from regdial.history import History
+from regdial.online import OnlineController
 from regdial.setting import Regularization
 from regdial.space import Space
 from regdial.tasks import TASKS, Dataset, load_data, load_task
@@ -68,7 +68,6 @@ from regdial.tasks import TASKS, Dataset, load_data, load_task
 if TYPE_CHECKING:
     import optuna
 
-    from regdial.applied import Applied
 
 __all__ = ["STRATEGIES", "Budget", "TuneResult", "regularization_path", "tune"]
 
@@ -273,61 +272,6 @@ def regularization_path(
             "zero_fraction": last["zero_fraction"], "epochs": len(history),
         })  # fmt: skip
     return rows
-
-
-def _gap_trend(recent: History) -> int:
-    """+1 when the smoothed generalization gap (validation minus training loss) widened
-    over the window by more than its noise and by 5% of the validation loss; else 0.
-
-    The diagnosis holds while curves are ambiguous ("good fit", "still improving"); a
-    widening gap is the earliest sign that the current strengths let the model overfit.
-    """
-    from regdial.diagnose import RISE, smooth
-
-    gaps = [v - t for v, t in zip(recent.column("val_loss"), recent.column("train_loss"), strict=True)]
-    smoothed, sigma = smooth(gaps)
-    half = len(smoothed) // 2
-    widened = statistics.fmean(smoothed[half:]) - statistics.fmean(smoothed[:half])
-    scale = statistics.fmean(recent.column("val_loss"))
-    return 1 if widened > max(2 * sigma, RISE * scale) else 0
-
-
-class _Controller:
-    """Turn every knob of a space one step after each diagnosis of the recent curves."""
-
-    def __init__(self, space: Space, every: int) -> None:
-        self.space, self.every = space, every
-        self.values = {name: r.low for name, r in space.knobs.items()}  # start weak: loosen nothing yet
-        # Log-scale knobs step by at least x2, and by enough to cross their range in six turns.
-        self.factors = {
-            name: max(2.0, (r.high / r.low) ** (1 / 6)) for name, r in space.knobs.items() if r.log
-        }
-        self.turns: list[dict[str, Any]] = []
-
-    def start(self) -> Regularization:
-        return self.space.setting(self.values)
-
-    def __call__(self, history: History, applied: Applied) -> Regularization | None:
-        from regdial.diagnose import diagnose
-
-        n = len(history)
-        if n < 2 * self.every or n % self.every:
-            return None
-        recent = History(
-            history.kind, history.rows[-2 * self.every :], num_classes=history.meta.get("num_classes")
-        )
-        direction = diagnose(recent).direction or _gap_trend(recent)
-        if direction == 0:
-            return None
-        for name, r in self.space.knobs.items():
-            value = self.values[name]
-            if r.log:
-                value = value * self.factors[name] if direction > 0 else value / self.factors[name]
-            else:
-                value = value + direction * (r.high - r.low) / 5
-            self.values[name] = min(r.high, max(r.low, value))
-        self.turns.append({"epoch": n, "direction": direction, **self.values})
-        return self.space.setting(self.values)
 
 
 # -- the study ---------------------------------------------------------------------------
@@ -749,7 +693,7 @@ def _online(
 ) -> TuneResult:
     metric, direction = context.metric
     epochs = 2 * context.full_epochs
-    controller = _Controller(space, every=max(2, epochs // 12))
+    controller = OnlineController(space, every=max(2, epochs // 12))
     say(f"one run of {epochs} epochs, turning {', '.join(space.knobs)} every {controller.every} epochs")
     in_force = dict(controller.values)  # the knobs at the start; the controller then turns them
     history = context.fit(controller.start(), epochs=epochs, controller=controller)
