@@ -286,3 +286,23 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
 def test_task_names_are_checked() -> None:
     with pytest.raises(ValueError, match=r"^task must be one of 'digits'"):
         fit("mnist")
+
+
+def test_ctrl_c_after_the_last_batch_completes_the_run_and_still_stops_the_caller(tmp_path: Path) -> None:
+    def press_ctrl_c_at_the_end(row: dict[str, float]) -> bool:
+        if row["epoch"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by fit's handler: a flag, no exception
+        return False
+
+    with pytest.raises(KeyboardInterrupt, match="the run completed and was saved"):
+        fit(
+            "wine",
+            Regularization(),
+            epochs=3,
+            run_dir=tmp_path,
+            progress=False,
+            on_epoch=press_ctrl_c_at_the_end,
+        )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_run"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

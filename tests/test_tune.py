@@ -127,19 +127,25 @@ def _trial_states(database: Path) -> list[str]:
         return []
 
 
+def _wait_for_a_trial_after_a_finished_one(process: subprocess.Popen[str], database: Path) -> None:
+    """Return once a search has one complete trial and the next one running."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if process.poll() is not None:
+            output = process.stdout or process.stderr
+            pytest.fail(f"the search ended too soon: {output.read() if output else ''}")
+        states = _trial_states(database)
+        if "COMPLETE" in states and states[-1] == "RUNNING":
+            return
+    pytest.fail("no trial was running after a complete one within 300 s")
+
+
 def test_a_search_killed_mid_trial_resumes(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-c", CRASHING, str(tmp_path)], stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until one trial is complete and the next one running
-        time.sleep(0.2)
-        assert process.poll() is None, f"the search ended before it was killed: {process.stderr.read()}"  # type: ignore[union-attr]
-        states = _trial_states(tmp_path / "study.db")
-        if "COMPLETE" in states and states[-1] == "RUNNING":
-            break
-    else:
-        pytest.fail("no trial was running after a complete one within 300 s")
+    _wait_for_a_trial_after_a_finished_one(process, tmp_path / "study.db")
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
     crashed = study_of(tmp_path, "regdial-digits-small-tpe").get_trials()
@@ -399,15 +405,7 @@ def test_ctrl_c_stops_the_search_and_the_same_command_resumes_it(tmp_path: Path)
     command = [sys.executable, "-m", "regdial", "tune", "--task", "digits-small", "--epochs", "25", "--budget",
                "3 trials", "--strategy", "tpe", "--out", str(tmp_path), "--no-retrain"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until one trial is complete and the next one running
-        time.sleep(0.2)
-        assert process.poll() is None, f"the search ended before Ctrl-C: {process.stdout.read()}"  # type: ignore[union-attr]
-        states = _trial_states(tmp_path / "study.db")
-        if "COMPLETE" in states and states[-1] == "RUNNING":
-            break
-    else:
-        pytest.fail("no trial was running after a complete one within 300 s")
+    _wait_for_a_trial_after_a_finished_one(process, tmp_path / "study.db")
     process.send_signal(signal.SIGINT)
     printed, _ = process.communicate(timeout=120)
     assert process.returncode == 130

@@ -498,7 +498,12 @@ class _Run:
                     last_save = now
         if self.status == "running":
             self.status = "completed"
-        return self._finish()
+        history = self._finish()
+        if self.interrupt.requested and self.status != "interrupted":
+            # Ctrl-C came after the last batch: the run is complete and saved, and the caller
+            # (a search, a script) still learns that the user asked to stop.
+            raise KeyboardInterrupt("Ctrl-C after the last batch; the run completed and was saved")
+        return history
 
     def _end_epoch(self, epoch: int, seconds: float) -> dict[str, float]:
         model = self.applied.eval_model

@@ -582,27 +582,35 @@ def tune(
     say(
         f"searching {', '.join(space.knobs)} with budget {plan} ({strategy}, {workers} worker{'s' * (workers > 1)})"
     )
-    if workers == 1:
-        _run_worker(
-            context, space, strategy, plan, store, name, search_seed, grid_points,
-            say=say if progress else None, started=started,
-        )  # fmt: skip
-    else:
-        arguments = {
-            "context": context.to_dict(), "space": space.to_dict(), "base": space.base.to_dict(), "strategy": strategy,
-            "budget": {"amount": plan.amount, "unit": plan.unit}, "storage": storage,
-            "run_dir": str(directory) if directory else None, "study_name": name, "grid_points": grid_points,
-            "started": started,  # CLOCK_MONOTONIC: one clock for every process on this machine
-        }  # fmt: skip
-        spawn = multiprocessing.get_context("spawn")
-        processes = [
-            spawn.Process(target=_worker_process, args=({**arguments, "seed": search_seed + i},))
-            for i in range(workers)
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
+    processes: list[Any] = []
+    try:
+        if workers == 1:
+            _run_worker(
+                context, space, strategy, plan, store, name, search_seed, grid_points,
+                say=say if progress else None, started=started,
+            )  # fmt: skip
+        else:
+            arguments = {
+                "context": context.to_dict(), "space": space.to_dict(), "base": space.base.to_dict(), "strategy": strategy,
+                "budget": {"amount": plan.amount, "unit": plan.unit}, "storage": storage,
+                "run_dir": str(directory) if directory else None, "study_name": name, "grid_points": grid_points,
+                "started": started,  # CLOCK_MONOTONIC: one clock for every process on this machine
+            }  # fmt: skip
+            spawn = multiprocessing.get_context("spawn")
+            processes += [
+                spawn.Process(target=_worker_process, args=({**arguments, "seed": search_seed + i},))
+                for i in range(workers)
+            ]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
+    except KeyboardInterrupt:
+        for process in processes:  # Ctrl-C reached them too: let them stop
+            process.join(timeout=60)
+        if storage is None and directory is not None:
+            _fail_leftover_trials(study)  # the trials in progress, wherever Ctrl-C caught them
+        raise
     return _from_study(study, context, space, strategy, directory, retrain, say)
 
 
