@@ -45,6 +45,11 @@ def _metric_label(history: History) -> tuple[str, float]:
     return "RMSE (target units)", 1.0
 
 
+def _percent(metric: str) -> tuple[float, str]:
+    """(scale, unit suffix) for a metric's axis: accuracies in percent, the rest as they are."""
+    return (100.0, " (%)") if metric.endswith("accuracy") else (1.0, "")
+
+
 def _mark(ax: Any, diagnosis: Diagnosis, last_epoch: float) -> None:
     if diagnosis.best_epoch is not None:
         ax.axvline(
@@ -299,8 +304,7 @@ def _knob_curves(result: Mapping[str, Any], trials: list[dict[str, Any]], path: 
     knobs = [k for k in knobs if k not in ("number", "state", "value", "epochs", "seconds")]
     if not knobs:
         return
-    scale = 100.0 if metric.endswith("accuracy") else 1.0
-    unit = " (%)" if scale == 100.0 else ""
+    scale, unit = _percent(metric)
     figure, axes = plt.subplots(1, len(knobs), figsize=(3.6 * len(knobs), 3.3), squeeze=False)
     best = result["best"]["setting"]
     for ax, knob in zip(axes[0], knobs, strict=True):
@@ -339,7 +343,7 @@ def _progress(result: Mapping[str, Any], trials: list[dict[str, Any]], path: Pat
     """Best validation metric found so far against epochs spent."""
     plt = _pyplot()
     metric, maximize = result["metric"], result["direction"] == "maximize"
-    scale = 100.0 if metric.endswith("accuracy") else 1.0
+    scale, unit = _percent(metric)
     spent = sum(r.get("epochs", 0) for r in result.get("path", []) if "epochs" in r)
     xs, ys, best = [], [], None
     for trial in sorted(trials, key=lambda t: t["number"]):
@@ -353,7 +357,7 @@ def _progress(result: Mapping[str, Any], trials: list[dict[str, Any]], path: Pat
     figure, ax = plt.subplots(figsize=(7, 3.3))
     ax.step(xs, ys, where="post", color=COLORS["val"])
     ax.set_xlabel("epochs spent (all trials, pruned ones included)")
-    ax.set_ylabel(f"best {metric.replace('_', ' ')}" + (" (%)" if scale == 100.0 else ""))
+    ax.set_ylabel(f"best {metric.replace('_', ' ')}{unit}")
     ax.set_title("Search progress")
     figure.tight_layout()
     figure.savefig(path)
@@ -373,8 +377,7 @@ def _controller(result: Mapping[str, Any], path: Path) -> None:
     plt = _pyplot()
     curve, metric = result["curve"], result["metric"]
     train_metric = metric.replace("val_", "train_")
-    scale = 100.0 if metric.endswith("accuracy") else 1.0
-    unit = " (%)" if scale == 100.0 else ""
+    scale, unit = _percent(metric)
     epochs = [row["epoch"] for row in curve]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.6), sharex=True)
     top.plot(epochs, [row[train_metric] * scale for row in curve], color=COLORS["train"], label="train")
