@@ -62,6 +62,19 @@ Batches = Iterable[tuple[Tensor, Tensor]]
 DEFAULT_MODELS = {"image": "cnn", "signal": "cnn1d", "tabular": "mlp"}
 
 
+def default_epochs(task: object) -> int:
+    """The epochs ``fit`` trains when none are given: a built-in task's own, else 30."""
+    spec = TASKS.get(task) if isinstance(task, str) else None
+    return spec.epochs if spec else 30
+
+
+def default_model(task: object, data: Dataset) -> str:
+    """The model ``fit`` builds when none is named: a built-in task's own, else the default
+    for the data's kind of input."""
+    spec = TASKS.get(task) if isinstance(task, str) else None
+    return spec.model if spec else DEFAULT_MODELS[data.input_kind]
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """The training choices that are not regularization; all checked here."""
@@ -309,7 +322,7 @@ def fit(
     if isinstance(task, str) and spec is None:
         check_choice("task", task, TASKS)
     options = RunOptions(
-        epochs=epochs if epochs is not None else (spec.epochs if spec else 30),
+        epochs=epochs if epochs is not None else default_epochs(task),
         batch_size=batch_size if batch_size is not None else (spec.batch_size if spec else 32),
         optimizer=optimizer,
         lr=lr if lr is not None else (spec.lr if spec else 1e-3),
@@ -332,9 +345,7 @@ def fit(
             data = load_task(task, options.seed) if isinstance(task, str) else task
             if not isinstance(data, Dataset):
                 fail("task", "a task name, a Dataset or an nn.Module", task)
-            model_name = (
-                model if isinstance(model, str) else (spec.model if spec else DEFAULT_MODELS[data.input_kind])
-            )
+            model_name = model if isinstance(model, str) else default_model(task, data)
             net = (
                 model
                 if isinstance(model, nn.Module)

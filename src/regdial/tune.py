@@ -194,9 +194,9 @@ class _Context:
 
     @property
     def full_epochs(self) -> int:
-        if self.epochs is not None:
-            return self.epochs
-        return TASKS[self.task].epochs if self.task in TASKS else 30
+        from regdial.train import default_epochs
+
+        return self.epochs if self.epochs is not None else default_epochs(self.task)
 
     @property
     def metric(self) -> tuple[str, Literal["maximize", "minimize"]]:
@@ -248,6 +248,7 @@ def regularization_path(
     base setting.
     """
     from regdial.models import build_model
+    from regdial.train import default_model
 
     knob = knob or space.path_knob
     if knob not in space.knobs:
@@ -256,12 +257,8 @@ def regularization_path(
     per_point = epochs_per_point or max(2, context.full_epochs // 4)
     metric, _ = context.metric
     data = context.data
-    model_name = context.model or (TASKS[context.task].model if context.task in TASKS else None)
-    from regdial.train import DEFAULT_MODELS
-
-    net = build_model(
-        model_name or DEFAULT_MODELS[data.input_kind], data, context.model_options, seed=context.seed
-    )
+    model_name = context.model or default_model(context.task, data)
+    net = build_model(model_name, data, context.model_options, seed=context.seed)
     rows = []
     for value in reversed(space.knobs[knob].values(points)):  # strong to weak
         setting = space.setting({knob: value})
@@ -497,6 +494,8 @@ def tune(
     """
     import optuna
 
+    from regdial.train import default_model
+
     started = time.monotonic()  # a budget in minutes includes the path
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # regdial reports trials itself
     check_choice("strategy", strategy, STRATEGIES)
@@ -518,11 +517,7 @@ def tune(
         model=model, model_options=dict(model_options or {}), epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
     )  # fmt: skip
     data = context.data
-    space = (
-        space
-        if space is not None
-        else Space.default(data, model or (TASKS[str(task)].model if not is_file else None))
-    )
+    space = space if space is not None else Space.default(data, model or default_model(context.task, data))
     full = context.full_epochs
     plan = Budget.parse(budget if budget is not None else 12 * full)
     metric, direction = context.metric
