@@ -35,7 +35,7 @@ from typing import Any
 
 from regdial.space import Space
 from regdial.tasks import TASKS
-from regdial.tune import tune
+from regdial.tune import epochs_so_far, tune
 
 CASES: dict[str, dict[str, Any]] = {
     "digits-small": {
@@ -90,11 +90,9 @@ def reached(result: dict[str, Any], target: float, maximize: bool) -> tuple[floa
             else result["best"]["value"]
         )
         return (result["epochs_spent"] if ok(found) else math.inf), found
-    spent = sum(r.get("epochs", 0) for r in result.get("path", []) if "epochs" in r)
     best = -math.inf if maximize else math.inf
     first = math.inf
-    for trial in sorted(result["trial_rows"], key=lambda t: t["number"]):
-        spent += int(trial.get("epochs") or 0)
+    for spent, trial in epochs_so_far(result.get("path", []), result["trial_rows"]):
         if trial["state"] == "complete" and trial["value"] is not None:
             best = max(best, trial["value"]) if maximize else min(best, trial["value"])
             if first == math.inf and ok(trial["value"]):

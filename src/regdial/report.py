@@ -341,13 +341,13 @@ def _knob_curves(result: Mapping[str, Any], trials: list[dict[str, Any]], path: 
 
 def _progress(result: Mapping[str, Any], trials: list[dict[str, Any]], path: Path) -> None:
     """Best validation metric found so far against epochs spent."""
+    from regdial.tune import epochs_so_far
+
     plt = _pyplot()
     metric, maximize = result["metric"], result["direction"] == "maximize"
     scale, unit = _percent(metric)
-    spent = sum(r.get("epochs", 0) for r in result.get("path", []) if "epochs" in r)
     xs, ys, best = [], [], None
-    for trial in sorted(trials, key=lambda t: t["number"]):
-        spent += int(trial.get("epochs") or 0)
+    for spent, trial in epochs_so_far(result.get("path", []), trials):
         if trial["state"] == "complete" and trial["value"] is not None:
             value = trial["value"]
             best = value if best is None or (value > best if maximize else value < best) else best

@@ -52,7 +52,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     import optuna
 
 
-__all__ = ["STRATEGIES", "Budget", "TuneResult", "regularization_path", "tune"]
+__all__ = ["STRATEGIES", "Budget", "TuneResult", "epochs_so_far", "regularization_path", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,17 @@ class TuneResult:
             "best_epoch": self.best_epoch,
             "retrain": self.retrain,
         }
+
+
+def epochs_so_far(
+    path: list[dict[str, Any]], trials: list[dict[str, Any]]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each trial in order, with the epochs the search had spent when it ended: the path's
+    points first, then every trial's own, pruned ones included."""
+    spent = sum(int(row.get("epochs", 0)) for row in path)
+    for trial in sorted(trials, key=lambda t: t["number"]):
+        spent += int(trial.get("epochs") or 0)
+        yield spent, trial
 
 
 def _counts(trials: list[dict[str, Any]]) -> dict[str, int]:
