@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from regdial.space import Space
-from regdial.tasks import TASKS
-from regdial.tune import epochs_so_far, tune
+from regdial import tune
+from regdial.dial.result import epochs_so_far
+from regdial.dial.space import Space
+from regdial.training.tasks import TASKS
 
 CASES: dict[str, dict[str, Any]] = {
     "digits-small": {

@@ -64,7 +64,7 @@ def naive_prox(kind: str, params: list[torch.Tensor], anchors: list[torch.Tensor
 
 def adam_section(model: nn.Module, params: list[torch.Tensor], repeats: int) -> None:
     """The prox in Adam's own step sizes, as attach_prox does for Adam by default."""
-    from regdial.proximal import optimizer_step_sizes
+    from regdial.blocks.proximal import optimizer_step_sizes
 
     optimizer = torch.optim.Adam(params, lr=1e-3)
     for p in params:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from regdial import Regularization, build_model, fit, load_task
-from regdial.train import evaluate
+from regdial.training.metrics import evaluate
 
 
 def minimal_loop(

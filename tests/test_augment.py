@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from regdial import Linear
-from regdial.augment import (
+from regdial.blocks.augment import (
     EmbeddingNoise,
     ImageAugment,
     SignalAugment,

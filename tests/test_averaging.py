@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial.averaging import EMA, SWA, recompute_batchnorm
+from regdial.blocks.averaging import EMA, SWA, recompute_batchnorm
 
 
 def model_with_bn() -> nn.Module:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from regdial.cli import main
-from regdial.history import metric_columns
+from regdial.training.history import metric_columns
 
 
 def cli(*args: str) -> int:
@@ -97,7 +97,7 @@ def test_diagnose_report_and_tasks(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--epochs", "0"], "run.epochs must be an integer in [1, inf), got 0"),
+        (["run", "--epochs", "0"], "run.epochs must be an integer in [1, 100000], got 0"),
         (["run", "--set", "dropout=1.5"], "regularization.dropout must be in [0, 1), got 1.5"),
         (
             ["run", "--set", "droput=0.1"],
@@ -106,8 +106,8 @@ def test_diagnose_report_and_tasks(tmp_path: Path, capsys: pytest.CaptureFixture
         (["run", "--set", "dropout"], "--set must be KEY=VALUE"),
         (["run", "--task", "mnist"], "task must be one of 'digits', 'digits-small'"),
         (["run", "--epoch", "3"], "No such option: --epoch"),
-        (["run", "--epochs", "ten"], "run.epochs must be a valid integer, got 'ten'"),
-        (["run", "--lr", "fast"], "run.lr must be a valid number, got 'fast'"),
+        (["run", "--epochs", "ten"], "run.epochs must be an integer in [1, 100000], got 'ten'"),
+        (["run", "--lr", "fast"], "run.lr must be a number in (0, 1000000], got 'fast'"),
         (
             ["run", "--task", "wine", "--data", "x.npz"],
             "run must be either a task or data, not both, got task 'wine' and data 'x.npz'",
@@ -121,8 +121,8 @@ def test_diagnose_report_and_tasks(tmp_path: Path, capsys: pytest.CaptureFixture
             ["tune", "--strategy", "magic"],
             "strategy must be one of 'auto', 'path', 'online', 'tpe', 'random', 'grid', got 'magic'",
         ),
-        (["tune", "--workers", "two"], "workers must be an integer, got 'two'"),
-        (["tune", "--workers", "0"], "workers must be an integer in [1, inf), got 0"),
+        (["tune", "--workers", "two"], "tune.workers must be an integer in [1, 256], got 'two'"),
+        (["tune", "--workers", "0"], "tune.workers must be an integer in [1, 256], got 0"),
         (["tune", "--storage", "nosuchdb://x"], "storage must be a database Optuna can open"),
     ],
 )
@@ -163,7 +163,7 @@ def test_no_traceback_reaches_the_user(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip() == "regdial: error: run.epochs must be an integer in [1, inf), got -3"
+    assert result.stderr.strip() == "regdial: error: run.epochs must be an integer in [1, 100000], got -3"
 
 
 def test_a_diverged_run_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,3 +174,34 @@ def test_a_diverged_run_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert cli("run", str(config), "--out", str(tmp_path / "run"), "--quiet") == 1
     printed = capsys.readouterr().out
     assert "non-finite training loss (nan) at epoch 1" in printed and "lower the learning rate" in printed
+
+
+@pytest.mark.parametrize("flags", [["--lr", "5"], ["--seed", "7"], ["--device", "cpu"], ["--baseline"]])
+def test_resume_refuses_flags_it_cannot_honour(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    out = tmp_path / "run"
+    assert cli("run", "--task", "wine", "--epochs", "1", "--out", str(out), "--quiet") == 0
+    capsys.readouterr()
+    assert cli("run", "--resume", str(out), *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regdial: error: --resume must be used alone") and f"also {flags[0]}" in err
+
+
+def test_every_file_a_run_writes_loads_back(tmp_path: Path) -> None:
+    """config.toml from the CLI and from fit itself both load as configs and train again."""
+    from regdial import Regularization, fit
+    from regdial.config import load_config
+
+    out = tmp_path / "run"
+    assert (
+        cli("run", "--task", "wine", "--epochs", "2", "--out", str(out), "--set", "dropout=0.1", "--quiet")
+        == 0
+    )
+    assert load_config(out / "config.toml").regularization == Regularization(dropout=0.1)
+    fit("wine", Regularization(l1=1e-4), epochs=2, momentum=0.8, train_eval_size=64, run_dir=tmp_path / "py",
+        progress=False)  # fmt: skip
+    loaded = load_config(tmp_path / "py" / "config.toml")
+    assert loaded.run.momentum == 0.8 and loaded.run.train_eval_size == 64
+    assert cli("run", str(tmp_path / "py" / "config.toml"), "--out", str(tmp_path / "again"), "--quiet") == 0
+    assert cli("run", "--resume", str(tmp_path / "py"), "--quiet") == 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from regdial import Regularization, fit
-from regdial.diagnose import diagnose, smooth
-from regdial.history import History
+from regdial.diagnosis import diagnose, smooth
+from regdial.training.history import History
 
 
 def history(train, val, *, train_acc=None, val_acc=None, noise=0.0, seed=0, classes=10) -> History:

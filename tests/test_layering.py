@@ -1,21 +1,196 @@
-"""The building blocks cost torch alone: no layer reaches upward (DESIGN.md)."""
+"""The layers of docs/ARCHITECTURE.md, checked: no layer reaches upward, no import circles.
+
+Two checks. A static one walks every ``import`` in the source (those inside functions
+included, since a lazy import is still a dependency; those under ``if TYPE_CHECKING``
+excluded, since they never run) and builds the module graph: it must have no cycle, and
+no module may import a layer above its own. A dynamic one imports each package in a
+fresh interpreter and looks at what got loaded: the building blocks cost torch alone.
+"""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+SOURCE = Path(__file__).resolve().parent.parent / "src" / "regdial"
+
+# Each module's layer; a module may import its own layer and those with a lower number.
+LAYERS = {
+    "regdial._checks": 0, "regdial._io": 0, "regdial._tensors": 0, "regdial._lazy": 0, "regdial.knobs": 0,
+    "regdial.blocks": 1,
+    "regdial.applied": 2, "regdial.setting": 2,
+    "regdial.training": 3,
+    "regdial.diagnosis": 4,
+    "regdial.dial": 5,
+    "regdial.reports": 6,
+    "regdial.integrations": 7,
+    "regdial.api": 8, "regdial.config": 8, "regdial.cli": 9, "regdial.__main__": 9, "regdial": 10,
+}  # fmt: skip
 HEAVY = ["optuna", "matplotlib", "sklearn", "typer", "rich", "kornia", "pydantic", "safetensors", "scipy"]
 
 
-def test_building_blocks_import_torch_alone() -> None:
-    code = (
-        "import sys\n"
-        "from regdial import L1, L2, ElasticNet, GroupLasso, L2SP, attach_prox, param_groups, MaxNorm\n"
-        "import regdial.penalties, regdial.proximal, regdial.groups, regdial.schedules\n"
-        "import regdial.noise, regdial.mixing, regdial.augment, regdial.stopping, regdial.averaging\n"
-        "import regdial.setting, regdial.applied\n"
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SOURCE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer(module: str) -> int:
+    """The layer of ``module``: its longest prefix in ``LAYERS``."""
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        found = LAYERS.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    raise AssertionError(f"{module} has no layer: add it to LAYERS (and to docs/ARCHITECTURE.md)")
+
+
+def _type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports(path: Path) -> set[str]:
+    """The regdial modules ``path`` imports at run time (at any depth, not for type checking)."""
+    found: set[str] = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("regdial"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            if base.startswith("regdial"):
+                for alias in node.names:  # `from regdial.blocks import schedules` imports a module
+                    candidate = f"{base}.{alias.name}"
+                    found.add(candidate if (SOURCE.parent / candidate.replace(".", "/")).with_suffix(".py").is_file()
+                              else base)  # fmt: skip
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+MODULES = {module_name(path): path for path in SOURCE.rglob("*.py")}
+GRAPH = {name: imports(path) & set(MODULES) for name, path in MODULES.items()}
+
+
+def test_every_module_has_a_layer() -> None:
+    for name in MODULES:
+        layer(name)
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    upward = [(a, b) for a, targets in GRAPH.items() for b in targets if layer(b) > layer(a)]
+    assert upward == []
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: its strongly connected components (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def strongconnect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, set()):
+            if target not in index:
+                strongconnect(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, set()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            strongconnect(node)
+    return found
+
+
+def test_no_import_circles() -> None:
+    # Package __init__ files are façades that re-export their modules; the modules
+    # themselves import each other directly, and it is among them that a circle would bite.
+    facades = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    graph = {a: {b for b in targets if b not in facades} for a, targets in GRAPH.items() if a not in facades}
+    assert cycles(graph) == []
+
+
+def test_the_circle_finder_finds_circles() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"a"}}) == [["a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_walk_sees_imports_inside_functions_and_skips_type_checking(tmp_path: Path) -> None:
+    """The checker itself: a lazy import counts, a TYPE_CHECKING one does not."""
+    sample = SOURCE / "training" / "fit.py"
+    found = imports(sample)
+    assert "regdial.training.models" in found  # a top-level import
+    sample = SOURCE / "setting.py"
+    found = imports(sample)
+    assert "regdial.applied" in found  # imported inside Regularization.apply
+    assert all(layer(m) <= layer("regdial.setting") for m in found)
+
+
+def loaded_after(code: str) -> tuple[list[str], list[str]]:
+    """(regdial modules, heavy third-party packages) in sys.modules after running ``code``."""
+    probe = (
+        f"{code}\nimport sys\n"
+        "print(sorted(m for m in sys.modules if m.startswith('regdial')))\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    regdial_modules, heavy = out.stdout.strip().splitlines()[-2:]
+    return eval(regdial_modules), eval(heavy)
+
+
+def test_building_blocks_and_the_setting_import_torch_alone() -> None:
+    modules, heavy = loaded_after(
+        "from regdial import L1, L2, ElasticNet, GroupLasso, L2SP, attach_prox, param_groups, MaxNorm\n"
+        "from regdial import Regularization, Applied, DropPath, Mixup, EMA, EarlyStopping, schedules\n"
+        "import regdial.blocks.penalties, regdial.blocks.proximal, regdial.blocks.groups, regdial.blocks.schedules\n"
+        "import regdial.blocks.noise, regdial.blocks.mixing, regdial.blocks.augment, regdial.blocks.stopping\n"
+        "import regdial.blocks.averaging, regdial.setting, regdial.applied\n"
+    )
+    assert heavy == []
+    assert [m for m in modules if layer(m) > layer("regdial.setting") and m != "regdial"] == []
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("regdial.blocks", ("regdial.training", "regdial.dial", "regdial.reports", "regdial.cli", "regdial.api")),
+        ("regdial.training", ("regdial.dial", "regdial.reports", "regdial.cli", "regdial.api", "regdial.config")),
+        ("regdial.dial", ("regdial.reports", "regdial.cli", "regdial.api", "regdial.config")),
+    ],
+)  # fmt: skip
+def test_each_package_loads_nothing_above_it(package: str, forbidden: tuple[str, ...]) -> None:
+    names = sorted(name for name in MODULES if name.startswith(package + ".") or name == package)
+    modules, _ = loaded_after("\n".join(f"import {name}" for name in names))
+    assert [m for m in modules if m.startswith(forbidden)] == []

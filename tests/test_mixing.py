@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdial.mixing import CutMix, Mixup, MixupOrCutMix, smooth_targets, soft_cross_entropy, soft_targets
+from regdial.blocks.mixing import (
+    CutMix,
+    Mixup,
+    MixupOrCutMix,
+    smooth_targets,
+    soft_cross_entropy,
+    soft_targets,
+)
 
 
 @pytest.mark.parametrize("batch", [8, 5, 2])

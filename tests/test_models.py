@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from regdial import DropPath, Regularization
-from regdial.models import MODELS, build_model
-from regdial.tasks import load_task
+from regdial.training.models import MODELS, build_model
+from regdial.training.tasks import load_task
 
 INPUTS = {"image": "digits-small", "signal": "waveforms", "tabular": "wine"}
 FITS = {
@@ -64,7 +64,7 @@ def test_batchnorm_option() -> None:
             {"heads": 4},
             r"^model.heads must be an option of mlp \(depth, width, batchnorm\), got an unknown option$",
         ),
-        ("mlp", "wine", {"width": 0}, r"^model.width must be an integer in \[1, inf\), got 0$"),
+        ("mlp", "wine", {"width": 0}, r"^model.width must be an integer in \[1, 65536\], got 0$"),
         ("vit", "wine", {}, r"^model must be one of 'linear', 'mlp', 'cnn', 'cnn1d', 'resnet', got 'vit'$"),
     ],
 )
@@ -73,5 +73,12 @@ def test_bad_models(name: str, task: str, options, message: str) -> None:
         build_model(name, load_task(task), options)
 
 
-def test_registry() -> None:
-    assert set(MODELS) == set(FITS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_builds_where_it_fits_and_refuses_elsewhere(name: str) -> None:
+    for kind, task in INPUTS.items():
+        data = load_task(task)
+        if kind in FITS.get(name, []):
+            assert build_model(name, data)(data.x_train[:2]).shape == (2, data.outputs)
+        else:
+            with pytest.raises(ValueError, match=rf"^model must be a model for {kind} inputs, not {name!r}"):
+                build_model(name, data)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from regdial import Early
-from regdial.noise import (
+from regdial.blocks.noise import (
     DropBlock1d,
     DropBlock2d,
     DropConnect,

@@ -110,7 +110,7 @@ def test_tensor_learning_rate() -> None:
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_sgd_step_size_includes_momentum(momentum: float) -> None:
-    from regdial.proximal import optimizer_step_sizes
+    from regdial.blocks.proximal import optimizer_step_sizes
 
     w = torch.nn.Parameter(torch.ones(2))
     for nesterov, expected in [(False, 0.1 / (1 - momentum)), (True, 0.1 * (1 + momentum / (1 - momentum)))]:
@@ -122,7 +122,7 @@ def test_sgd_step_size_includes_momentum(momentum: float) -> None:
 
 
 def test_adam_step_size_is_its_per_coordinate_step() -> None:
-    from regdial.proximal import optimizer_step_sizes
+    from regdial.blocks.proximal import optimizer_step_sizes
 
     w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     optimizer = torch.optim.Adam([w], lr=0.1, eps=1e-8)

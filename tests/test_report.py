@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from regdial import Regularization, fit
-from regdial.report import report
+from regdial.reports.run import report
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from regdial import Constant, Cosine, Early, Linear, Step
-from regdial.schedules import schedule_from_dict
+from regdial.blocks.schedules import schedule_from_dict
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial.stopping import EarlyStopping
+from regdial.blocks.stopping import EarlyStopping
 
 NAN = math.nan
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from regdial.models import build_model
-from regdial.tasks import TASKS, load_data, load_task
+from regdial.training.data import load_data
+from regdial.training.models import build_model
+from regdial.training.tasks import TASKS, load_task
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -110,7 +111,7 @@ def test_csv_with_text_labels(tmp_path: Path) -> None:
         (
             {"x": np.array([[1.0, np.nan]] * 4), "y": np.arange(4) % 2},
             {},
-            r"^data.npz: x must be finite numbers, got NaN or inf at row 0$",
+            r"^data.npz: x must be finite numbers in float32, got NaN or inf at row 0$",
         ),
         (
             {"x": np.zeros(4), "y": np.arange(4) % 2},

@@ -1,17 +1,24 @@
 """regdial: regularization of neural networks as a dial, not a guess.
 
-The building blocks (penalties, proximal steps, parameter groups, schedules) need torch
-alone and are imported eagerly. The heavier layers (training, tuning, reports) are
-imported on first use, so ``from regdial import L1`` never pulls in Optuna or matplotlib.
+The building blocks (penalties, proximal steps, parameter groups, noise layers, mixing,
+augmentation, early stopping, weight averaging) and the setting (``Regularization``,
+``Applied``) need torch alone and are imported eagerly. The heavier layers (training, the
+dial, diagnosis, reports) are imported on first use, so ``from regdial import L1`` never
+pulls in Optuna or matplotlib.
+
+Strength schedules live in ``regdial.schedules`` (``regdial.schedules.Linear`` is a
+schedule of a strength over training, not a layer); their names are also importable
+from ``regdial`` itself.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
+from regdial._lazy import lazy
 from regdial.applied import Applied
-from regdial.augment import (
+from regdial.blocks import schedules
+from regdial.blocks.augment import (
     EmbeddingNoise,
     ImageAugment,
     SignalAugment,
@@ -19,10 +26,10 @@ from regdial.augment import (
     TokenAugment,
     augmentation,
 )
-from regdial.averaging import EMA, SWA, recompute_batchnorm
-from regdial.groups import param_groups
-from regdial.mixing import CutMix, Mixup, MixupOrCutMix, smooth_targets, soft_cross_entropy
-from regdial.noise import (
+from regdial.blocks.averaging import EMA, SWA, recompute_batchnorm
+from regdial.blocks.groups import param_groups
+from regdial.blocks.mixing import CutMix, Mixup, MixupOrCutMix, smooth_targets, soft_cross_entropy
+from regdial.blocks.noise import (
     DropBlock1d,
     DropBlock2d,
     DropConnect,
@@ -35,93 +42,65 @@ from regdial.noise import (
     set_drop_path,
     set_dropout,
 )
-from regdial.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
-from regdial.proximal import MaxNorm, attach_prox, max_norm_
-from regdial.schedules import Constant, Cosine, Early, Linear, Schedule, Step
+from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
+from regdial.blocks.proximal import MaxNorm, attach_prox, max_norm_
+from regdial.blocks.schedules import Constant, Cosine, Early, Linear, Schedule, Step
+from regdial.blocks.stopping import EarlyStopping
 from regdial.setting import Regularization
-from regdial.stopping import EarlyStopping
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from regdial.api import tune
+    from regdial.diagnosis import Diagnosis, diagnose
+    from regdial.dial.budget import Budget
+    from regdial.dial.online import OnlineController
+    from regdial.dial.result import TuneResult
+    from regdial.dial.space import Space
+    from regdial.dial.trial import Pruned, Trial
+    from regdial.reports.run import report
+    from regdial.reports.search import search_report
+    from regdial.training.data import load_data
+    from regdial.training.fit import fit
+    from regdial.training.history import History
+    from regdial.training.metrics import evaluate
+    from regdial.training.models import build_model
+    from regdial.training.options import RunOptions
+    from regdial.training.tasks import Dataset, load_task
 
-# Public names that live in modules with heavier imports, loaded on first access.
-_LAZY: dict[str, str] = {
-    "fit": "regdial.train",
-    "evaluate": "regdial.train",
-    "History": "regdial.history",
-    "Dataset": "regdial.tasks",
-    "load_data": "regdial.tasks",
-    "load_task": "regdial.tasks",
-    "build_model": "regdial.models",
-    "Space": "regdial.space",
-    "OnlineController": "regdial.online",
-}
+__version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022 - the building blocks, then the lazily imported layers
-    "EMA",
-    "L1",
-    "L2",
-    "L2SP",
-    "SWA",
-    "Applied",
-    "Constant",
-    "Cosine",
-    "CutMix",
-    "DropBlock1d",
-    "DropBlock2d",
-    "DropConnect",
-    "DropPath",
-    "Early",
-    "EarlyStopping",
-    "ElasticNet",
-    "EmbeddingNoise",
-    "GaussianDropout",
-    "GaussianNoise",
-    "GroupLasso",
-    "ImageAugment",
-    "Linear",
-    "MaxNorm",
-    "Mixup",
-    "MixupOrCutMix",
-    "Penalty",
-    "Regularization",
-    "Schedule",
-    "SignalAugment",
-    "Step",
-    "TabularAugment",
-    "TokenAugment",
-    "__version__",
-    "attach_prox",
-    "augmentation",
-    "drop_block",
-    "drop_path",
-    "drop_path_rates",
-    "max_norm_",
-    "param_groups",
-    "recompute_batchnorm",
-    "set_drop_path",
-    "set_dropout",
-    "smooth_targets",
-    "soft_cross_entropy",
-    "fit",
-    "evaluate",
-    "History",
-    "Dataset",
-    "load_data",
-    "load_task",
-    "build_model",
-    "Space",
-    "OnlineController",
-]
+    "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "Constant", "Cosine", "CutMix", "DropBlock1d", "DropBlock2d",
+    "DropConnect", "DropPath", "Early", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout",
+    "GaussianNoise", "GroupLasso", "ImageAugment", "Linear", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty",
+    "Regularization", "Schedule", "SignalAugment", "Step", "TabularAugment", "TokenAugment", "__version__",
+    "attach_prox", "augmentation", "drop_block", "drop_path", "drop_path_rates", "max_norm_", "param_groups",
+    "recompute_batchnorm", "schedules", "set_drop_path", "set_dropout", "smooth_targets", "soft_cross_entropy",
+    "fit", "evaluate", "History", "Dataset", "load_data", "load_task", "build_model", "RunOptions",
+    "diagnose", "Diagnosis", "report", "search_report",
+    "tune", "Trial", "Pruned", "TuneResult", "Space", "Budget", "OnlineController",
+]  # fmt: skip
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'regdial' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy(
+    globals(),
+    {
+        "fit": "regdial.training.fit",
+        "evaluate": "regdial.training.metrics",
+        "History": "regdial.training.history",
+        "Dataset": "regdial.training.tasks",
+        "load_task": "regdial.training.tasks",
+        "load_data": "regdial.training.data",
+        "build_model": "regdial.training.models",
+        "RunOptions": "regdial.training.options",
+        "diagnose": "regdial.diagnosis",
+        "Diagnosis": "regdial.diagnosis",
+        "report": "regdial.reports.run",
+        "search_report": "regdial.reports.search",
+        "tune": "regdial.api",
+        "Trial": "regdial.dial.trial",
+        "Pruned": "regdial.dial.trial",
+        "TuneResult": "regdial.dial.result",
+        "Space": "regdial.dial.space",
+        "Budget": "regdial.dial.budget",
+        "OnlineController": "regdial.dial.online",
+    },
+)

@@ -12,11 +12,15 @@ line that makes sense on its own is part of the contract.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from typing import NoReturn
 
-__all__ = ["Described", "check_choice", "check_int", "check_range", "fail"]
+__all__ = ["Described", "check_choice", "check_int", "check_range", "fail", "shorten", "unknown_key"]
+
+SHOWN = 80
+"""The most characters of a received value that a message echoes."""
 
 
 class Described(str):
@@ -28,13 +32,22 @@ def fail(field: str, allowed: str, value: object) -> NoReturn:
     raise ValueError(f"{field} must be {allowed}, got {_show(value)}")
 
 
+def shorten(text: str, limit: int = SHOWN) -> str:
+    """``text`` on one line, cut to about ``limit`` characters with its length said."""
+    flat = " ".join(text.split()) if "\n" in text or "\r" in text else text
+    if len(flat) <= limit:
+        return flat
+    return f"{flat[: limit - 30]}... ({len(text):,} characters)"
+
+
 def _show(value: object) -> str:
     if isinstance(value, Described):
-        return str(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
-        return repr(value)
-    if isinstance(value, str | int | float | bool) or value is None:
-        return repr(value)
+        return shorten(str(value))
+    if isinstance(value, str | bytes | float | bool) or value is None:
+        return shorten(repr(value))
+    if isinstance(value, int):
+        text = repr(value)
+        return text if len(text) <= 30 else f"an integer of {len(text)} digits"
     text = repr(value)
     if len(text) > 60 or "\n" in text:
         text = f"a {type(value).__name__}"
@@ -44,9 +57,16 @@ def _show(value: object) -> str:
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     left = "(" if low_open or low is None else "["
     right = ")" if high_open or high is None else "]"
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    return f"in {left}{lo}, {hi}{right}"
+    return f"in {left}{number(low, '-inf')}, {number(high, 'inf')}{right}"
+
+
+def number(value: float | None, unbounded: str = "inf") -> str:
+    """A bound in words: whole numbers in full (1000000), others in ``%g`` form."""
+    if value is None:
+        return unbounded
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
 
 
 def check_range(
@@ -98,6 +118,15 @@ def check_int(field: str, value: object, *, low: int | None = None, high: int | 
     if (low is not None and number < low) or (high is not None and number > high):
         fail(field, allowed, value)
     return number
+
+
+def unknown_key(section: str, key: str, known: Iterable[str]) -> ValueError:
+    """The one-line error for a config key regdial does not know, with a suggestion."""
+    names = sorted(known)
+    shown = shorten(str(key), 40)
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ValueError(f"{section}.{shown} is not a known setting; {hint}known: {', '.join(names)}")
 
 
 def check_choice(field: str, value: object, choices: Iterable[str]) -> str:

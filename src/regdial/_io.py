@@ -1,15 +1,50 @@
-"""Atomic file writes: a crash never leaves a half-written history or checkpoint."""
+"""Files: atomic writes, and reads whose every failure is one line naming the file.
+
+A crash never leaves a half-written file: ``atomic_write`` writes a temporary file beside
+the target, syncs it and renames it over the target. A crash between the two leaves only
+the temporary ``.NAME.*.tmp`` file, which ``remove_orphans`` deletes on the next start.
+
+Reading a file regdial wrote (or a config a person wrote) fails with one line that names
+the file and what is wrong with it, never a traceback: a missing file, a directory where
+a file should be, bytes that are not UTF-8, broken JSON or TOML, nesting too deep.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["atomic_write", "write_json", "write_text"]
+from regdial._checks import Described, fail, shorten
+
+__all__ = [
+    "DamagedFileError",
+    "atomic_write",
+    "damaged",
+    "read_json",
+    "read_text",
+    "read_toml",
+    "remove_orphans",
+    "write_json",
+    "write_text",
+]
+
+MAX_TEXT_BYTES = 256 * 2**20
+"""Configs, histories and state files are far smaller; a larger one is refused unread."""
+
+
+class DamagedFileError(ValueError):
+    """A file regdial reads is missing, unreadable or not what regdial wrote (one line)."""
+
+
+def damaged(path: Path | str, what: str, why: str, hint: str = "") -> NoReturn:
+    """Raise the one-line error for a file that cannot be used."""
+    message = f"{path} must be {what}, got {shorten(why, 120)}"
+    raise DamagedFileError(message + (f"; {hint}" if hint else ""))
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -28,9 +63,74 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def remove_orphans(directory: Path) -> int:
+    """Delete the temporary files a killed ``atomic_write`` left in ``directory``; return how many."""
+    removed = 0
+    if not directory.is_dir():
+        return 0
+    for orphan in directory.glob(".*.tmp"):
+        if orphan.is_file():
+            orphan.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def read_text(path: Path | str, what: str) -> str:
+    """The UTF-8 text of ``path``, or a one-line error saying why it cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        damaged(path, what, "a directory")
+    try:
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            damaged(path, what, f"a file of {size:,} bytes (the limit is {MAX_TEXT_BYTES:,})")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        damaged(path, what, "no such file")
+    except UnicodeDecodeError:
+        damaged(path, what, "bytes that are not UTF-8 text (a binary file?)")
+    except OSError as error:
+        damaged(path, what, (error.strerror or "an unreadable file").lower())
+
+
+def read_json(path: Path | str, what: str, hint: str = "") -> Any:
+    """Parse a JSON file regdial wrote; a damaged one is a one-line error naming it."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        damaged(path, what, f"broken JSON ({error.msg} at line {error.lineno})", hint)
+    except RecursionError:
+        damaged(path, what, "JSON nested too deeply", hint)
+
+
+def read_toml(source: str | Path) -> dict[str, Any]:
+    """Parse TOML text or a ``.toml`` file; every failure becomes a one-line ValueError."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    text = source
+    where = "config"
+    if isinstance(source, Path) or (
+        isinstance(source, str) and source.endswith(".toml") and "\n" not in source
+    ):
+        where = str(source)
+        text = read_text(Path(source), "a readable TOML file")
+    if not isinstance(text, str):
+        fail(where, "TOML text", text)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{where} must be valid TOML, got a syntax error: {shorten(reason, 120)}") from None
+    except RecursionError:
+        fail(where, "valid TOML", Described("tables or arrays nested too deeply"))

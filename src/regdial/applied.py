@@ -17,15 +17,20 @@ few calls a training loop makes::
 
 Once, at ``apply``: parameter groups with weight decay on the weights only (for an
 optimizer factory), the proximal steps of the penalties (or loss terms), the max-norm
-constraint, dropout and drop-path rates, the EMA. Nothing here is needed to use one
-technique alone: each lives in its own module.
+constraint, dropout and drop-path rates, NEFTune noise on the input embeddings, the EMA.
+Nothing here is needed to use one technique alone: each lives in its own module.
+
+Which knob does what is ``regdial.knobs.KNOBS``'s to say; this module reads it.
+``state_dict()`` holds everything that changes as training goes (the setting in force
+after a ``retune``, the schedules' progress, the weight average and its warm-up count,
+early stopping's counters and best weights), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +39,24 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_int, check_range, fail
-from regdial.augment import KINDS, Augment, augmentation
-from regdial.averaging import EMA
-from regdial.groups import param_groups
-from regdial.mixing import MixupOrCutMix
-from regdial.noise import GaussianNoise, set_drop_path, set_dropout
-from regdial.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
-from regdial.proximal import MaxNorm, attach_prox
-from regdial.schedules import Schedule, Strength, resolve
-from regdial.setting import Regularization
-from regdial.stopping import EarlyStopping
+from regdial.blocks.augment import KINDS, Augment, EmbeddingNoise, augmentation
+from regdial.blocks.averaging import EMA
+from regdial.blocks.groups import param_groups
+from regdial.blocks.mixing import MixupOrCutMix
+from regdial.blocks.noise import GaussianNoise, set_drop_path, set_dropout
+from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
+from regdial.blocks.proximal import MaxNorm, attach_prox
+from regdial.blocks.schedules import Schedule, Strength, resolve
+from regdial.blocks.stopping import EarlyStopping
+from regdial.knobs import PENALTIES, retunable
 
-__all__ = ["Applied", "infer_data_kind"]
+if TYPE_CHECKING:
+    from regdial.setting import Regularization
 
-PENALTY_KNOBS = ("l1", "l2", "elastic_net", "group_lasso", "l2sp")
-FIXED_DURING_TRAINING = (
-    "ema", "early_stopping", "min_delta", "l2sp", "max_norm", "l1_ratio", "groups", "penalties_in", "exclude", "include",
-)  # fmt: skip
+__all__ = ["Applied", "OptimizerSpec", "infer_data_kind", "input_embedding"]
+
+OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer]
+"""A built optimizer, or a function of ``param_groups`` that builds one."""
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,32 @@ def infer_data_kind(x: Tensor) -> str:
     return {4: "image", 3: "signal", 2: "tabular"}.get(x.dim(), "tabular")
 
 
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding: Hugging Face's ``get_input_embeddings()``, else its
+    first ``nn.Embedding``; None when it has none."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            found = getter()
+        except (NotImplementedError, AttributeError):
+            found = None
+        if isinstance(found, nn.Module):
+            return found
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _make_penalty(name: str, strength: Strength, setting: Regularization, model: nn.Module) -> Penalty:
+    if name == "l1":
+        return L1(strength)
+    if name == "l2":
+        return L2(strength)
+    if name == "elastic_net":
+        return ElasticNet(strength, l1_ratio=setting.l1_ratio)
+    if name == "group_lasso":
+        return GroupLasso(strength, groups=setting.groups)
+    return L2SP(strength, model)
+
+
 class Applied:
     """The live side of a setting: hooks installed, helpers for the loop. See the module."""
 
@@ -69,11 +101,13 @@ class Applied:
         self,
         setting: Regularization,
         model: nn.Module,
-        optimizer: Optimizer | Callable[[list[dict[str, Any]]], Optimizer],
+        optimizer: OptimizerSpec,
         *,
         num_classes: int | None = None,
         data_kind: str | None = None,
         augment_options: Mapping[str, Any] | None = None,
+        monitor: str = "val_loss",
+        mode: str = "min",
     ) -> None:
         if not isinstance(model, nn.Module):
             fail("model", "an nn.Module", model)
@@ -105,23 +139,25 @@ class Applied:
             fail("optimizer", "a torch optimizer or a function of param groups returning one", optimizer)
 
         self._penalty_by_knob: dict[str, Penalty] = {}
-        for name in PENALTY_KNOBS:
+        for name in PENALTIES:
             self._turn_penalty(name, getattr(setting, name))
         if self.weights and setting.max_norm > 0:
             self.handles.append(attach_prox(self.optimizer, MaxNorm(setting.max_norm), params=self.weights))
 
         self._set_rates(0.0)
+        self.embedding_noise: EmbeddingNoise | None = None
+        self._turn_embedding_noise(setting.embedding_noise)
         self.ema: EMA | None = None
         if setting.ema > 0:
             self.ema = EMA(model, decay=setting.ema, warmup=True)
             self.handles.append(self.ema.attach(self.optimizer, model))
         self.early_stopping: EarlyStopping | None = None
         if setting.early_stopping > 0:
-            self.early_stopping = EarlyStopping(patience=setting.early_stopping, min_delta=setting.min_delta)
+            self.early_stopping = EarlyStopping(
+                patience=setting.early_stopping, min_delta=setting.min_delta, mode=mode, monitor=monitor
+            )
         self.noise = GaussianNoise(setting.noise) if setting.noise > 0 else None
-        self.mixer = None
-        if setting.mixup > 0 or setting.cutmix > 0:
-            self.mixer = MixupOrCutMix(setting.mixup, setting.cutmix, num_classes=self.num_classes)
+        self.mixer = self._mixer(setting)
         self.augment: Augment | None = None
 
     @property
@@ -138,22 +174,32 @@ class Applied:
             return
         if not strength:
             return
-        s = self.setting
-        made: Penalty
-        if name == "l1":
-            made = L1(strength)
-        elif name == "l2":
-            made = L2(strength)
-        elif name == "elastic_net":
-            made = ElasticNet(strength, l1_ratio=s.l1_ratio)
-        elif name == "group_lasso":
-            made = GroupLasso(strength, groups=s.groups)
-        else:
-            made = L2SP(strength, self.model)
+        made = _make_penalty(name, strength, self.setting, self.model)
         made.set_progress(self.progress)
         self._penalty_by_knob[name] = made
-        if self.weights and s.penalties_in == "prox":
+        if self.weights and self.setting.penalties_in == "prox":
             self.handles.append(attach_prox(self.optimizer, made, params=self.weights))
+
+    def _turn_embedding_noise(self, alpha: float) -> None:
+        if self.embedding_noise is not None:
+            self.embedding_noise.max_alpha = alpha
+            return
+        if not alpha:
+            return
+        embedding = input_embedding(self.model)
+        if embedding is None:
+            fail(
+                "regularization.embedding_noise",
+                "0 for a model without an input embedding (nn.Embedding or get_input_embeddings())",
+                alpha,
+            )
+        self.embedding_noise = EmbeddingNoise(1.0, max_alpha=alpha)
+        self.handles.append(self.embedding_noise.attach(embedding))
+
+    def _mixer(self, setting: Regularization) -> MixupOrCutMix | None:
+        if setting.mixup > 0 or setting.cutmix > 0:
+            return MixupOrCutMix(setting.mixup, setting.cutmix, num_classes=self.num_classes)
+        return None
 
     def _set_weight_decay(self, value: float, strict: bool = False) -> None:
         marked = [g for g in self.optimizer.param_groups if "regularize" in g]
@@ -191,9 +237,13 @@ class Applied:
         """
         if self.setting.augment:
             x = self._augmenter(x)(x)
-        if self.noise is not None and x.is_floating_point():
+        if self.noise is not None:
+            if not x.is_floating_point():
+                fail("regularization.noise", "0 for integer inputs (token ids)", self.setting.noise)
             x = self.noise.train()(x)
         if self.mixer is not None:
+            if not x.is_floating_point():
+                fail("regularization.mixup/cutmix", "0 for integer inputs (token ids)", Described("on"))
             if self.setting.cutmix > 0 and x.dim() not in (3, 4):
                 fail(
                     "regularization.cutmix",
@@ -212,10 +262,24 @@ class Applied:
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy with label smoothing (labels or soft targets) for classification,
-        mean squared error for regression (no ``num_classes``)."""
+        mean squared error for regression (no ``num_classes``).
+
+        Token-level logits ``(N, L, C)`` with labels ``(N, L)`` are scored per token, and
+        label -100 (Hugging Face's padding) is ignored.
+        """
         if self.num_classes is None:
+            if output.numel() != targets.numel():
+                fail(
+                    "num_classes",
+                    "the number of classes for a classifier (one output per sample means regression)",
+                    Described(f"None with outputs of shape {tuple(output.shape)}"),
+                )
             return F.mse_loss(output.reshape(targets.shape), targets.to(output.dtype))
-        return F.cross_entropy(output, targets, label_smoothing=self.setting.label_smoothing)
+        if output.dim() == 3 and targets.dim() == 2 and output.shape[:2] == targets.shape:
+            output, targets = output.reshape(-1, output.shape[-1]), targets.reshape(-1)
+        return F.cross_entropy(
+            output, targets, label_smoothing=self.setting.label_smoothing, ignore_index=-100
+        )
 
     def penalty(self) -> Tensor:
         """The penalties' values when they go in the loss (``penalties_in="loss"``), else 0."""
@@ -232,6 +296,17 @@ class Applied:
         """The model to evaluate: the weight average when EMA is on, else the model."""
         return self.ema.module if self.ema is not None else self.model
 
+    def set_progress(self, progress: float) -> None:
+        """Move every schedule (strengths, rates, weight decay, augmentation) to ``progress``."""
+        self.progress = check_range("progress", progress, low=0.0, high=1.0)
+        for penalty in self.penalties:
+            penalty.set_progress(self.progress)
+        if self.augment is not None:
+            self.augment.set_progress(self.progress)
+        if isinstance(self.setting.weight_decay, Schedule):
+            self._set_weight_decay(resolve(self.setting.weight_decay, self.progress))
+        self._set_rates(self.progress)
+
     def end_epoch(self, epoch: int, epochs: int, val_metric: float | None = None) -> bool:
         """After epoch ``epoch`` of ``epochs``: move the schedules; True if early stopping says stop.
 
@@ -240,14 +315,7 @@ class Applied:
         """
         epoch = check_int("epoch", epoch, low=1)
         epochs = check_int("epochs", epochs, low=epoch)
-        self.progress = check_range("progress", epoch / epochs, low=0.0, high=1.0)
-        for penalty in self.penalties:
-            penalty.set_progress(self.progress)
-        if self.augment is not None:
-            self.augment.set_progress(self.progress)
-        if isinstance(self.setting.weight_decay, Schedule):
-            self._set_weight_decay(resolve(self.setting.weight_decay, self.progress))
-        self._set_rates(self.progress)
+        self.set_progress(epoch / epochs)
         if self.early_stopping is not None and val_metric is not None:
             return self.early_stopping.step(val_metric, self.eval_model)
         return False
@@ -261,14 +329,15 @@ class Applied:
     def retune(self, setting: Regularization) -> None:
         """Turn knobs during training: strengths, rates, smoothing, mixing, noise, augmentation.
 
-        What was built at ``apply`` stays: ``ema``, ``early_stopping``, ``min_delta``,
-        ``l2sp`` (its anchor), ``max_norm``, ``l1_ratio``, ``groups``, ``penalties_in``,
-        ``exclude`` and ``include`` must not change; a change is a ValueError naming it.
+        What was built at ``apply`` stays: the knobs that ``regdial.knobs`` marks as not
+        retunable (``ema``, ``early_stopping``, ``l2sp`` with its anchor, ``max_norm``,
+        ``l1_ratio``) and the options ``groups``, ``penalties_in``, ``exclude``,
+        ``include``, ``min_delta``; a change to one is a ValueError naming it.
         """
-        if not isinstance(setting, Regularization):
+        if type(setting) is not type(self.setting):
             fail("setting", "a regdial.Regularization", setting)
-        for name in FIXED_DURING_TRAINING:
-            if getattr(setting, name) != getattr(self.setting, name):
+        for name in setting.names():
+            if not retunable(name) and getattr(setting, name) != getattr(self.setting, name):
                 fail(
                     f"regularization.{name}",
                     f"unchanged during training ({getattr(self.setting, name)!r})",
@@ -276,18 +345,40 @@ class Applied:
                 )
         self.setting = setting
         self._set_weight_decay(resolve(setting.weight_decay, self.progress))
-        for name in PENALTY_KNOBS:
+        for name in PENALTIES:
             self._turn_penalty(name, getattr(setting, name))
         self._set_rates(self.progress)
+        self._turn_embedding_noise(setting.embedding_noise)
         self.noise = GaussianNoise(setting.noise) if setting.noise > 0 else None
-        self.mixer = None
-        if setting.mixup > 0 or setting.cutmix > 0:
-            self.mixer = MixupOrCutMix(setting.mixup, setting.cutmix, num_classes=self.num_classes)
+        self.mixer = self._mixer(setting)
         if self.augment is not None:
             self.augment.strength = setting.augment
 
+    # -- resuming ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes during training: the setting in force, the schedules'
+        progress, the weight average (with its update count) and early stopping."""
+        return {
+            "setting": self.setting.to_dict(),
+            "progress": self.progress,
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state_dict()``: the same setting, schedules, average and counters."""
+        in_force = type(self.setting).from_dict(state["setting"])
+        if in_force != self.setting:
+            self.retune(in_force)
+        self.set_progress(float(state["progress"]))
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.early_stopping is not None and state.get("early_stopping") is not None:
+            self.early_stopping.load_state_dict(state["early_stopping"])
+
     def remove(self) -> None:
-        """Detach every hook this setting installed (proximal steps, EMA updates)."""
+        """Detach every hook this setting installed (proximal steps, EMA updates, noise)."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

@@ -4,109 +4,98 @@
 
     [run]
     task = "digits-small"        # or data = "file.npz" / "file.csv" (with target = "label")
-    model = "cnn"
+    model = "cnn"                # or "package.module:make_model", your own
     epochs = 60
     seed = 0
     out = "runs/digits-small"
 
-    [model]                      # options of the model: depth, width, channels, batchnorm
+    [model]                      # options of a built-in model: depth, width, channels, batchnorm
     channels = [32, 64]
 
     [regularization]             # a Regularization, flat keys
     dropout = 0.3
     label_smoothing = 0.1
 
-Structure and types are checked by pydantic (unknown keys are rejected by name), ranges by
-regdial's own checks; every error is one line naming the field, the allowed values and
-the value received. Command-line flags override the file.
+    [tune]                       # a search (regdial tune)
+    budget = "20 trials"
+
+Each table is validated by the one place that owns it: ``[run]`` by ``RunSection`` (the
+training options of ``RunOptions`` plus what to train and where to write it),
+``[regularization]`` by ``Regularization`` (the knobs of ``regdial.knobs``), ``[tune]``
+by ``TuneOptions``. Unknown keys are refused by name; every error is one line naming
+the field, the allowed values and the value received. Command-line flags override the
+file. Every file regdial writes (a run's ``config.toml``, a search's ``best.toml``)
+loads back here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import Field
 
-from regdial._checks import check_int, check_range
-from regdial.setting import Regularization, read_toml, unknown_key
+from regdial._checks import fail, unknown_key
+from regdial._io import read_toml
+from regdial.dial.options import TuneOptions
+from regdial.setting import Regularization
+from regdial.training.options import RunOptions
 
-__all__ = ["RunConfig", "RunSection", "load_config", "one_line"]
+__all__ = ["SECTIONS", "Config", "RunSection", "load_config"]
+
+SECTIONS = ("run", "model", "regularization", "tune")
 
 
-class RunSection(BaseModel):
-    """The ``[run]`` table: what to train, for how long, and where to write it."""
+class RunSection(RunOptions):
+    """The ``[run]`` table: what to train, how (``RunOptions``), and where to write it."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    task: str | None = None
-    data: Path | None = None
-    target: str | None = None
+    task: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    data: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    target: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     kind: Literal["auto", "classification", "regression"] = "auto"
-    model: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float | None = None
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    seed: int = 0
-    out: Path | None = None
+    model: Annotated[str, Field(min_length=1, max_length=300)] | None = None
+    out: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     baseline: bool = False
-    checkpoint_seconds: float = 10.0
 
-    @field_validator("epochs", "batch_size")
-    @classmethod
-    def _positive(cls, value: int | None, info: Any) -> int | None:
-        return None if value is None else check_int(f"run.{info.field_name}", value, low=1)
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, value: float | None) -> float | None:
-        return None if value is None else check_range("run.lr", value, low=0.0, low_open=True)
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, value: int) -> int:
-        return check_int("run.seed", value, low=0)
+    def training(self) -> RunOptions:
+        """The training options alone."""
+        return RunOptions.model_validate({k: getattr(self, k) for k in RunOptions.model_fields})
 
 
-class RunConfig(BaseModel):
-    """A whole configuration file."""
+@dataclass(frozen=True)
+class Config:
+    """A whole configuration file, each table validated."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    run: RunSection
+    model: dict[str, Any]
+    regularization: Regularization
+    tune: TuneOptions
 
-    run: RunSection = RunSection()
-    model: dict[str, Any] = {}
-    regularization: dict[str, Any] = {}
-    tune: dict[str, Any] = {}
-
-    def setting(self) -> Regularization:
-        return Regularization.from_dict(self.regularization)
-
-
-def one_line(error: ValidationError) -> ValueError:
-    """Pydantic's first error as regdial's one-line message."""
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        section, _, key = where.rpartition(".")
-        known = RunSection.model_fields if section == "run" else RunConfig.model_fields
-        return unknown_key(section or "config", key, known)
-    if first["type"] == "value_error":
-        return ValueError(str(first.get("ctx", {}).get("error", first["msg"])))
-    expected = first["msg"].removeprefix("Input should be ").split(",")[0]
-    return ValueError(f"{where} must be {expected}, got {first.get('input')!r}")
+    def document(self) -> dict[str, Any]:
+        """The file's tables (what a run's ``config.toml`` records)."""
+        run = {k: v for k, v in self.run.model_dump().items() if v is not None}
+        document: dict[str, Any] = {"run": run}
+        if self.model:
+            document["model"] = dict(self.model)
+        document["regularization"] = self.regularization.to_dict()
+        return document
 
 
-def load_config(source: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(source: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a TOML config (or nothing) and apply ``overrides`` to its ``[run]`` table."""
     document: dict[str, Any] = read_toml(Path(source)) if source is not None else {}
+    for key in document:
+        if key not in SECTIONS:
+            raise unknown_key("config", key, SECTIONS)
+    for section in SECTIONS:
+        if not isinstance(document.get(section, {}), dict):
+            fail(section, "a table", document[section])
     run = dict(document.get("run", {}))
     run.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    document["run"] = run
-    try:
-        config = RunConfig.model_validate(document)
-    except ValidationError as error:
-        raise one_line(error) from None
-    config.setting()  # check the [regularization] table now, not mid-run
-    return config
+    return Config(
+        run=RunSection.parse(run, "run"),
+        model=dict(document.get("model", {})),
+        regularization=Regularization.from_dict(document.get("regularization", {})),
+        tune=TuneOptions.parse(document.get("tune", {}), "tune"),
+    )

@@ -7,24 +7,25 @@ the diagnosis says which way to turn which of its knobs. A setting is immutable;
 table of flat keys; a schedule is an inline table), and a key it does not know is an
 error that names the key.
 
-Each knob is described once, in ``KNOBS``: its range, how a search should explore it
-(log scale for penalties and weight decay, linear for rates) and whether it takes a
-schedule. 0 turns a technique off; ``dropout`` and ``drop_path`` default to ``None``,
-which leaves the model's own rates alone.
+Each knob is described once, in ``regdial.knobs.KNOBS``: its range, how a search should
+explore it (log scale for penalties and weight decay, linear for rates) and whether it
+takes a schedule; the setting checks every field against that table. 0 turns a technique
+off; ``dropout`` and ``drop_path`` default to ``None``, which leaves the model's own rates
+alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from regdial._checks import check_choice, check_int, check_range, fail
-from regdial.schedules import Schedule, Strength, check_strength, schedule_from_dict
+from regdial._checks import check_choice, check_range, fail, unknown_key
+from regdial._io import read_toml
+from regdial.blocks.schedules import Schedule, Strength, check_strength, schedule_from_dict
+from regdial.knobs import GROUP_LAYOUTS, KNOBS, PENALTIES_IN
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,103 +33,7 @@ if TYPE_CHECKING:
 
     from regdial.applied import Applied
 
-__all__ = ["KNOBS", "Knob", "Regularization", "read_toml", "unknown_key"]
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One numeric knob of a setting: its range and how a search explores it."""
-
-    name: str
-    doc: str
-    high: float | None = None
-    high_open: bool = False
-    scale: Literal["log", "linear", "int"] = "log"
-    schedulable: bool = False
-    off: float | None = 0.0  # the value that turns the technique off; None: always on
-
-    def check(self, field_name: str, value: object) -> float:
-        if self.scale == "int":
-            return float(check_int(field_name, value, low=0))
-        return check_range(field_name, value, low=0.0, high=self.high, high_open=self.high_open)
-
-
-KNOBS: dict[str, Knob] = {
-    knob.name: knob
-    for knob in (
-        Knob("weight_decay", "decoupled weight decay on the weights (the optimizer's own)", schedulable=True),
-        Knob("l1", "L1 (lasso) strength: exact zeros with the proximal step", schedulable=True),
-        Knob("l2", "L2 (ridge) strength as a penalty, in the optimizer's metric", schedulable=True),
-        Knob("elastic_net", "elastic-net strength, mixing L1 and L2 by l1_ratio", schedulable=True),
-        Knob("l1_ratio", "the elastic net's share of L1", high=1.0, scale="linear", off=None),
-        Knob("group_lasso", "group-lasso strength: whole units (rows) go to zero", schedulable=True),
-        Knob("l2sp", "L2-SP strength: pull toward the weights at apply time", schedulable=True),
-        Knob("max_norm", "cap on each unit's incoming weight norm (0: off)"),
-        Knob(
-            "dropout",
-            "rate of the model's dropout layers",
-            high=1.0,
-            high_open=True,
-            scale="linear",
-            schedulable=True,
-        ),
-        Knob(
-            "drop_path",
-            "maximum stochastic-depth rate",
-            high=1.0,
-            high_open=True,
-            scale="linear",
-            schedulable=True,
-        ),
-        Knob("noise", "std of Gaussian noise added to the inputs", scale="linear"),
-        Knob("label_smoothing", "label smoothing epsilon", high=1.0, high_open=True, scale="linear"),
-        Knob("mixup", "Mixup alpha", scale="linear"),
-        Knob("cutmix", "CutMix alpha", scale="linear"),
-        Knob("augment", "data-augmentation strength", high=1.0, scale="linear", schedulable=True),
-        Knob("early_stopping", "early-stopping patience in epochs (0: off)", scale="int"),
-        Knob(
-            "ema",
-            "decay of an exponential moving average of the weights (0: off)",
-            high=1.0,
-            high_open=True,
-            scale="linear",
-        ),
-    )
-}
-
-PENALTIES = ("l1", "l2", "elastic_net", "group_lasso", "l2sp")
-
-
-def unknown_key(section: str, key: str, known: Iterable[str]) -> ValueError:
-    """The one-line error for a config key regdial does not know, with a suggestion."""
-    names = sorted(known)
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return ValueError(f"{section}.{key} is not a known setting; {hint}known: {', '.join(names)}")
-
-
-def read_toml(source: str | Path) -> dict[str, Any]:
-    """Parse TOML text or a ``.toml`` file; a syntax error becomes a one-line ValueError."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    text = source
-    where = "config"
-    if isinstance(source, Path) or (
-        isinstance(source, str) and source.endswith(".toml") and "\n" not in source
-    ):
-        path = Path(source)
-        where = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            reason = (error.strerror or "an unreadable file").lower()
-            raise ValueError(f"{where} must be a readable TOML file, got {reason}") from None
-    try:
-        return tomllib.loads(str(text))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{where} must be valid TOML, got a syntax error: {error}") from None
+__all__ = ["Regularization"]
 
 
 def _toml_value(value: Any) -> Any:
@@ -143,7 +48,7 @@ def _toml_value(value: Any) -> Any:
 class Regularization:
     """One setting of the dial. Every field is checked here; 0 turns a technique off.
 
-    Penalties (see ``regdial.penalties``) act on the weights that ``param_groups`` decays
+    Penalties (see ``regdial.blocks.penalties``) act on the weights that ``param_groups`` decays
     (not biases, normalization layers or embeddings, nor names matching ``exclude``),
     as proximal steps in the optimizer's metric (``penalties_in="prox"``) or as loss
     terms (``"loss"``: add ``applied.penalty()`` to the loss yourself).
@@ -164,6 +69,7 @@ class Regularization:
     dropout: Strength | None = None
     drop_path: Strength | None = None
     noise: float = 0.0
+    embedding_noise: float = 0.0
     label_smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -184,13 +90,11 @@ class Regularization:
             if knob.scale == "int" and not isinstance(checked, Schedule):
                 checked = int(checked)
             set_(self, name, checked)
-        set_(
-            self, "groups", check_choice("regularization.groups", self.groups, ("rows", "columns", "tensor"))
-        )
+        set_(self, "groups", check_choice("regularization.groups", self.groups, GROUP_LAYOUTS))
         set_(
             self,
             "penalties_in",
-            check_choice("regularization.penalties_in", self.penalties_in, ("prox", "loss")),
+            check_choice("regularization.penalties_in", self.penalties_in, PENALTIES_IN),
         )
         set_(self, "min_delta", check_range("regularization.min_delta", self.min_delta, low=0.0))
         for name in ("exclude", "include"):
@@ -285,8 +189,14 @@ class Regularization:
         num_classes: int | None = None,
         data_kind: str | None = None,
         augment_options: Mapping[str, Any] | None = None,
+        monitor: str = "val_loss",
+        mode: str = "min",
     ) -> Applied:
-        """Wire this setting into ``model`` and an optimizer; see ``regdial.applied.Applied``."""
+        """Wire this setting into ``model`` and an optimizer; see ``regdial.applied.Applied``.
+
+        ``monitor`` and ``mode`` name the validation value early stopping watches (what
+        you pass to ``end_epoch``) and whether lower (``"min"``) or higher is better.
+        """
         from regdial.applied import Applied
 
         return Applied(
@@ -296,4 +206,6 @@ class Regularization:
             num_classes=num_classes,
             data_kind=data_kind,
             augment_options=augment_options,
+            monitor=monitor,
+            mode=mode,
         )

@@ -23,9 +23,17 @@ and ``2 * sigma``. In this order:
    fell by more than ``IMPROVING`` (2%) of its value: train longer before judging.
 5. **good fit**: none of the above.
 
-The advice is in dial terms: which knobs to turn which way and by how much
-(multiplicative steps for penalties and weight decay, additive for rates), and where
-early stopping would have stopped. ``Diagnosis.suggest(setting)`` applies it.
+The advice is in dial terms: which knobs to turn which way and by how much (each knob's
+``step`` in ``regdial.knobs``: multiplicative for penalties and weight decay, additive
+for rates), and where early stopping would have stopped. ``Diagnosis.suggest(setting)``
+applies it. The setting is the run's own (``history.meta["setting"]``, which ``fit``
+records) unless one is given.
+
+Only ``epoch``, ``train_loss`` and ``val_loss`` are needed, so any tool's log can be read
+(``History.load`` takes Lightning's ``metrics.csv`` and Hugging Face's
+``trainer_state.json``); the memorization test needs train and validation accuracy (or
+R^2), and the underfitting test the number of classes (else the first epoch's training
+loss stands in for an untrained model's).
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from regdial._checks import fail
-from regdial.history import History
+from regdial.blocks.stopping import EarlyStopping
+from regdial.knobs import KNOBS, PENALTIES
 from regdial.setting import Regularization
-from regdial.stopping import EarlyStopping
+from regdial.training.history import History
 
 __all__ = ["Diagnosis", "State", "diagnose", "smooth"]
 
@@ -97,41 +106,44 @@ def _number(value: object) -> float | None:
     return None
 
 
-def _moves(setting: Regularization, direction: int, kind: str) -> dict[str, Any]:
-    """The knobs to turn: multiplicative for penalties, additive for rates (max two up)."""
+def _turn(name: str, value: float, direction: int) -> float:
+    """``value`` one step of knob ``name`` up (direction > 0) or down, within its limits."""
+    knob = KNOBS[name]
+    how, size = knob.step
+    high = knob.limits[1] if knob.limits else math.inf
+    if how == "times":
+        moved = value * size if direction > 0 else value / size
+    else:
+        moved = value + size if direction > 0 else value - size
+    return round(min(high, max(0.0, moved)), 12)
+
+
+# The order in which a diagnosis tightens: a penalty already in use first, then the
+# optimizer's decay, then dropout, then (for classifiers) label smoothing; two moves at most.
+TIGHTEN = (*PENALTIES, "weight_decay", "dropout", "label_smoothing")
+DEFAULT_ON = {"weight_decay": 1e-2, "dropout": 0.1, "label_smoothing": 0.1}
+
+
+def _moves(setting: Regularization, direction: int, kind: str | None) -> dict[str, Any]:
+    """The knobs to turn and their new values (see ``TIGHTEN``); every active knob when loosening."""
     moves: dict[str, Any] = {}
     if direction > 0:
-        for name in ("l1", "l2", "elastic_net", "group_lasso", "l2sp"):  # a penalty in use: turn it up first
+        for name in TIGHTEN:
             value = _number(getattr(setting, name))
-            if value:
-                moves[name] = round(value * 3, 12)
-        decay = _number(setting.weight_decay)
-        if decay is not None:
-            moves["weight_decay"] = round(decay * 3, 10) if decay > 0 else 1e-2
-        dropout = _number(setting.dropout)
-        if dropout is not None:
-            moves["dropout"] = round(min(0.7, dropout + 0.1), 4)
-        if len(moves) < 2 and kind == "classification" and setting.label_smoothing < 0.2:
-            moves["label_smoothing"] = round(setting.label_smoothing + 0.1, 4)
+            if value is None or (name == "label_smoothing" and kind != "classification"):
+                continue
+            if value > 0:
+                moves[name] = _turn(name, value, +1)
+            elif name in DEFAULT_ON and not (name == "label_smoothing" and len(moves) >= 2):
+                moves[name] = DEFAULT_ON[name]
         return dict(list(moves.items())[:2])
     if direction < 0:
-        for name in ("weight_decay", "l1", "l2", "elastic_net", "group_lasso", "l2sp"):
+        for name, knob in KNOBS.items():
+            if knob.off is None or knob.applies in ("stopping", "averaging", "constraint"):
+                continue
             value = _number(getattr(setting, name))
             if value:
-                moves[name] = round(value / 3, 12)
-        for name, step in (
-            ("dropout", 0.1),
-            ("drop_path", 0.1),
-            ("label_smoothing", 0.05),
-            ("augment", 0.25),
-        ):
-            value = _number(getattr(setting, name))
-            if value:
-                moves[name] = round(max(0.0, value - step), 4)
-        for name in ("mixup", "cutmix", "noise"):
-            value = _number(getattr(setting, name))
-            if value:
-                moves[name] = round(value / 2, 6)
+                moves[name] = _turn(name, value, -1)
     return moves
 
 
@@ -139,7 +151,7 @@ def _describe(moves: dict[str, Any], setting: Regularization) -> str:
     parts = []
     for name, new in moves.items():
         old = _number(getattr(setting, name)) or 0.0
-        if name in ("weight_decay", "l1", "l2", "elastic_net", "group_lasso", "l2sp") and old > 0:
+        if KNOBS[name].step[0] == "times" and old > 0:
             factor = new / old
             parts.append(f"{'raise' if factor > 1 else 'lower'} {name} (x{factor:.3g}: {old:g} -> {new:g})")
         elif new > old:
@@ -152,10 +164,13 @@ def _describe(moves: dict[str, Any], setting: Regularization) -> str:
 def diagnose(
     history: History, setting: Regularization | None = None, *, num_classes: int | None = None
 ) -> Diagnosis:
-    """Read ``history``'s curves; ``setting`` (the run's) makes the advice concrete."""
+    """Read ``history``'s curves; the run's setting (given, or from its metadata) makes the
+    advice concrete."""
     if not isinstance(history, History):
         fail("history", "a regdial History", history)
-    setting = setting if setting is not None else Regularization()
+    if setting is None:
+        recorded = history.meta.get("setting") or history.meta.get("summary", {}).get("setting")
+        setting = Regularization.from_dict(recorded) if isinstance(recorded, dict) else Regularization()
     n = len(history)
     if n == 0:
         fail("history", "at least one epoch", 0)
@@ -204,11 +219,13 @@ def diagnose(
     if low < n - 1 and rise > max(RISE * smooth_val[low], 2 * sigma) and train_fell:
         details["rise"] = rise
         return make("overfitting", f"overfitting since epoch {epochs[low]}, gap {gap:.3g}", +1, epochs[low])
-    if history.kind == "classification":
+    columns = history.columns
+    memorized, measure, train_fit, val_fit = False, "", math.nan, math.nan
+    if {"train_accuracy", "val_accuracy"} <= set(columns):
         train_fit, val_fit = history.column("train_accuracy")[-1], history.column("val_accuracy")[-1]
         memorized = train_fit >= 0.99 and train_fit - val_fit >= MEMORIZED_GAP and train[-1] < 0.1 * val[-1]
         measure = "accuracy"
-    else:
+    elif {"train_r2", "val_r2"} <= set(columns):
         train_fit, val_fit = history.column("train_r2")[-1], history.column("val_r2")[-1]
         memorized = train_fit - val_fit >= MEMORIZED_GAP and smooth_train[-1] < 0.5 * smooth_val[-1]
         measure = "R^2"
@@ -223,7 +240,7 @@ def diagnose(
         return make("overfitting", message, +1, since)
 
     classes = num_classes or history.meta.get("num_classes")
-    if history.kind == "regression":
+    if "train_r2" in columns and math.isfinite(history.column("train_r2")[-1]):
         untrained_share = 1.0 - history.column("train_r2")[-1]
     else:
         reference = math.log(classes) if classes else train[0]

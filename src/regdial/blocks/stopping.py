@@ -14,12 +14,17 @@ Epochs are counted from 1, in the order ``step`` is called. Epochs before
 ``start_from_epoch`` are ignored entirely. A NaN with ``check_finite=False`` never counts
 as an improvement. With ``restore_best``, the best weights are kept in memory (a detached
 copy of the state dict, on its device) and ``restore(model)`` puts them back, whoever
-ended training: the stopper, the epoch budget or Ctrl-C.
+ended training: the stopper, the epoch budget or Ctrl-C. ``patience=None`` never stops:
+it only keeps the best epoch and its weights (what ``fit`` uses when early stopping is off).
+
+``state_dict()`` holds the counters and the best weights, so a resumed run stops where
+the uninterrupted one would have and restores the same weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,7 +41,8 @@ class EarlyStopping:
     """Decide after each epoch whether to stop; remember the best epoch and its weights.
 
     Args:
-        patience: epochs without improvement to tolerate (>= 1).
+        patience: epochs without improvement to tolerate (>= 1); None: never stop, only
+            keep the best epoch and weights.
         min_delta: an improvement must beat the best by more than this (>= 0).
         mode: ``"min"`` for losses, ``"max"`` for accuracies.
         restore_best: keep the best weights and let ``restore`` put them back.
@@ -48,7 +54,7 @@ class EarlyStopping:
 
     def __init__(
         self,
-        patience: int = 10,
+        patience: int | None = 10,
         min_delta: float = 0.0,
         mode: str = "min",
         *,
@@ -58,7 +64,7 @@ class EarlyStopping:
         check_finite: bool = True,
         monitor: str = "val_loss",
     ) -> None:
-        self.patience = check_int("EarlyStopping.patience", patience, low=1)
+        self.patience = None if patience is None else check_int("EarlyStopping.patience", patience, low=1)
         self.min_delta = check_range("EarlyStopping.min_delta", min_delta, low=0.0)
         self.mode = check_choice("EarlyStopping.mode", mode, ("min", "max"))
         self.restore_best = bool(restore_best)
@@ -108,7 +114,7 @@ class EarlyStopping:
                 self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return False
         self.wait += 1
-        if self.wait >= self.patience:
+        if self.patience is not None and self.wait >= self.patience:
             return self._stop("baseline not reached" if self.best_epoch is None else "patience exhausted")
         return False
 
@@ -152,7 +158,7 @@ class EarlyStopping:
         return f"not stopped after {self.epoch} epochs; {best}"
 
     def state_dict(self) -> dict[str, Any]:
-        """The counters, as plain JSON-able values (the best weights are saved apart)."""
+        """The counters (plain values) and the best weights (tensors, or None)."""
         return {
             "epoch": self.epoch,
             "best": self.best,
@@ -160,15 +166,18 @@ class EarlyStopping:
             "wait": self.wait,
             "reason": self.reason,
             "stopped_epoch": self.stopped_epoch,
+            "best_state": self.best_state,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()``'s values, so a resumed run stops where it would have."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state_dict()``, so a resumed run stops where it would have."""
         self._reset()
         self.epoch, self.wait = int(state["epoch"]), int(state["wait"])
         self.best = None if state["best"] is None else float(state["best"])
         self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
         self.reason, self.stopped_epoch = state["reason"], state["stopped_epoch"]
+        best_state = state.get("best_state")
+        self.best_state = None if best_state is None else dict(best_state)
 
     def __repr__(self) -> str:
         return (

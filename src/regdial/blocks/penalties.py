@@ -53,13 +53,12 @@ from torch import Tensor, nn
 
 from regdial._checks import Described, check_choice, check_range, fail
 from regdial._tensors import accumulation_dtype, group_by_device_and_dtype, tensor_list
-from regdial.schedules import Scheduled, Strength
+from regdial.blocks.schedules import Scheduled, Strength
+from regdial.knobs import GROUP_LAYOUTS
 
 __all__ = ["L1", "L2", "L2SP", "ElasticNet", "GroupLasso", "Penalty", "soft_threshold_"]
 
 logger = logging.getLogger(__name__)
-
-GROUP_LAYOUTS = ("rows", "columns", "tensor")
 
 
 def soft_threshold_(tensor: Tensor, threshold: float) -> Tensor:
@@ -256,6 +255,8 @@ class _PenaltyValue(torch.autograd.Function):
 
 
 def _l1_sum(group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
+    if not fast:  # the reference: the formula, spelled out in the accumulation dtype
+        return torch.stack([w.to(dtype).abs().sum() for w in group]).sum()
     # ATen's CPU L1-norm reduction is not vectorized, so abs then a vectorized sum is
     # faster; one tensor at a time keeps each temporary small and reused by the allocator
     # (a foreach abs allocates all of them at once, which measured several times slower).

@@ -1,6 +1,6 @@
 """``Space``: the part of the dial a search may turn, and how far.
 
-A space maps knob names (``Regularization`` fields, see ``setting.KNOBS``) to ranges. A
+A space maps knob names (``Regularization`` fields, see ``regdial.knobs.KNOBS``) to ranges. A
 range is searched on a log scale (penalties and weight decay, whose useful values span
 decades) or a linear one (rates). ``optional=True`` lets the search also switch the
 technique off (0). Knobs not in the space keep the value of the ``base`` setting, which
@@ -18,6 +18,10 @@ is how a knob is fixed. In a TOML config::
 dropout, label smoothing and augmentation strength for image classifiers; weight decay,
 dropout and augmentation for signals; weight decay, dropout and input noise for tabular
 models; L1 and L2 for a linear model (a lasso / ridge / elastic-net search).
+``Space.for_model(model, kind)`` gives the knobs that apply to a user's own model: weight
+decay always, dropout only if the model has dropout layers to turn, drop path if it has
+``DropPath``-like modules, label smoothing for classifiers, NEFTune noise for a model
+with an input embedding. Default ranges are the knobs' own (``Knob.search``).
 """
 
 from __future__ import annotations
@@ -28,15 +32,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from regdial._checks import Described, check_choice, check_int, fail
-from regdial.setting import KNOBS, Regularization, unknown_key
+from regdial._checks import Described, check_choice, check_int, fail, unknown_key
+from regdial.knobs import KNOBS
+from regdial.setting import Regularization
 
 if TYPE_CHECKING:
     import optuna
+    from torch import nn
 
-    from regdial.tasks import Dataset
+    from regdial.training.tasks import Dataset
 
-__all__ = ["Range", "Space"]
+__all__ = ["MAX_GRID", "Range", "Space"]
+
+MAX_GRID = 100_000
+"""The most settings a grid may hold."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,23 @@ class Range:
         if self.optional:
             data["optional"] = True
         return data
+
+    def position(self, value: float) -> float:
+        """Where ``value`` sits: 0 at ``low`` (or off), 1 at ``high``, on the range's scale."""
+        if value <= 0 and self.log:
+            return 0.0
+        if self.high == self.low:
+            return 0.0
+        if self.log:
+            return math.log(value / self.low) / math.log(self.high / self.low)
+        return (value - self.low) / (self.high - self.low)
+
+
+def _search(name: str) -> tuple[float, float]:
+    """A knob's default search range, from the registry."""
+    search = KNOBS[name].search
+    assert search is not None, name
+    return search
 
 
 def _range(name: str, spec: object) -> Range:
@@ -105,7 +131,7 @@ class Space:
         base: Regularization | None = None,
     ) -> None:
         if not isinstance(knobs, Mapping) or not knobs:
-            fail("tune.space", "at least one knob to search", knobs)
+            fail("tune.space", "a table of at least one knob to search, like {dropout = [0, 0.5]}", knobs)
         self.knobs: dict[str, Range] = {name: _range(name, spec) for name, spec in knobs.items()}
         self.base = Regularization() if base is None else base
         if not isinstance(self.base, Regularization):
@@ -117,21 +143,45 @@ class Space:
     def default(cls, data: Dataset, model: str | None = None, base: Regularization | None = None) -> Space:
         """The default space for ``data`` and ``model`` (see the module docstring)."""
         if model == "linear":
-            knobs: dict[str, Any] = {"l1": (1e-3, 3.0), "l2": (1e-3, 3.0)}
-        elif data.input_kind == "image":
-            knobs = {
-                "weight_decay": (1e-4, 1.0),
-                "dropout": (0.0, 0.5),
-                "label_smoothing": (0.0, 0.2),
-                "augment": (0.0, 1.0),
-            }
-        elif data.input_kind == "signal":
-            knobs = {"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5), "augment": (0.0, 1.0)}
-        else:
-            knobs = {"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5), "noise": (0.0, 0.5)}
+            return cls({"l1": (1e-3, 3.0), "l2": (1e-3, 3.0)}, base)
+        names = ["weight_decay", "dropout"]
+        names += {"image": ["label_smoothing", "augment"], "signal": ["augment"]}.get(
+            data.input_kind, ["noise"]
+        )
         if data.kind == "classification" and data.input_kind == "tabular":
-            knobs["label_smoothing"] = (0.0, 0.2)
-        return cls(knobs, base)
+            names.append("label_smoothing")
+        return cls({name: _search(name) for name in names}, base)
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        kind: str | None,
+        input_kind: str | None = None,
+        base: Regularization | None = None,
+    ) -> Space:
+        """The knobs that apply to a user's own ``model`` (see the module docstring)."""
+        from torch import nn
+
+        from regdial.applied import input_embedding
+
+        names = ["weight_decay"]
+        modules = list(model.modules())
+        if any(isinstance(m, nn.modules.dropout._DropoutNd | nn.MultiheadAttention) for m in modules) or any(
+            isinstance(getattr(m, "attention_dropout", None), float) for m in modules
+        ):
+            names.append("dropout")
+        if any(type(m).__name__ in ("DropPath", "StochasticDepth") for m in modules):
+            names.append("drop_path")
+        if kind == "classification":
+            names.append("label_smoothing")
+        if input_kind in ("image", "signal"):
+            names.append("augment")
+        elif input_kind == "tabular":
+            names.append("noise")
+        elif input_kind is None and input_embedding(model) is not None:
+            names.append("embedding_noise")
+        return cls({name: _search(name) for name in names}, base)
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any], base: Regularization | None = None) -> Space:
@@ -184,11 +234,23 @@ class Space:
         }
 
     def grid(self, points: int | Mapping[str, int] = 4) -> list[dict[str, float]]:
-        """Every combination of ``points`` values per knob (per knob if a mapping)."""
-        counts = {name: check_int(f"points.{name}", points[name] if isinstance(points, Mapping) else points, low=1)
-                  for name in self.knobs}  # fmt: skip
+        """Every combination of ``points`` values per knob (per knob if a mapping), at most
+        ``MAX_GRID`` settings."""
+        counts = {name: check_int(f"points.{name}", points[name] if isinstance(points, Mapping) else points,
+                                  low=1, high=MAX_GRID) for name in self.knobs}  # fmt: skip
+        size = math.prod(counts.values())
+        if size > MAX_GRID:
+            fail("tune.grid_points", f"a grid of at most {MAX_GRID:,} settings",
+                 Described(f"{size:,} settings ({' x '.join(map(str, counts.values()))})"))  # fmt: skip
         axes = [[(name, v) for v in self.knobs[name].values(counts[name])] for name in self.knobs]
         return [dict(combination) for combination in itertools.product(*axes)]
+
+    def strength(self, values: Mapping[str, float]) -> float:
+        """How regularized a setting is: the mean of its knobs' positions in their ranges
+        (0 every knob at its weakest or off, 1 every knob at its strongest). The
+        one-standard-error rule picks the largest among settings within noise of the best."""
+        positions = [r.position(float(values.get(name, 0.0))) for name, r in self.knobs.items()]
+        return sum(positions) / len(positions)
 
     def __repr__(self) -> str:
         ranges = ", ".join(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdial._checks import Described, check_choice, check_int, check_range, fail
-from regdial.schedules import Strength, check_strength, resolve
+from regdial.blocks.schedules import Strength, check_strength, resolve
 
 __all__ = [
     "DropBlock1d",

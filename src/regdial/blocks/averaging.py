@@ -18,7 +18,7 @@ BatchNorm statistics of an average are not the average of statistics: call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -93,6 +93,14 @@ class EMA(_Averaged):
     def update_parameters(self, model: nn.Module) -> None:
         super().update_parameters(model)
         self._updates[0] += 1
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load the average and continue its warm-up where it was (``n_averaged`` updates)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._updates[0] = int(self.n_averaged)
+        return result
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}, warmup={self.warmup}"

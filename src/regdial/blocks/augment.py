@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_choice, check_int, check_range, fail
-from regdial.schedules import Scheduled, Strength
+from regdial.blocks.schedules import Scheduled, Strength
 
 __all__ = [
     "KINDS",

@@ -1,14 +1,19 @@
-"""The online strategy's controller: the dial turned from inside one training run."""
+"""The online strategy's controller: the dial turned from inside one training run.
+
+The controller is stateful (the knobs' current values, the turns so far) and saves
+itself with ``state_dict``, which ``fit`` puts in every checkpoint: a run with a
+controller that is killed after a turn resumes with the knobs where they were.
+"""
 
 from __future__ import annotations
 
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from regdial.diagnose import RISE, diagnose, smooth
-from regdial.history import History
+from regdial.diagnosis import RISE, diagnose, smooth
+from regdial.dial.space import Space
 from regdial.setting import Regularization
-from regdial.space import Space
+from regdial.training.history import History
 
 if TYPE_CHECKING:
     from regdial.applied import Applied
@@ -54,6 +59,15 @@ class OnlineController:
 
     def start(self) -> Regularization:
         return self.space.setting(self.values)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The knobs' current values and the turns so far (plain values)."""
+        return {"values": dict(self.values), "turns": [dict(t) for t in self.turns]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``."""
+        self.values = {name: float(state["values"][name]) for name in self.space.knobs}
+        self.turns = [dict(t) for t in state["turns"]]
 
     def __call__(self, history: History, applied: Applied) -> Regularization | None:
         n = len(history)

@@ -26,10 +26,33 @@ import torch
 from torch import Tensor, nn
 
 from regdial._checks import Described, check_choice, check_int, fail
-from regdial.noise import DropPath
-from regdial.tasks import Dataset
+from regdial.blocks.noise import DropPath
+from regdial.training.tasks import Dataset
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MAX_PARAMETERS", "MAX_WIDTH", "MODELS", "build_model"]
+
+MAX_WIDTH = 65_536
+"""The widest layer (units or channels) a built-in model may have."""
+MAX_PARAMETERS = 2 * 10**9
+"""The most parameters a built-in model may have (8 GB of float32 weights)."""
+
+
+def _width(field: str, value: object) -> int:
+    return check_int(field, value, low=1, high=MAX_WIDTH)
+
+
+def _flag(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        fail(field, "true or false", value)
+    return value
+
+
+def _channels(value: object) -> list[int]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        fail("model.channels", "a non-empty list of channel counts, like [32, 64]", value)
+    if len(value) > 16:
+        fail("model.channels", "at most 16 stages", Described(f"{len(value)} stages"))
+    return [_width(f"model.channels[{i}]", c) for i, c in enumerate(value)]
 
 
 def _flat_size(shape: Sequence[int]) -> int:
@@ -45,7 +68,8 @@ def linear(data: Dataset) -> nn.Module:
 
 def mlp(data: Dataset, *, depth: int = 2, width: int = 256, batchnorm: bool = False) -> nn.Module:
     depth = check_int("model.depth", depth, low=0, high=64)
-    width = check_int("model.width", width, low=1)
+    width = _width("model.width", width)
+    batchnorm = _flag("model.batchnorm", batchnorm)
     layers: list[nn.Module] = [nn.Flatten()]
     size = _flat_size(data.input_shape)
     for _ in range(depth):
@@ -67,10 +91,12 @@ def cnn(
     data: Dataset, *, channels: Sequence[int] = (32, 64), batchnorm: bool = False, hidden: int = 128
 ) -> nn.Module:
     _need(data, ("image",), "cnn")
+    channels = _channels(channels)
+    batchnorm = _flag("model.batchnorm", batchnorm)
+    hidden = _width("model.hidden", hidden)
     in_channels, height, width = data.input_shape
     layers: list[nn.Module] = []
     for out_channels in channels:
-        out_channels = check_int("model.channels", out_channels, low=1)
         layers.append(nn.Conv2d(in_channels, out_channels, 3, padding=1))
         if batchnorm:
             layers.append(nn.BatchNorm2d(out_channels))
@@ -91,10 +117,11 @@ def cnn(
 
 def cnn1d(data: Dataset, *, channels: Sequence[int] = (32, 64), batchnorm: bool = True) -> nn.Module:
     _need(data, ("signal",), "cnn1d")
+    channels = _channels(channels)
+    batchnorm = _flag("model.batchnorm", batchnorm)
     in_channels, _ = data.input_shape
     layers: list[nn.Module] = []
     for out_channels in channels:
-        out_channels = check_int("model.channels", out_channels, low=1)
         layers.append(nn.Conv1d(in_channels, out_channels, 5, padding=2))
         if batchnorm:
             layers.append(nn.BatchNorm1d(out_channels))
@@ -119,7 +146,8 @@ class _Residual(nn.Module):
 
 def resnet(data: Dataset, *, depth: int = 4, width: int = 64, batchnorm: bool = True) -> nn.Module:
     depth = check_int("model.depth", depth, low=1, high=64)
-    width = check_int("model.width", width, low=1)
+    width = _width("model.width", width)
+    batchnorm = _flag("model.batchnorm", batchnorm)
     if data.input_kind == "tabular" or len(data.input_shape) == 1:
         size = _flat_size(data.input_shape)
         blocks: list[nn.Module] = [
@@ -157,6 +185,8 @@ def build_model(
 ) -> nn.Module:
     """The built-in model ``name`` sized for ``data``, initialized from ``seed``."""
     builder = MODELS[check_choice("model", name, MODELS)]
+    if options is not None and not isinstance(options, dict):
+        fail("model", "a table of model options", options)
     options = dict(options or {})
     known = [p for p in inspect.signature(builder).parameters if p != "data"]
     for key in options:
@@ -166,7 +196,20 @@ def build_model(
                 f"an option of {name} ({', '.join(known) or 'none'})",
                 Described("an unknown option"),
             )
+    _check_size(name, builder, data, options)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model: nn.Module = builder(data, **options)
     return model
+
+
+def _check_size(name: str, builder: Any, data: Dataset, options: dict[str, Any]) -> None:
+    """Refuse a model larger than ``MAX_PARAMETERS`` before allocating it: build it on the
+    ``meta`` device (shapes only, no memory) and count."""
+    with torch.device("meta"):
+        probe: nn.Module = builder(data, **options)
+    count = sum(p.numel() for p in probe.parameters())
+    if count > MAX_PARAMETERS:
+        fail(
+            "model", f"a model of at most {MAX_PARAMETERS:,} parameters", Described(f"{name} with {count:,}")
+        )

@@ -1,0 +1,66 @@
+"""The dial: find the right strengths from validation results.
+
+=========  ==================================================================================
+module     what it holds
+=========  ==================================================================================
+space      ``Space``: the knobs a search may turn and how far (``Range``)
+budget     ``Budget``: epochs, trials or minutes
+trial      ``Trial``: one setting being tried; ``report`` each epoch, ``Pruned`` when stopped
+objective  what a trial trains: regdial's ``fit`` (``FitObjective``) or your code (``UserObjective``)
+path       the warm-started regularization path
+study      the Optuna study: storage, sampler, pruner, heartbeats, budget, the path's claim
+online     ``OnlineController``: the dial turned from inside one run
+search     ``Search``: strategies, the one-standard-error choice, retraining, notes
+result     ``TuneResult`` and its files
+=========  ==================================================================================
+
+The dial imports the training layer and nothing of the reports or the command line.
+``regdial.tune`` (the front end) builds a search from a task, a model and its data, or
+an objective, runs it and writes its report. Names load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from regdial._lazy import lazy
+
+if TYPE_CHECKING:
+    from regdial.dial.budget import Budget
+    from regdial.dial.objective import FitObjective, UserObjective
+    from regdial.dial.online import OnlineController
+    from regdial.dial.result import TuneResult
+    from regdial.dial.search import STRATEGIES, Search
+    from regdial.dial.space import Range, Space
+    from regdial.dial.trial import Pruned, Trial
+
+__all__ = [
+    "STRATEGIES",
+    "Budget",
+    "FitObjective",
+    "OnlineController",
+    "Pruned",
+    "Range",
+    "Search",
+    "Space",
+    "Trial",
+    "TuneResult",
+    "UserObjective",
+]
+
+__getattr__, __dir__ = lazy(
+    globals(),
+    {
+        "Budget": "regdial.dial.budget",
+        "FitObjective": "regdial.dial.objective",
+        "UserObjective": "regdial.dial.objective",
+        "OnlineController": "regdial.dial.online",
+        "TuneResult": "regdial.dial.result",
+        "STRATEGIES": "regdial.dial.search",
+        "Search": "regdial.dial.search",
+        "Range": "regdial.dial.space",
+        "Space": "regdial.dial.space",
+        "Pruned": "regdial.dial.trial",
+        "Trial": "regdial.dial.trial",
+    },
+)

@@ -1,0 +1,148 @@
+"""Other tools' training logs as the rows of a ``History``, so the diagnosis reads anyone's curves.
+
+- A Lightning ``CSVLogger`` ``metrics.csv``: one row per logging call, each with the
+  values logged then (``epoch``, ``step``, ``train_loss``, ``val_loss``, ``val_acc``...;
+  ``_epoch``/``_step`` suffixes when a metric was logged both ways). Rows are grouped by
+  epoch and the last value of each column kept, preferring a metric's epoch-level form.
+- A Hugging Face ``trainer_state.json``: its ``log_history`` holds training entries
+  (``loss``) and evaluation entries (``eval_loss``, ``eval_accuracy``...). Each evaluation
+  becomes a row; its ``train_loss`` is the mean of the training losses logged since the
+  previous evaluation. That is the running loss of the training batches (with dropout
+  on), not a clean evaluation, so the gap reads a little wider than ``fit``'s: the row's
+  metadata says so (``train_loss_source``).
+
+Column names are normalized: ``/`` becomes ``_`` (``val/loss`` -> ``val_loss``), a
+trailing ``_epoch`` is dropped, ``acc`` is spelled ``accuracy``, and Hugging Face's
+``eval_`` prefix is ``val_``. A log without a training and a validation loss is a one-line
+error naming the columns it has.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from regdial._checks import shorten
+from regdial._io import damaged, read_text
+
+__all__ = ["from_lightning_rows", "from_trainer_state", "looks_like_lightning", "normalize", "read_csv"]
+
+
+def normalize(name: str) -> str:
+    """A logged metric's name in regdial's spelling (see the module docstring)."""
+    name = name.strip().replace("/", "_").replace("-", "_").replace(" ", "_")
+    name = name.removesuffix("_epoch")
+    if name.startswith("eval_"):
+        name = "val_" + name[5:]
+    elif name.startswith("valid_"):
+        name = "val_" + name[6:]
+    elif name.startswith("validation_"):
+        name = "val_" + name[11:]
+    if name == "loss":
+        name = "train_loss"
+    if name.endswith("_acc"):
+        name += "uracy"
+    return name
+
+
+def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows and header of a CSV file; a damaged one is one line naming it."""
+    text = read_text(path, "a CSV history")
+    try:
+        reader = csv.DictReader(text.splitlines())
+        header = [h for h in (reader.fieldnames or []) if h]
+        rows = [dict(r) for r in reader]
+    except csv.Error as error:
+        damaged(path, "a CSV history", f"broken CSV ({shorten(str(error), 60)})")
+    if not header:
+        damaged(path, "a CSV history with a header row", "an empty file")
+    return rows, header
+
+
+def looks_like_lightning(header: list[str]) -> bool:
+    """Lightning's CSVLogger writes a ``step`` column beside ``epoch``."""
+    return "step" in header and "epoch" in header
+
+
+Table = tuple[str | None, list[dict[str, float]], dict[str, Any]]
+"""(the task's kind or None, one row per epoch, metadata): what ``History`` is built from."""
+
+
+def _table(rows: list[dict[str, float]], where: str, **meta: Any) -> Table:
+    rows = [r for r in rows if "train_loss" in r and "val_loss" in r]
+    if not rows:
+        damaged(where, "a log with a training and a validation loss per epoch",
+                "none that has both")  # fmt: skip
+    kind = "classification" if "val_accuracy" in rows[0] else "regression" if "val_rmse" in rows[0] else None
+    return kind, rows, meta
+
+
+def from_lightning_rows(rows: list[dict[str, str]], header: list[str], where: str) -> Table:
+    """A Lightning ``CSVLogger`` table as one row per epoch (the last value of each column)."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    steps_only = {normalize(h) for h in header if h.endswith("_step")}
+    for line, record in enumerate(rows, start=2):
+        epoch_text = record.get("epoch", "")
+        if not epoch_text:
+            continue
+        try:
+            epoch = int(float(epoch_text))
+        except ValueError:
+            damaged(where, "a CSV log with numeric epochs", f"{epoch_text!r} at line {line}")
+        row = by_epoch.setdefault(epoch + 1, {"epoch": float(epoch + 1)})  # Lightning counts from 0
+        for name, text in record.items():
+            if not name or name in ("epoch", "step") or text in ("", None):
+                continue
+            key = normalize(name)
+            if key.endswith("_step"):
+                key = key.removesuffix("_step")
+                if key in row and key not in steps_only:
+                    continue  # the epoch-level value of a metric logged both ways wins
+            try:
+                value = float(text)
+            except ValueError:
+                continue
+            if math.isfinite(value) or key in ("train_loss", "val_loss"):
+                row[key] = value
+    return _table([by_epoch[e] for e in sorted(by_epoch)], where, source="lightning", log=where)
+
+
+def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:
+    """A Hugging Face ``trainer_state.json`` as one row per evaluation."""
+    entries = document.get("log_history")
+    if not isinstance(entries, list):
+        damaged(where, "a trainer_state.json with a log_history list", "something else")
+    rows: list[dict[str, float]] = []
+    pending: list[float] = []
+    last_train = math.nan
+    fractional = False
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        if isinstance(entry.get("loss"), int | float):
+            pending.append(float(entry["loss"]))
+        if not isinstance(entry.get("eval_loss"), int | float):
+            continue
+        if pending:
+            last_train = sum(pending) / len(pending)
+            pending = []
+        epoch = float(entry.get("epoch", len(rows) + 1))
+        fractional = fractional or not epoch.is_integer()
+        row = {"epoch": epoch, "train_loss": last_train}
+        for key, value in entry.items():
+            if key.startswith("eval_") and isinstance(value, int | float) and not isinstance(value, bool):
+                if key.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
+                    continue
+                row[normalize(key)] = float(value)
+        if math.isfinite(last_train):
+            rows.append(row)
+    if fractional:  # evaluations inside epochs: number them 1, 2, 3...
+        for index, row in enumerate(rows, start=1):
+            row["epoch_fraction"], row["epoch"] = row["epoch"], float(index)
+    return _table(
+        rows, where, source="huggingface", log=where, train_loss_source="running mean of logged training losses",
+        epoch_unit="evaluation" if fractional else "epoch",
+    )  # fmt: skip

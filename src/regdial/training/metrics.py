@@ -1,0 +1,181 @@
+"""Scoring a model on a split: the loss, the main metric and how uncertain it is.
+
+The main metric of a kind of task, the one a search optimizes:
+
+==============  =========  ==========  =====================================================
+kind            metric     direction   standard error over the split's n samples
+==============  =========  ==========  =====================================================
+classification  accuracy   maximize    binomial: sqrt(p * (1 - p) / n)
+regression      rmse       minimize    delta method: se(MSE) / (2 * RMSE), se(MSE) = sd(e_i^2) / sqrt(n)
+==============  =========  ==========  =====================================================
+
+Every score that decides something comes with that standard error (``accuracy_se``,
+``rmse_se``), so a difference inside noise can be told from a real one. Regression also
+reports R^2 (``1 - SSE/SST`` with the split's own mean). Token-level outputs ``(N, L, C)``
+with labels ``(N, L)`` are scored per token, ignoring label -100 (Hugging Face's padding).
+
+A user's own ``metrics={name: fn}`` are computed once per split on all its outputs and
+targets (``fn(outputs, targets) -> float``), as Hugging Face's ``compute_metrics`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from regdial._checks import Described, fail
+from regdial.training.batches import Adapter, forward, split, to_device
+
+__all__ = ["Direction", "LossFn", "MetricFn", "Tally", "evaluate", "main_metric"]
+
+Direction = Literal["maximize", "minimize"]
+LossFn = Callable[[Tensor, Any], Tensor]
+"""``loss_fn(output, batch) -> scalar tensor``: the user's own loss."""
+MetricFn = Callable[[Tensor, Tensor], float]
+"""``fn(outputs, targets) -> float`` over a whole split."""
+
+IGNORE = -100
+
+
+def main_metric(kind: str | None) -> tuple[str, Direction]:
+    """(the main metric's name, its direction) for a kind of task."""
+    if kind == "classification":
+        return "accuracy", "maximize"
+    if kind == "regression":
+        return "rmse", "minimize"
+    return "loss", "minimize"
+
+
+def _flat(output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Token-level logits (N, L, C) and labels (N, L) as (N*L, C) and (N*L,)."""
+    if output.dim() == 3 and targets.dim() == 2 and output.shape[:2] == targets.shape:
+        return output.reshape(-1, output.shape[-1]), targets.reshape(-1)
+    return output, targets
+
+
+@dataclass
+class Tally:
+    """Running sums over a split; ``scores`` turns them into the loss and metrics.
+
+    Sums, not means, so that data-parallel ranks can add theirs (``reduce``) before any
+    score is computed: every rank then sees the same numbers.
+    """
+
+    loss: float = 0.0
+    count: float = 0.0
+    correct: float = 0.0
+    squared: float = 0.0
+    squared_sq: float = 0.0
+    target_sum: float = 0.0
+    target_sq: float = 0.0
+
+    def reduce(self, reducer: Callable[[list[float]], list[float]]) -> Tally:
+        names = [f.name for f in fields(self)]
+        return Tally(*reducer([getattr(self, n) for n in names]))
+
+    def scores(self, classification: bool) -> dict[str, float]:
+        count = self.count
+        if count == 0:
+            fail("data", "at least one sample to evaluate", Described("an empty split"))
+        scores: dict[str, float] = {"loss": self.loss / count, "count": count}
+        if classification:
+            accuracy = self.correct / count
+            return scores | {
+                "accuracy": accuracy,
+                "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / count),
+            }
+        mse = self.squared / count
+        rmse = math.sqrt(mse)
+        se_mse = math.sqrt(max(self.squared_sq / count - mse * mse, 0.0) / count)
+        spread = self.target_sq - self.target_sum**2 / count
+        return scores | {
+            "rmse": rmse,
+            "rmse_se": se_mse / (2 * rmse) if rmse > 0 else 0.0,
+            "r2": 1.0 - self.squared / spread if spread > 1e-12 * max(self.target_sq, 1.0) else math.nan,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_classes: int | None,
+    device: torch.device,
+    *,
+    loss_fn: LossFn | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
+    adapter: Adapter | None = None,
+    autocast: Callable[[], Any] | None = None,
+    limit: int | None = None,
+    reducer: Callable[[list[float]], list[float]] | None = None,
+) -> dict[str, float]:
+    """Loss and metrics of ``model`` in eval mode over ``batches``, with standard errors.
+
+    Classification: mean cross-entropy, ``accuracy`` and ``accuracy_se``. Regression: mean
+    squared error, ``rmse``, ``rmse_se`` and ``r2``. ``loss_fn`` replaces the loss (its
+    batch mean, weighted by batch size); ``metrics`` add the user's own. ``count`` is the
+    number of samples (tokens, for token-level outputs). ``limit`` stops after the batch
+    that reaches that many samples; ``reducer`` adds the sums of data-parallel ranks.
+    """
+    was_training = model.training
+    model.eval()
+    tally = Tally()
+    kept: tuple[list[Tensor], list[Tensor]] = ([], [])
+    try:
+        for batch in batches:
+            inputs, targets = split(batch, adapter, "val batch")
+            inputs, targets = to_device(inputs, device), targets.to(device)
+            with autocast() if autocast is not None else nullcontext():
+                output = forward(model, inputs)
+            output = output.float()
+            if metrics:
+                kept[0].append(output.cpu())
+                kept[1].append(targets.cpu())
+            n, batch_loss = _tally(tally, output, targets, num_classes)
+            if loss_fn is not None:  # the user's loss replaces the built-in one in the sum
+                tally.loss += float(loss_fn(output, batch)) * n - batch_loss
+            if limit is not None and tally.count >= limit:
+                break
+    finally:
+        model.train(was_training)
+    if reducer is not None:
+        tally = tally.reduce(reducer)
+    scores = tally.scores(num_classes is not None)
+    for name, fn in (metrics or {}).items():
+        scores[name] = float(fn(torch.cat(kept[0]), torch.cat(kept[1])))
+    return scores
+
+
+def _tally(tally: Tally, output: Tensor, targets: Tensor, num_classes: int | None) -> tuple[int, float]:
+    """Add one batch to ``tally``; return its number of samples and its summed loss."""
+    if num_classes is None:
+        if output.numel() != targets.numel():
+            fail("num_classes", "the number of classes for a classifier (one output per sample "
+                 "means regression)", Described(f"None with outputs of shape {tuple(output.shape)}"))  # fmt: skip
+        y = targets.float().reshape(-1)
+        errors = (output.reshape(-1) - y).square()
+        batch_loss = float(errors.sum())
+        tally.squared += batch_loss
+        tally.squared_sq += float(errors.square().sum())
+        tally.target_sum += float(y.double().sum())
+        tally.target_sq += float(y.double().square().sum())
+        n = y.numel()
+    else:
+        flat_out, flat_y = _flat(output, targets)
+        if flat_out.dim() != 2 or flat_out.shape[0] != flat_y.shape[0]:
+            fail("model output", f"logits of shape (N, {num_classes}) for N targets",
+                 Described(f"shape {tuple(output.shape)} for targets {tuple(targets.shape)}"))  # fmt: skip
+        mask = flat_y != IGNORE
+        n = int(mask.sum())
+        batch_loss = float(F.cross_entropy(flat_out, flat_y.long(), reduction="sum", ignore_index=IGNORE))
+        tally.correct += int(((flat_out.argmax(dim=-1) == flat_y) & mask).sum())
+    tally.loss += batch_loss
+    tally.count += n
+    return n, batch_loss

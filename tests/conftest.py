@@ -1,0 +1,21 @@
+"""Test-wide settings: one torch thread per test process, and the ``slow`` marker.
+
+The suite runs in parallel (``pytest -n 2`` in ``make test``); two processes each using
+every core would fight over the same two cores and run slower than one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: an end-to-end test of tens of seconds (deselect with -m 'not slow')"
+    )
