@@ -3,7 +3,8 @@
 # build of it; then regdial, editable, with its development tools.
 #
 #   make demo   set up, then tune digits-small (the main job on its built-in default)
-#   make test   set up, then lint (ruff), format check, type check (mypy) and test (pytest)
+#   make test   set up, then lint (ruff), format check, type check (mypy) and test (pytest, two
+#               processes; `pytest -m "not slow"` skips the end-to-end tests locally)
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -29,7 +30,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

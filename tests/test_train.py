@@ -141,6 +141,7 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     assert without_seconds(rows_a) == without_seconds(rows_b)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     done = interrupt_at(killed, 4, signal.SIGKILL)
@@ -154,6 +155,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     assert_same_run(killed, tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path: Path) -> None:
     stopped = tmp_path / "stopped"
     done = interrupt_at(stopped, 3, signal.SIGINT)
@@ -404,3 +406,20 @@ def test_one_copy_of_the_best_weights(tmp_path: Path, early_stopping: int) -> No
     keys = load_file(str(tmp_path / "checkpoints" / pointer["tensors"])).keys()
     copies = {key.split("/best_state/")[0] for key in keys if "/best_state/" in key}
     assert copies == ({"applied/early_stopping"} if early_stopping else {"best"})
+
+
+def test_a_resume_after_the_best_epoch_keeps_its_setting_and_removes_orphans(tmp_path: Path) -> None:
+    """The settings in force per epoch are checkpointed: a run resumed after its best epoch
+    still says which setting that was. A temporary file a killed write left is removed."""
+    setting = Regularization(dropout=0.1)
+    with pytest.raises(_StopError):
+        fit("wine", setting, epochs=14, lr=0.1, run_dir=tmp_path, checkpoint_seconds=0, progress=False,
+            on_epoch=_stop_at(8))  # fmt: skip
+    orphan = tmp_path / "checkpoints" / ".state-000099.safetensors.abc.tmp"
+    orphan.write_bytes(b"half a file")
+    history = fit("wine", setting, epochs=14, lr=0.1, run_dir=tmp_path, checkpoint_seconds=0, progress=False,
+                  resume=True)  # fmt: skip
+    summary = history.meta["summary"]
+    assert summary["best_epoch"] <= 7  # the best epoch came before the resume
+    assert Regularization.from_dict(summary["best_setting"]) == setting
+    assert not orphan.exists()

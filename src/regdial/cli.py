@@ -117,6 +117,10 @@ def _free_directory(path: Path) -> Path:
 
 def _creatable(field: str, path: Path) -> Path:
     """``path``, after checking a directory can be made there (without making it)."""
+    too_long = [part for part in path.parts if len(part.encode()) > 255]
+    if too_long:
+        fail(field, "a path whose names fit the file system (255 bytes each)",
+             Described(f"a name of {len(too_long[0].encode())} bytes"))  # fmt: skip
     for parent in [path, *path.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -129,10 +133,6 @@ def _creatable(field: str, path: Path) -> Path:
                     Described(f"{shorten(str(parent), 60)} is read-only"),
                 )
             break
-    too_long = [part for part in path.parts if len(part.encode()) > 255]
-    if too_long:
-        fail(field, "a path whose names fit the file system (255 bytes each)",
-             Described(f"a name of {len(too_long[0].encode())} bytes"))  # fmt: skip
     return path
 
 
@@ -232,10 +232,8 @@ def run(
             table = loaded.regularization.to_dict() | _parse_sets(set_)
             loaded = type(loaded)(loaded.run, loaded.model, Regularization.from_dict(table), loaded.tune)
         name = _source(loaded)
-        out_dir, resuming = (
-            _creatable("run.out", _free_directory(Path(loaded.run.out or Path("runs") / name))),
-            False,
-        )
+        wanted = _creatable("run.out", Path(loaded.run.out or Path("runs") / name))
+        out_dir, resuming = _free_directory(wanted), False
     _execute(loaded, out_dir, resuming, progress=None if not quiet else False)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -113,8 +113,12 @@ class Step(Schedule):
     kind: ClassVar[str] = "step"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
-        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        for name in ("values", "milestones"):
+            given = getattr(self, name)
+            if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+                fail(f"Step.{name}", "a sequence of numbers", given)
+            checked = tuple(check_range(f"Step.{name}[{i}]", v) for i, v in enumerate(given))
+            object.__setattr__(self, name, checked)
         if len(self.values) != len(self.milestones) + 1:
             fail(
                 "Step.milestones",
@@ -176,9 +180,16 @@ def schedule_from_dict(data: Mapping[str, Any], field_name: str = "schedule") ->
                 f"a {kind} schedule with keys {sorted(names)}",
                 Described(f"unknown key {key!r}"),
             )
-    kwargs = {k: v for k, v in data.items() if k != "schedule"}
-    if cls is Step:
-        kwargs = {k: tuple(v) for k, v in kwargs.items()}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "schedule":
+            continue
+        if cls is Step:  # values and milestones are lists of numbers
+            if not isinstance(value, list | tuple) or len(value) > 10_000:
+                fail(f"{field_name}.{key}", "a list of numbers", value)
+            kwargs[key] = tuple(check_range(f"{field_name}.{key}[{i}]", v) for i, v in enumerate(value))
+        else:
+            kwargs[key] = check_range(f"{field_name}.{key}", value)
     try:
         return cls(**kwargs)
     except TypeError as error:

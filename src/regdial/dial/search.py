@@ -178,6 +178,7 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # regdial reports trials itself
         self.started = time.monotonic()  # a budget in minutes includes the path
+        self._check_directory()
         if self.strategy == "online":
             result = self._online()
         elif self.strategy == "path":
@@ -185,6 +186,38 @@ class Search:
         else:
             result = self._study_search()
         return self._finish(result)
+
+    def _check_directory(self) -> None:
+        """A directory holds one search: never a run's, never two searches' files mixed."""
+        directory = self.run_dir
+        if directory is None or not directory.exists():
+            return
+        if not directory.is_dir():
+            fail("run_dir", "a directory for the search", Described(f"{shorten(str(directory), 60)}, a file"))
+        is_search = (directory / "result.json").exists() or (directory / "study.db").exists()
+        if not is_search and any(
+            (directory / name).exists() for name in ("history.json", "history.csv", "config.toml")
+        ):
+            fail("run_dir", "a new directory or a search's (this one holds a training run; a search would "
+                 "overwrite its report)", str(directory))  # fmt: skip
+        if (directory / "result.json").is_file():
+            from regdial._io import read_json
+
+            saved = read_json(directory / "result.json", "a search result written by regdial tune")
+            mine = {"strategy": self.strategy, "identity": self.identity, "space": self.space.to_dict()}
+            theirs = {key: saved.get(key) for key in mine} if isinstance(saved, dict) else {}
+            if theirs != mine:
+                differs = next((k for k in mine if theirs.get(k) != mine[k]), "strategy")
+                fail("run_dir", "a new directory, or this same search's to resume (a directory never mixes two "
+                     f"searches; its result has another {differs})", str(directory))  # fmt: skip
+        if (directory / "study.db").is_file() and self.storage_url is None:
+            import optuna
+
+            names = optuna.study.get_all_study_names(open_storage(None, directory))
+            others = [n for n in names if n != self.study_name]
+            if others or (self.strategy in ("path", "online") and names):
+                fail("run_dir", "a new directory, or this same search's to resume (a directory never mixes two "
+                     f"searches; its study.db holds {', '.join(others or names)})", str(directory))  # fmt: skip
 
     def _devices(self, devices: list[str] | None) -> list[str] | None:
         """One device per worker: checked names, and the worker count they imply."""

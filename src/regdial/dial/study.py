@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from regdial._checks import shorten
+from regdial._checks import fail, shorten
 from regdial.dial.budget import Budget
 from regdial.dial.space import Space
 
@@ -73,6 +73,11 @@ def open_storage(url: str | None, run_dir: Path | None) -> Any:
             return optuna.storages.InMemoryStorage()
         run_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{run_dir / 'study.db'}"
+    if not isinstance(url, str) or not url.strip():
+        fail("storage", "an Optuna storage URL (sqlite:///path/study.db, postgresql://...)", url)
+    if url.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or url.startswith("sqlite://:memory:"):
+        fail("storage", "a database file or server that workers share (sqlite:///path/study.db, postgresql://...); "
+             "an in-memory SQLite database is private to one connection", url)  # fmt: skip
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine["connect_args"] = {"timeout": 60}  # several local workers wait for the lock

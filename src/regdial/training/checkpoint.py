@@ -112,7 +112,7 @@ def load_weights(
 
 def has_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` (a run's ``checkpoints/``) has a checkpoint to resume from."""
-    return (directory / "last.json").is_file()
+    return (directory / "last.json").exists()  # a damaged one (even a directory) is named when read
 
 
 def save_checkpoint(directory: Path, state: Mapping[str, Any]) -> Path:

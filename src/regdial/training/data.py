@@ -101,7 +101,8 @@ def _features(x: np.ndarray, path: Path, array: str) -> np.ndarray:
         fail(field, "rows of features (2-D), signals (3-D) or images (4-D)", Described(f"shape {x.shape}"))
     if any(n == 0 for n in x.shape[1:]):
         fail(field, "samples with at least one feature", Described(f"shape {x.shape}"))
-    narrow = x.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are found just below
+        narrow = x.astype(np.float32)
     bad = np.argwhere(~np.isfinite(narrow.reshape(len(narrow), -1)))
     if len(bad):
         wide = np.isfinite(x.astype(np.float64).reshape(len(x), -1)[bad[0][0]]).all()
@@ -128,6 +129,12 @@ def load_data(path: str | Path, *, target: str | None = None, kind: str = "auto"
         arrays = _read_csv(path, target)
     else:
         fail("data", "a .npz or .csv file", str(path))
+    carve = ("x_val" not in arrays) + ("x_test" not in arrays)
+    rows = len(arrays["x"]) if np.ndim(arrays["x"]) else 0
+    if rows < MIN_ROWS + carve * 2:
+        fail(
+            _where(path, "x"), f"at least {MIN_ROWS + carve * 2} rows (enough for the splits it needs)", rows
+        )
     for x_name, y_name in (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test")):
         if (x_name in arrays) != (y_name in arrays):
             present, missing = (x_name, y_name) if x_name in arrays else (y_name, x_name)
@@ -147,10 +154,6 @@ def load_data(path: str | Path, *, target: str | None = None, kind: str = "auto"
     labels, task_kind, class_names = _labels(np.concatenate([arrays[n] for n in names]), path, kind)
     offsets = np.cumsum([0] + [len(arrays[n]) for n in names])
     ys = {name: labels[offsets[i] : offsets[i + 1]] for i, name in enumerate(names)}
-    carve = ("x_val" not in xs) + ("x_test" not in xs)
-    if len(xs["x"]) < MIN_ROWS + carve * 2:
-        fail(_where(path, "x"), f"at least {MIN_ROWS + carve * 2} rows (enough for the splits it needs)",
-             len(xs["x"]))  # fmt: skip
     x, y = xs["x"], ys["y"]
     stratify = task_kind == "classification" and np.bincount(y).min() >= 3
     test_carved = "x_test" not in xs

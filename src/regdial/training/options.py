@@ -119,6 +119,10 @@ def describe_field(annotation: Any, metadata: list[Any] | None = None) -> str:
         return "an integer" + _interval(metadata)
     if annotation is float:
         return "a number" + _interval(metadata)
+    if origin is dict or annotation is dict:
+        return "a table"
+    if origin is list or annotation is list:
+        return "a list"
     if annotation is str:
         pattern = next((m.pattern for m in metadata if getattr(m, "pattern", None)), None)
         longest = next((m.max_length for m in metadata if getattr(m, "max_length", None)), None)
