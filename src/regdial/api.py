@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from regdial._checks import Described, check_choice, fail
-from regdial.dial.objective import FitObjective, UserObjective, import_name
+from regdial.dial.objective import FitObjective, UserObjective, import_name, import_string
 from regdial.dial.result import TuneResult
 from regdial.dial.search import Search
 from regdial.dial.space import Space
@@ -157,6 +157,11 @@ def _objective(
         "metric_name": metric, "num_classes": num_classes, "kind": kind,
     }  # fmt: skip
     has_data = train is not None or val is not None or data is not None
+    for name, value in (("model", model), ("data", data)):
+        if isinstance(value, str) and ":" in value and not _is_file(value):
+            import_string(
+                value, name
+            )  # a model or data that does not import: one line, before anything is written
     if isinstance(task, nn.Module):
         fail("task", "a function returning a fresh model for each trial (like Hugging Face's model_init), "
              "not a model", Described(f"a {type(task).__name__} instance"))  # fmt: skip

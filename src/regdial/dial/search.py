@@ -406,8 +406,10 @@ class Search:
         result.notes += notes(result)
         if self.run_dir is not None:
             run_table = model_table = None
-            if isinstance(self.objective, FitObjective):
-                run_table, model_table = run_tables(self.objective)
+            if isinstance(self.objective, FitObjective) and self.objective.dataset is not None:
+                run_table, model_table = run_tables(
+                    self.objective
+                )  # loaders in memory: [regularization] only
             result.write(self.run_dir, run_table, model_table)
         return result
 

@@ -250,6 +250,7 @@ def fit(
             task, model=model, model_options=model_options, train=train, val=val, test=test,
             num_classes=num_classes, kind=kind, options=options, adapter=batch_to_inputs, distributed=distributed,
         )  # fmt: skip
+        source.seed(options.seed)
         net.to(target)
         if initial_weights is not None:
             net.load_state_dict(dict(initial_weights))
@@ -551,6 +552,7 @@ class _Run:
                 "setting": self.setting.to_dict(),
             },
             "history": self.history.to_dict(),
+            "source": self.source.state_dict(),
         }
         if self.best is not self.applied.early_stopping:
             state["best"] = self.best.state_dict()
@@ -593,6 +595,7 @@ class _Run:
             self.applied.load_state_dict(state["applied"])
             if "best" in state:
                 self.best.load_state_dict(state["best"])
+            self.source.load_state_dict(state.get("source", {}))
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
             controller_load = getattr(self.controller, "load_state_dict", None)

@@ -7,9 +7,12 @@ of each global batch. Its clean train metrics use a fixed, seeded subset of the 
 data.
 
 ``LoaderSource`` walks the user's DataLoaders (or any re-iterable of batches) as they
-are; a DataLoader whose sampler has ``set_epoch`` (a ``DistributedSampler``) is told the
-epoch first, so its order too is a function of the seed and the epoch. Its clean train
-metrics use the first ``train_eval_size`` samples of the training loader.
+are. A DataLoader that shuffles with its own ``generator`` has it seeded from ``seed`` at
+the start of the run (and its state checkpointed), so every trial of a search sees the
+same batches and a resumed run continues the same order; one without a generator
+shuffles with torch's global generator, which ``fit`` seeds. A sampler with
+``set_epoch`` (a ``DistributedSampler``) is told the epoch first. Its clean train metrics
+use the first ``train_eval_size`` samples of the training loader.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ class Source:
     num_classes: int | None
     input_kind: str | None
     train_eval_size: int
+
+    def seed(self, seed: int) -> None:
+        """Seed whatever draws the batch order (nothing for tensors: their order is seeded)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``."""
 
     def batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any, float]]:
         """(index, batch, weight) from batch ``skip`` on; ``weight`` scales the local loss
@@ -80,7 +92,7 @@ class TensorSource(Source):
     ) -> None:
         kind_classes = data.num_classes if data.kind == "classification" else None
         super().__init__(data.name, data.kind, kind_classes, data.input_kind, train_eval_size)
-        self.data, self.batch_size, self.seed, self.distributed = data, batch_size, seed, distributed
+        self.data, self.batch_size, self.order_seed, self.distributed = data, batch_size, seed, distributed
         generator = torch.Generator().manual_seed(seed)
         subset = torch.randperm(len(data.x_train), generator=generator)[:train_eval_size]
         self._train_eval = (data.x_train[subset], data.y_train[subset])
@@ -91,7 +103,7 @@ class TensorSource(Source):
         return rows[self.distributed.rank :: self.distributed.world]
 
     def batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any, float]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(self.order_seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.data.x_train), generator=generator)
         chunks = torch.split(order, self.batch_size)
         world = 1 if self.distributed is None else self.distributed.world
@@ -138,6 +150,24 @@ class LoaderSource(Source):
         self.train = check_reiterable("train", train)
         self.val = check_reiterable("val", val)
         self.test = None if test is None else check_reiterable("test", test)
+
+    def _generator(self) -> torch.Generator | None:
+        found = getattr(self.train, "generator", None)
+        return found if isinstance(found, torch.Generator) else None
+
+    def seed(self, seed: int) -> None:
+        generator = self._generator()
+        if generator is not None:
+            generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        generator = self._generator()
+        return {} if generator is None else {"generator": generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        generator = self._generator()
+        if generator is not None and "generator" in state:
+            generator.set_state(state["generator"].to("cpu", torch.uint8))
 
     def batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any, float]]:
         sampler = getattr(self.train, "sampler", None)

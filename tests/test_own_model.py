@@ -1,0 +1,261 @@
+"""The dial on the user's own model, data and training code (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import regdial
+from regdial import Regularization, Space, Trial, fit, tune
+from regdial.diagnosis import diagnose
+from regdial.training.history import History
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.0),
+                                  nn.Linear(8 * 8 * 8, 10))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = self.body(x)
+        return output
+
+
+def loaders(n: int = 240, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x[: 2 * n] / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(y[: 2 * n])
+    third = 2 * n // 3
+    return (
+        DataLoader(TensorDataset(x[:third], y[:third]), batch_size=32, shuffle=True,
+                   generator=torch.Generator().manual_seed(seed)),
+        DataLoader(TensorDataset(x[third : 2 * third], y[third : 2 * third]), batch_size=128),
+        DataLoader(TensorDataset(x[2 * third :], y[2 * third :]), batch_size=128),
+    )  # fmt: skip
+
+
+def test_your_cnn_and_loaders_through_tune(tmp_path: Path) -> None:
+    train, val, test = loaders()
+    run = tmp_path / "mine"
+    result = tune(TinyCNN, train=train, val=val, test=test, num_classes=10, epochs=3, budget="3 trials",
+                  strategy="tpe", run_dir=run)  # fmt: skip
+    assert set(Space.for_model(TinyCNN(), "classification").knobs) == {
+        "weight_decay",
+        "dropout",
+        "label_smoothing",
+    }
+    assert {"result.json", "best.toml", "trials.csv", "study.db", "report.html", "best"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert "test_accuracy" in result.baseline and "test_accuracy" in result.tuned
+    assert Regularization.from_toml(run / "best.toml") == result.best_setting
+    assert (run / "best" / "baseline" / "summary.json").is_file()
+    first = [(t["number"], t["value"]) for t in result.trials]
+    again = tune(TinyCNN, train=train, val=val, test=test, num_classes=10, epochs=3, budget="3 trials",
+                 strategy="tpe", run_dir=run, retrain=False)  # fmt: skip
+    assert [(t["number"], t["value"]) for t in again.trials] == first  # resumed: nothing trained twice
+    # Every trial saw the same batches: the loader's own generator is seeded per run.
+    torch.manual_seed(0)
+    one = fit(TinyCNN(), Regularization(), train=train, val=val, num_classes=10, epochs=2, progress=False)
+    torch.manual_seed(0)
+    two = fit(TinyCNN(), Regularization(), train=train, val=val, num_classes=10, epochs=2, progress=False)
+    assert one.rows[-1]["val_loss"] == two.rows[-1]["val_loss"]
+
+
+def test_a_classifier_without_num_classes_is_one_line() -> None:
+    train, val, _ = loaders(60)
+    with pytest.raises(
+        ValueError, match=r"^num_classes must be the number of classes: your targets are class labels"
+    ):
+        tune(TinyCNN, train=train, val=val, epochs=1, budget="1 trials")
+    with pytest.raises(
+        ValueError, match=r"^num_classes must be the number of classes: your targets are class labels"
+    ):
+        fit(TinyCNN(), train=train, val=val, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"^task must be a function returning a fresh model for each trial"):
+        tune(TinyCNN(), train=train, val=val, num_classes=10)
+
+
+def test_a_one_time_iterator_is_refused() -> None:
+    train, val, _ = loaders(60)
+    with pytest.raises(ValueError, match=r"^train must be a DataLoader or another re-iterable of batches .* got a "
+                       r"one-time iterator \(generator\)"):  # fmt: skip
+        fit(TinyCNN(), train=(b for b in train), val=val, num_classes=10, epochs=1, progress=False)
+
+
+class DictModel(nn.Module):
+    """Hugging Face style: keyword inputs, an output object with ``.logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> object:
+        return type("Output", (), {"logits": self.linear(self.dropout(features))})()
+
+
+def test_fit_with_dict_batches_your_loss_metric_and_optimizer_class() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    batches = [{"features": x[i : i + 20], "labels": y[i : i + 20]} for i in range(0, 80, 20)]
+    val = [{"features": x[80:], "labels": y[80:]}]
+    calls = {"loss": 0}
+
+    def loss_fn(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls["loss"] += 1
+        return F.cross_entropy(output, batch["labels"])
+
+    def macro_recall(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        predicted = outputs.argmax(dim=1)
+        recalls = [float((predicted[targets == c] == c).float().mean()) for c in targets.unique()]
+        return sum(recalls) / len(recalls)
+
+    model = DictModel()
+    history = fit(model, Regularization(dropout=0.1), train=batches, val=val, num_classes=3, epochs=30,
+                  optimizer=torch.optim.Adam, lr=0.05, loss_fn=loss_fn, metrics={"recall": macro_recall},
+                  metric="recall", progress=False)  # fmt: skip
+    assert calls["loss"] >= 30 * len(batches)
+    assert history.metric == "recall" and "val_recall" in history.columns
+    assert history.rows[-1]["val_recall"] > 0.6
+    assert model.dropout.p == 0.1
+
+
+def test_an_objective_is_tuned_and_pruned() -> None:
+    """Your own loop as an objective: its reports are a History, and pruning stops trials."""
+    x = torch.randn(200, 10, generator=torch.Generator().manual_seed(1))
+    y = (x[:, :3].sum(dim=1) > 0).long()
+
+    def train(setting: Regularization, trial: Trial) -> None:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Dropout(0.0), nn.Linear(64, 2))
+        applied = setting.apply(model, lambda groups: torch.optim.AdamW(groups, lr=3e-3), num_classes=2)
+        for epoch in range(1, trial.epochs + 1):
+            model.train()
+            for i in range(0, 120, 20):
+                xb, yb = applied.batch(x[i : i + 20], y[i : i + 20])
+                loss = applied.loss(model(xb), yb)
+                applied.optimizer.zero_grad()
+                loss.backward()
+                applied.optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                train_loss = float(F.cross_entropy(model(x[:120]), y[:120]))
+                logits = model(x[120:])
+                val_loss = float(F.cross_entropy(logits, y[120:]))
+                accuracy = float((logits.argmax(1) == y[120:]).float().mean())
+            trial.report(epoch, train_loss=train_loss, val_loss=val_loss, val_accuracy=accuracy)
+
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.6)})
+    result = tune(train, space=space, metric="val_accuracy", epochs=8, budget="10 trials")
+    pruned = [t for t in result.trials if t["state"] == "pruned"]
+    assert pruned and all(t["epochs"] < 8 for t in pruned)
+    assert result.path and result.retrain["baseline"]["final"]["val_accuracy"] > 0
+    assert math.isfinite(result.best_value)
+
+
+def test_module_function_strings_with_two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "mine.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def make_model(input_shape=None, num_classes=None):
+            return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 2))
+
+        def make_loaders():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(160, 5, generator=g)
+            y = (x[:, 0] > 0).long()
+            return DataLoader(TensorDataset(x[:120], y[:120]), batch_size=20), DataLoader(TensorDataset(x[120:], y[120:]))
+    '''))  # fmt: skip
+    monkeypatch.syspath_prepend(str(package))
+    result = tune("mine:make_model", data="mine:make_loaders", num_classes=2, epochs=2, budget="4 trials",
+                  strategy="tpe", workers=2, run_dir=tmp_path / "search", retrain=False)  # fmt: skip
+    assert sum(t["state"] == "complete" for t in result.trials) == 4
+    with pytest.raises(
+        ValueError, match=r"^workers must be 1 when the model, data, loss or metrics are Python objects"
+    ):
+        tune(
+            lambda: nn.Linear(5, 2),
+            data="mine:make_loaders",
+            num_classes=2,
+            workers=2,
+            run_dir=tmp_path / "x",
+        )
+    with pytest.raises(
+        ValueError, match=r"^model must be a module that imports, got 'nosuch': ModuleNotFoundError"
+    ):
+        tune("nosuch:make_model", data="mine:make_loaders", num_classes=2, run_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_cli_trains_your_model_on_your_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from regdial.cli import main
+
+    (tmp_path / "models.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        def make_model(input_shape, num_classes):
+            return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))
+    '''))  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main(
+        [
+            "run",
+            "--model",
+            "models:make_model",
+            "--data",
+            "mine.npz",
+            "--epochs",
+            "2",
+            "--out",
+            "run",
+            "--quiet",
+        ]
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--model", "models:nothing", "--data", "mine.npz", "--out", "stray", "--quiet"])
+    assert done.value.code == 2 and not (tmp_path / "stray").exists()
+
+
+def test_diagnose_reads_lightning_and_hugging_face_logs() -> None:
+    lightning = History.load(FIXTURES / "lightning_metrics.csv")
+    assert len(lightning) == 12 and lightning.metric == "accuracy"
+    reading = diagnose(lightning)
+    assert reading.state == "overfitting" and reading.overfit_epoch is not None
+    hugging_face = History.load(FIXTURES / "trainer_state.json")
+    assert hugging_face.meta["source"] == "huggingface" and len(hugging_face) == 10
+    assert diagnose(hugging_face).state == "overfitting"
+    assert regdial.diagnose is diagnose
+
+
+def test_diagnose_uses_the_runs_own_setting() -> None:
+    history = fit("wine", Regularization(weight_decay=0.05), epochs=3, progress=False)
+    advice = diagnose(history)
+    if advice.direction > 0:
+        assert "0.05" in advice.message and "0 ->" not in advice.message
+    assert history.meta["setting"]["weight_decay"] == 0.05
