@@ -19,3 +19,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: an end-to-end test of tens of seconds (deselect with -m 'not slow')"
     )
+
+
+# A dead worker's trial is taken over after a short silence here (the default is 8 s), so
+# the tests that kill workers do not sit out long grace periods. Child processes inherit it.
+os.environ.setdefault("REGDIAL_HEARTBEAT", "1,5")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from fuzzing import DAMAGES, FILES, check, commands, configs, damage, data_files, invoke, record, scratch
 
 # Examples per kind of input in the suite; damaged directories cost a report each, so fewer.
-EXAMPLES = int(os.environ.get("REGDIAL_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("REGDIAL_FUZZ_EXAMPLES", "14"))
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("REGDIAL_FUZZ_EXAMPLES"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],

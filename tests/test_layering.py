@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SOURCE = Path(__file__).resolve().parent.parent / "src" / "regdial"
 
 # Each module's layer; a module may import its own layer and those with a lower number.
@@ -182,15 +180,24 @@ def test_building_blocks_and_the_setting_import_torch_alone() -> None:
     assert [m for m in modules if layer(m) > layer("regdial.setting") and m != "regdial"] == []
 
 
-@pytest.mark.parametrize(
-    ("package", "forbidden"),
-    [
-        ("regdial.blocks", ("regdial.training", "regdial.dial", "regdial.reports", "regdial.cli", "regdial.api")),
-        ("regdial.training", ("regdial.dial", "regdial.reports", "regdial.cli", "regdial.api", "regdial.config")),
+def test_each_package_loads_nothing_above_it() -> None:
+    """In one fresh interpreter, lowest layer first: after importing every module of a
+    package, nothing of the layers above it has been loaded."""
+    steps = [
+        (
+            "regdial.blocks",
+            ("regdial.training", "regdial.dial", "regdial.reports", "regdial.cli", "regdial.api"),
+        ),
+        (
+            "regdial.training",
+            ("regdial.dial", "regdial.reports", "regdial.cli", "regdial.api", "regdial.config"),
+        ),
         ("regdial.dial", ("regdial.reports", "regdial.cli", "regdial.api", "regdial.config")),
-    ],
-)  # fmt: skip
-def test_each_package_loads_nothing_above_it(package: str, forbidden: tuple[str, ...]) -> None:
-    names = sorted(name for name in MODULES if name.startswith(package + ".") or name == package)
-    modules, _ = loaded_after("\n".join(f"import {name}" for name in names))
-    assert [m for m in modules if m.startswith(forbidden)] == []
+    ]
+    probe = ["import sys"]
+    for package, forbidden in steps:
+        names = sorted(name for name in MODULES if name.startswith(package + ".") or name == package)
+        probe += [f"import {name}" for name in names]
+        probe.append(f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
+    out = subprocess.run([sys.executable, "-c", "\n".join(probe)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]"] * len(steps)

@@ -7,6 +7,7 @@ import math
 import textwrap
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,7 @@ def test_an_objective_is_tuned_and_pruned() -> None:
     assert math.isfinite(result.best_value)
 
 
+@pytest.mark.slow
 def test_module_function_strings_with_two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     package = tmp_path / "pkg"
     package.mkdir()
@@ -189,6 +191,12 @@ def test_module_function_strings_with_two_workers(tmp_path: Path, monkeypatch: p
     result = tune("mine:make_model", data="mine:make_loaders", num_classes=2, epochs=2, budget="4 trials",
                   strategy="tpe", workers=2, run_dir=tmp_path / "search", retrain=False)  # fmt: skip
     assert sum(t["state"] == "complete" for t in result.trials) == 4
+    study = optuna.load_study(
+        study_name="regdial-make_model-tpe", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}"
+    )
+    assert (
+        len({t.user_attrs["worker"] for t in study.get_trials() if t.state.name == "COMPLETE"}) == 2
+    )  # really two processes, one SQLite study
     with pytest.raises(
         ValueError, match=r"^workers must be 1 when the model, data, loss or metrics are Python objects"
     ):

@@ -124,7 +124,12 @@ def test_csv_with_text_labels(tmp_path: Path) -> None:
             r"^data.npz: y must be at least 2 classes, got 1$",
         ),
         (
-            {"x": np.zeros((20, 2)), "y": np.arange(20) % 2, "x_val": np.zeros((2, 3)), "y_val": np.arange(2)},
+            {
+                "x": np.zeros((20, 2)),
+                "y": np.arange(20) % 2,
+                "x_val": np.zeros((2, 3)),
+                "y_val": np.arange(2),
+            },
             {},
             r"^data.npz: x_val/x_test must be the same feature shape as x",
         ),

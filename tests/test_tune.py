@@ -283,16 +283,6 @@ def test_cli_tune_bad_space_in_config(tmp_path: Path, capsys: pytest.CaptureFixt
 # -- many workers, one study --------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_two_local_workers_share_the_sqlite_study(tmp_path: Path) -> None:
-    tune(
-        "wine", WINE, epochs=2, budget="4 trials", strategy="tpe", workers=2, run_dir=tmp_path, retrain=False
-    )
-    trials = study_of(tmp_path, "regdial-wine-tpe").get_trials()
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
-    assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) == 2
-
-
 NO_POSTGRES = available()
 
 

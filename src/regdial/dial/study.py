@@ -57,7 +57,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT = (2, 8)
+
+def _heartbeat_setting() -> tuple[int, int]:
+    """``REGDIAL_HEARTBEAT="2,8"``: seconds between a trial's heartbeats, and seconds of
+    silence after which a trial is stale (its worker died). A longer grace period suits
+    machines that pause for long (swapping, suspended VMs); it delays taking over a dead
+    worker's share of the budget by as much."""
+    import os
+
+    text = os.environ.get("REGDIAL_HEARTBEAT", "2,8")
+    try:
+        interval, grace = (int(part) for part in text.split(","))
+    except ValueError:
+        fail("REGDIAL_HEARTBEAT", "two whole numbers of seconds, like '2,8'", text)
+    if not 1 <= interval < grace <= 3600:
+        fail("REGDIAL_HEARTBEAT", "an interval of at least 1 s below a grace period of at most 3600 s", text)
+    return interval, grace
+
+
+HEARTBEAT = _heartbeat_setting()
 """(seconds between a trial's heartbeats, seconds of silence after which it is stale)."""
 ROLE = "role"
 """The user attribute that marks a study's bookkeeping trials (the path's claim)."""
