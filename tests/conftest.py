@@ -24,3 +24,10 @@ def pytest_configure(config: pytest.Config) -> None:
 # A dead worker's trial is taken over after a short silence here (the default is 8 s), so
 # the tests that kill workers do not sit out long grace periods. Child processes inherit it.
 os.environ.setdefault("REGDIAL_HEARTBEAT", "1,5")
+
+# Pre-trained weights (regdial.training.pretrained) are made once per test session, in a
+# cache of its own: never the user's, and shared by the parallel test processes.
+if "REGDIAL_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["REGDIAL_CACHE"] = os.path.join(tempfile.gettempdir(), f"regdial-test-cache-{os.getppid()}")

@@ -92,3 +92,16 @@ def test_example_tune_configs_run(path: Path, tmp_path: Path) -> None:
     assert (out / "best.toml").is_file()
     main(["run", str(out / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["tune_huggingface.py", "tune_lightning.py", "tune_own_model.py"])
+def test_the_tuning_examples_run(script: str, tmp_path: Path) -> None:
+    """Each example, on a tiny budget: the path runs, a report is written, the baseline is there."""
+    pytest.importorskip(
+        "transformers" if "huggingface" in script else "lightning" if "lightning" in script else "torch"
+    )
+    example = load(script)
+    result = example.main("3 trials", 4, str(tmp_path / "run"))
+    assert result.path and (tmp_path / "run" / "report.html").is_file()
+    assert "val_accuracy" in result.baseline

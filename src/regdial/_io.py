@@ -57,6 +57,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         with tmp.open("rb+") as file:
             os.fsync(file.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a run's files are as readable as any other
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -119,6 +119,7 @@ class Applied:
         self._augment_options = dict(augment_options or {})
         self.handles: list[RemovableHandle] = []
         self.progress = 0.0
+        self.calls = {"batch": 0, "loss": 0}  # lets a trainer callback check that a loop uses them
 
         initial_decay = resolve(setting.weight_decay, 0.0)
         groups = param_groups(model, initial_decay, exclude=setting.exclude, include=setting.include)
@@ -235,6 +236,7 @@ class Applied:
         Returns the inputs and targets to train on: soft targets (class probabilities)
         when mixing is on, else the targets as given.
         """
+        self.calls["batch"] += 1
         if self.setting.augment:
             x = self._augmenter(x)(x)
         if self.noise is not None:
@@ -267,6 +269,7 @@ class Applied:
         Token-level logits ``(N, L, C)`` with labels ``(N, L)`` are scored per token, and
         label -100 (Hugging Face's padding) is ignored.
         """
+        self.calls["loss"] += 1
         if self.num_classes is None:
             if output.numel() != targets.numel():
                 fail(

@@ -46,7 +46,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,11 @@ class Penalty(Scheduled, ABC):
             identity.
         foreach: ``None`` or ``True`` for the fast path, ``False`` for the reference loop.
     """
+
+    warmup: ClassVar[bool] = True
+    """Whether ``attach_prox`` warms this penalty up in an adaptive optimizer's metric (see
+    ``regdial.blocks.proximal``): a shrink toward zero at an exploding step size destroys
+    weights; L2-SP's pull toward the starting point does not, and has none."""
 
     def __init__(self, strength: Strength, *, foreach: bool | None = None) -> None:
         self.strength = strength
@@ -509,8 +514,12 @@ class L2SP(Penalty):
 
     Parameters with no anchor of the same name and shape (a new classification head) are
     left alone by ``value`` and ``prox_``; give them an ``L2`` of their own. The anchor is
-    copied, so it costs one more copy of the anchored weights in memory.
+    copied, so it costs one more copy of the anchored weights in memory. Its proximal step
+    has no warm-up: at the start the weights are the anchor, so a large early step can only
+    hold them there.
     """
+
+    warmup: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -228,8 +228,13 @@ class FitObjective:
         data = self.dataset
         if data is not None and not self.own_model:
             from regdial.training.fit import default_model
+            from regdial.training.tasks import TASKS
 
-            return Space.default(data, self.model or default_model(self.task, data), base)
+            spec = TASKS.get(self.task) if self.task is not None else None
+            fine_tuning = spec is not None and spec.source is not None
+            return Space.default(
+                data, self.model or default_model(self.task, data), base, fine_tuning=fine_tuning
+            )
         input_kind = data.input_kind if data is not None else None
         return Space.for_model(self.build_model(), self.task_kind, input_kind, base)
 

@@ -140,11 +140,19 @@ class Space:
     # -- building -----------------------------------------------------------------------
 
     @classmethod
-    def default(cls, data: Dataset, model: str | None = None, base: Regularization | None = None) -> Space:
-        """The default space for ``data`` and ``model`` (see the module docstring)."""
+    def default(
+        cls,
+        data: Dataset,
+        model: str | None = None,
+        base: Regularization | None = None,
+        *,
+        fine_tuning: bool = False,
+    ) -> Space:
+        """The default space for ``data`` and ``model`` (see the module docstring); a
+        fine-tuning task (one that starts from pre-trained weights) also searches L2-SP."""
         if model == "linear":
             return cls({"l1": (1e-3, 3.0), "l2": (1e-3, 3.0)}, base)
-        names = ["weight_decay", "dropout"]
+        names = ["weight_decay", "dropout"] + (["l2sp"] if fine_tuning else [])
         names += {"image": ["label_smoothing", "augment"], "signal": ["augment"]}.get(
             data.input_kind, ["noise"]
         )

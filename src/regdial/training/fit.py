@@ -53,8 +53,8 @@ from regdial.training.devices import Precision, resolve_device, rng_state, set_r
 from regdial.training.distributed import Distributed
 from regdial.training.history import History, higher_is_better
 from regdial.training.metrics import LossFn, MetricFn, evaluate, main_metric
-from regdial.training.models import build_model
 from regdial.training.options import RunOptions
+from regdial.training.pretrained import start_model
 from regdial.training.progress import Interrupt, ProgressBar
 from regdial.training.source import LoaderSource, Source, TensorSource
 from regdial.training.tasks import TASKS, Dataset, load_task
@@ -143,7 +143,7 @@ def _source(
     net = (
         model
         if isinstance(model, nn.Module)
-        else build_model(model_name, data, dict(model_options or {}), seed=options.seed)
+        else start_model(task, model_name, data, model_options, options.seed)
     )
     batch_size = int(options.batch_size or 32)
     if distributed is not None:

@@ -13,7 +13,15 @@ sparse-regression  linear          100 features, 10 informative (the support is 
 breast-cancer      mlp             sklearn's breast cancer, 30 features, 2 classes
 wine               mlp             sklearn's wine, 13 features, 3 classes, 106 to train
 waveforms          cnn1d           generated 1-D signals: sine, square or triangle
+digits-transfer    cnn             fine-tuning: a CNN pre-trained on 1000 clean digits,
+                                   then 30 digits of another look (lower contrast,
+                                   noise) to fine-tune on; 300 to validate, 467 to test
 =================  ==============  =================================================
+
+A task with a ``source`` starts from pre-trained weights: its model is first trained on
+the source data (by ``regdial.training.pretrained``, cached in the user's cache
+directory), the way a user fine-tunes a downloaded checkpoint. ``L2SP`` then pulls
+toward those weights.
 
 The user's own files (``.npz``, ``.csv``) become a ``Dataset`` through
 ``regdial.training.data.load_data``.
@@ -84,6 +92,8 @@ class TaskSpec:
     batch_size: int = 32
     lr: float = 1e-3
     augment_options: dict[str, Any] = field(default_factory=dict)
+    source: Callable[[], Dataset] | None = None  # the data the model is pre-trained on
+    pretrain_epochs: int = 20
 
 
 def split_arrays(
@@ -195,6 +205,38 @@ def _waveforms(seed: int) -> Dataset:
     )  # fmt: skip
 
 
+def _transfer_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The digits split once, by a fixed permutation: 1000 source images, clean, and the
+    other 797 in the target's look (contrast 0.6 on a 0.2 floor, and a fixed noise field
+    of std 0.1), so that pre-training never sees a target image."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).reshape(-1, 1, 8, 8)
+    order = np.random.default_rng(123).permutation(len(x))
+    source, target = order[:1000], order[1000:]
+    shifted = x[target] * 0.6 + 0.2 + 0.1 * np.random.default_rng(7).normal(size=x[target].shape)
+    return x[source], y[source], shifted, y[target]
+
+
+def _digits_source() -> Dataset:
+    xs, ys, _, _ = _transfer_arrays()
+    (xv, yv), (xt, yt) = split_arrays(xs, ys, (100,), 0, stratify=True)
+    parts = [to_tensors(a, b, "classification") for a, b in ((xt, yt), (xv, yv))]
+    return Dataset("digits-source", "classification", "image", *parts[0], *parts[1], None, None, num_classes=10,
+                   description="1000 clean digits, the source of digits-transfer's pre-training")  # fmt: skip
+
+
+def _digits_transfer(seed: int) -> Dataset:
+    _, _, xt, yt = _transfer_arrays()
+    (xtr, ytr), (xv, yv), (xte, yte) = split_arrays(xt, yt, (30, 300), seed, stratify=True)
+    parts = [to_tensors(a, b, "classification") for a, b in ((xtr, ytr), (xv, yv), (xte, yte))]
+    return Dataset(
+        "digits-transfer", "classification", "image", *parts[0], *parts[1], *parts[2], num_classes=10,
+        description="fine-tune a CNN pre-trained on clean digits to 30 digits of another look",
+    )  # fmt: skip
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
@@ -209,6 +251,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("wine", "sklearn wine, 3 classes, 106 training rows", lambda s: _sklearn_tabular(
             "wine", "load_wine", s), "mlp", 60, batch_size=16),
         TaskSpec("waveforms", "generated 1-D signals, 3 shapes", _waveforms, "cnn1d", 100, lr=3e-3),
+        TaskSpec("digits-transfer", "fine-tuning: pre-trained on clean digits, 30 shifted ones to adapt to",
+                 _digits_transfer, "cnn", 60, batch_size=16, lr=3e-3,
+                 augment_options={"flip": False, "color": False, "erase": False}, source=_digits_source),
     )
 }  # fmt: skip
 

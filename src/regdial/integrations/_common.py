@@ -1,0 +1,247 @@
+"""What both trainer callbacks share: wiring a setting into a trainer's optimizer, the
+evaluated weights (EMA), early stopping, the History rows and the end-of-run files.
+
+A trainer builds its own optimizer before any callback can act. ``regroup`` rebuilds its
+parameter groups in place (before the first step, when no state exists) along
+``param_groups``' split, keeping every hyperparameter the trainer chose, so that weight
+decay, the proximal penalties and max-norm act on the weights only. ``Session`` then
+applies the setting through ``Applied`` and keeps what a run records.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from regdial._checks import Described, fail
+from regdial.applied import Applied
+from regdial.blocks.groups import param_groups
+from regdial.blocks.stopping import EarlyStopping
+from regdial.dial.trial import Pruned, Trial
+from regdial.setting import Regularization
+from regdial.training.history import History, higher_is_better
+
+__all__ = ["CONFIG_DROPOUT", "Session", "regroup", "set_config_dropout", "unwrap"]
+
+logger = logging.getLogger("regdial.integrations")
+
+CONFIG_DROPOUT = (
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "hidden_dropout", "attention_dropout", "dropout",
+    "activation_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout", "summary_first_dropout",
+)  # fmt: skip
+"""Configuration fields through which Hugging Face models read their dropout rates."""
+
+
+def set_config_dropout(model: nn.Module, rate: float) -> list[str]:
+    """Write ``rate`` into the model's config (``model.config``) so a saved model reloads with it."""
+    config = getattr(model, "config", None)
+    changed = []
+    for name in CONFIG_DROPOUT:
+        if (
+            config is not None
+            and isinstance(getattr(config, name, None), float | int)
+            and not isinstance(getattr(config, name), bool)
+        ):
+            setattr(config, name, float(rate))
+            changed.append(name)
+    return changed
+
+
+def unwrap(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside a trainer's wrapper (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): the one whose ``step`` runs the hooks."""
+    inner = optimizer
+    while not _is_plain(inner) and isinstance(getattr(inner, "optimizer", None), Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, Optimizer):
+        fail("optimizer", "a torch optimizer", inner)
+    return inner
+
+
+def _is_plain(optimizer: Any) -> bool:
+    return isinstance(optimizer, Optimizer) and hasattr(optimizer, "_optimizer_step_post_hooks")
+
+
+def regroup(
+    optimizer: Optimizer, model: nn.Module, setting: Regularization, schedulers: Sequence[Any] = ()
+) -> None:
+    """Rebuild ``optimizer``'s groups along ``param_groups``' split, in place, before any step.
+
+    Each new group keeps the hyperparameters (lr, betas, eps, initial_lr...) of the group
+    its parameters came from; the weights get the setting's weight decay, the rest none.
+    Learning-rate schedulers already built on the old groups are given one entry per new
+    group (their base lr and, for ``LambdaLR``, their function).
+    """
+    if any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
+        fail("optimizer", "one that has not stepped yet (regdial regroups it at the start of training)",
+             Described("an optimizer with state"))  # fmt: skip
+    decay = resolve_float(setting.weight_decay)
+    split = param_groups(model, decay, exclude=setting.exclude, include=setting.include)
+    weights = {id(p) for g in split if g["regularize"] for p in g["params"]}
+    rebuilt: list[dict[str, Any]] = []
+    for is_weight in (True, False):
+        for template in optimizer.param_groups:
+            params = [p for p in template["params"] if (id(p) in weights) == is_weight]
+            if params:
+                group = {k: v for k, v in template.items() if k != "params"}
+                group.update(params=params, weight_decay=decay if is_weight else 0.0, regularize=is_weight)
+                rebuilt.append(group)
+    sources = [template for is_weight in (True, False) for template in optimizer.param_groups
+               if any((id(p) in weights) == is_weight for p in template["params"])]  # fmt: skip
+    old = list(optimizer.param_groups)
+    optimizer.param_groups.clear()
+    optimizer.param_groups.extend(rebuilt)
+    for wrapped in schedulers:
+        scheduler = getattr(wrapped, "scheduler", wrapped)  # accelerate's AcceleratedScheduler holds it
+        positions = [old.index(template) for template in sources]
+        for name in ("base_lrs", "lr_lambdas", "_last_lr"):
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list) and len(values) == len(old):
+                setattr(scheduler, name, [values[i] for i in positions])
+
+
+def resolve_float(value: object) -> float:
+    from regdial.blocks.schedules import resolve
+
+    return float(resolve(value, 0.0))  # type: ignore[arg-type]
+
+
+class Session:
+    """One training run inside a trainer: the setting applied, and what the run records.
+
+    Args:
+        setting: the setting to apply.
+        trial: a ``regdial.Trial`` of a search: each evaluation is reported, and a pruned
+            trial stops the training (``Pruned`` reaches the objective).
+        monitor: the evaluation value early stopping watches (the trainer's name for it).
+    """
+
+    def __init__(self, setting: Regularization, trial: Trial | None, monitor: str) -> None:
+        if not isinstance(setting, Regularization):
+            fail("setting", "a regdial.Regularization", setting)
+        self.setting, self.trial, self.monitor = setting, trial, monitor
+        self.applied: Applied | None = None
+        self.history = History(None, setting=setting.to_dict(),
+                               train_loss_source="running mean of the training batches' losses")  # fmt: skip
+        self.stopper = EarlyStopping(
+            patience=setting.early_stopping or None, min_delta=setting.min_delta,
+            mode="max" if higher_is_better(monitor) else "min", monitor=monitor, check_finite=False,
+        )  # fmt: skip
+        self._live: dict[str, Tensor] | None = None
+        self._train_loss = [0.0, 0]
+        self.pruned = False
+
+    def start(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        num_classes: int | None,
+        data_kind: str | None,
+        schedulers: Any = (),
+    ) -> Applied:
+        optimizer = unwrap(optimizer)
+        regroup(optimizer, model, self.setting, [s for s in schedulers if s is not None])
+        self.applied = Applied(self.setting, model, optimizer, num_classes=num_classes, data_kind=data_kind)
+        if self.setting.dropout is not None:
+            set_config_dropout(model, resolve_float(self.setting.dropout))
+        return self.applied
+
+    # -- the evaluated weights ----------------------------------------------------------
+
+    def use_average(self, model: nn.Module) -> None:
+        """Evaluate the EMA weights: put them in the model, keeping the live ones aside."""
+        if self.applied is None or self.applied.ema is None or self._live is not None:
+            return
+        self._live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.applied.ema.module.state_dict())
+
+    def use_live(self, model: nn.Module) -> None:
+        """Back to the weights being trained."""
+        if self._live is not None:
+            model.load_state_dict(self._live)
+            self._live = None
+
+    # -- the record -----------------------------------------------------------------------
+
+    def add_train_loss(self, loss: float | Tensor) -> None:
+        value = float(loss)
+        if math.isfinite(value):
+            self._train_loss[0] += value
+            self._train_loss[1] += 1
+
+    def evaluated(self, epoch: float, metrics: Mapping[str, float], model: nn.Module) -> bool:
+        """Record an evaluation; True when early stopping says stop. Reports to the trial
+        (which may raise ``Pruned``)."""
+        values = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        train = self._train_loss[0] / self._train_loss[1] if self._train_loss[1] else math.nan
+        self._train_loss = [0.0, 0]
+        val_loss = values.get("val_loss", math.nan)
+        row = {"epoch": float(len(self.history) + 1), "train_loss": train, "val_loss": val_loss,
+               **{k: v for k, v in values.items() if k != "val_loss"}, "epoch_fraction": float(epoch)}  # fmt: skip
+        self.history.append(row)
+        watched = values.get(self.monitor, math.nan)
+        evaluated = self.applied.eval_model if self.applied is not None else model
+        stop = self.stopper.step(watched, evaluated) if math.isfinite(watched) else False
+        if self.trial is not None and self.trial.metric in self.history.rows[-1]:
+            extra = {
+                k: v
+                for k, v in self.history.rows[-1].items()
+                if k not in ("epoch", "train_loss", "val_loss", "gap")
+            }
+            try:
+                self.trial.report(len(self.history), train_loss=train, val_loss=val_loss, **extra)
+            except Pruned:
+                self.pruned = True
+                self.use_live(model)
+                self.trial.save_weights(model)  # the path's next point starts here
+                raise
+        return bool(stop) and self.setting.early_stopping > 0
+
+    def finish(self, model: nn.Module, output_dir: str | Path | None) -> None:
+        """End of training: the best weights (early stopping) or the average into the model,
+        the history and the report written, the diagnosis logged, the hooks removed."""
+        from regdial.diagnosis import diagnose
+
+        self.use_live(model)
+        if self.applied is not None:
+            if self.setting.early_stopping > 0 and self.stopper.best_state is not None:
+                self.applied.eval_model.load_state_dict(self.stopper.best_state)
+            if self.applied.ema is not None:
+                model.load_state_dict(self.applied.ema.module.state_dict())
+            self.applied.remove()
+        if len(self.history) == 0:
+            return
+        reading = diagnose(self.history, self.setting)
+        # One line for a person watching a run; quieter inside a search, where every trial ends so.
+        logger.log(
+            logging.INFO if self.trial is not None else logging.WARNING, "regdial: %s", reading.message
+        )
+        self.history.meta.update(status="completed", diagnosis=reading.message)
+        if output_dir is not None:
+            write_record(Path(output_dir), self.history, self.setting)
+
+
+def write_record(directory: Path, history: History, setting: Regularization) -> None:
+    """``regdial_history.json`` and ``regdial_report.html`` (PNGs in ``regdial_report/``)."""
+    from regdial._io import write_json
+    from regdial.reports.run import report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "regdial_history.json", history.to_dict())
+    run = directory / "regdial_report"
+    history.save(run)
+    write_json(run / "summary.json", {"setting": setting.to_dict(), "status": "completed",
+                                      "task": history.meta.get("task", directory.name)})  # fmt: skip
+    page = report(run)
+    html = page.read_text(encoding="utf-8").replace("src='", "src='regdial_report/")
+    from regdial._io import write_text
+
+    write_text(directory / "regdial_report.html", html)

@@ -1,0 +1,169 @@
+"""regdial inside a Lightning ``Trainer``: ``RegdialCallback``.
+
+::
+
+    from regdial.integrations.lightning import RegdialCallback
+
+    trainer = lightning.Trainer(callbacks=[RegdialCallback(Regularization(dropout=0.2, weight_decay=0.05,
+                                                                          ema=0.99, early_stopping=5))])
+
+What the callback applies itself: dropout rates, weight decay (the module's optimizer is
+regrouped along ``param_groups`` before its first step), the penalties as proximal steps
+on the weights, max-norm, NEFTune noise on an input embedding, the weight average (used
+for validation, and the final weights), early stopping on ``monitor`` with the best
+weights restored, and every schedule over ``global_step / estimated_stepping_batches``.
+
+What needs the module's own training step, because a Lightning module computes its loss
+itself: label smoothing, Mixup/CutMix, input noise and augmentation. The callback gives
+the module ``self.regdial`` (an ``Applied``); a ``training_step`` that uses
+``x, y = self.regdial.batch(x, y)`` and ``self.regdial.loss(logits, y)`` gets them. If a
+setting with those knobs meets a module that never calls them, the first training batch
+ends with a one-line error rather than ignoring them.
+
+At each validation the callback records a ``History`` row (validation values from
+``trainer.callback_metrics``: ``val_loss``, ``val_acc``...; the training loss is the mean
+of the training steps' losses since the previous validation), and at the end it logs the
+diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
+trainer's log directory. Given a ``regdial.Trial``, it reports each validation, and a
+pruned trial stops training by raising ``regdial.Pruned``. Its ``state_dict`` holds the
+setting in force, the average, early stopping and the history, so a run resumed from a
+Lightning checkpoint continues them.
+
+Needs the ``lightning`` extra: ``pip install 'regdial[lightning]'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from regdial._checks import fail
+from regdial.dial.trial import Trial
+from regdial.integrations._common import Session
+from regdial.setting import Regularization
+from regdial.training.history import History
+from regdial.training.logs import normalize
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        "regdial.integrations.lightning needs lightning: pip install 'regdial[lightning]'"
+    ) from error
+
+__all__ = ["RegdialCallback"]
+
+MODULE_KNOBS = ("label_smoothing", "mixup", "cutmix", "noise", "augment")
+"""Knobs that only the module's own training step can apply (through ``self.regdial``)."""
+
+
+class RegdialCallback(pl.Callback):
+    """Apply a ``Regularization`` to a Lightning ``Trainer`` run (see the module docstring).
+
+    Args:
+        setting: the setting to apply.
+        trial: a ``regdial.Trial`` to report each validation to.
+        monitor: the logged validation value early stopping watches (``val_loss``).
+        num_classes: a classifier's classes, for mixing and label smoothing.
+        data_kind: the inputs' kind for augmentation ("image", "signal", "tabular"),
+            inferred from the batch when not given.
+    """
+
+    def __init__(
+        self,
+        setting: Regularization,
+        trial: Trial | None = None,
+        *,
+        monitor: str = "val_loss",
+        num_classes: int | None = None,
+        data_kind: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.session = Session(setting, trial, normalize(monitor))
+        self.setting, self.num_classes, self.data_kind = setting, num_classes, data_kind
+        self._checked = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.setting.dropout is not None:
+            from regdial.blocks.noise import set_dropout
+
+            set_dropout(pl_module, self.setting.dropout)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            fail("trainer", "one optimizer (regdial regroups it)", len(trainer.optimizers))
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        applied = self.session.start(
+            pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
+        )
+        object.__setattr__(pl_module, "regdial", applied)  # a plain attribute, not a submodule
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self.session.add_train_loss(loss.detach())
+        applied = self.session.applied
+        if applied is None:
+            return
+        if not self._checked:
+            self._checked = True
+            unused = [k for k in MODULE_KNOBS if getattr(self.setting, k)]
+            calls = applied.calls
+            needs_loss = [k for k in unused if k == "label_smoothing"]
+            needs_batch = [k for k in unused if k != "label_smoothing"]
+            if (needs_loss and not calls.get("loss")) or (needs_batch and not calls.get("batch")):
+                name = (needs_batch if needs_batch and not calls.get("batch") else needs_loss)[0]
+                fail(f"regularization.{name}", "0, or a training_step that uses self.regdial.batch(x, y) and "
+                     "self.regdial.loss(logits, y) (a Lightning module computes its own loss)",
+                     getattr(self.setting, name))  # fmt: skip
+        total = max(1, int(trainer.estimated_stepping_batches or 1))
+        applied.set_progress(min(1.0, trainer.global_step / total))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.session.use_average(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {
+            normalize(k): float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val", "valid"))
+        }
+        try:
+            stop = self.session.evaluated(float(trainer.current_epoch + 1), metrics, pl_module)
+        finally:
+            self.session.use_live(pl_module)
+        if stop:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = trainer.log_dir or trainer.default_root_dir
+        self.session.finish(pl_module, directory if trainer.is_global_zero else None)
+
+    @property
+    def history(self) -> History:
+        """The run's ``History`` so far (one row per validation)."""
+        return self.session.history
+
+    def state_dict(self) -> dict[str, Any]:
+        applied = self.session.applied
+        return {
+            "applied": None if applied is None else applied.state_dict(),
+            "early_stopping": self.session.stopper.state_dict(),
+            "history": self.session.history.to_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+        self.session.stopper.load_state_dict(state_dict["early_stopping"])
+        self.session.history = History.from_dict(state_dict["history"], "the Lightning checkpoint")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        restored = getattr(self, "_restored", None)
+        if restored is not None and restored.get("applied") is not None and self.session.applied is not None:
+            self.session.applied.load_state_dict(restored["applied"])
