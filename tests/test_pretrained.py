@@ -37,3 +37,11 @@ def test_the_pretrained_model_knows_the_source_and_l2sp_holds_it() -> None:
     moved = max(float((model.state_dict()[k] - weights[k]).abs().max()) for k in weights if "weight" in k)
     assert moved < 1e-3  # an overwhelming L2-SP keeps the weights on the pre-trained ones
     assert history.meta["summary"]["final"]["test_accuracy"] > 0.5
+
+
+def test_every_trial_of_a_search_starts_from_the_pretrained_weights() -> None:
+    from regdial.dial.objective import FitObjective
+
+    model = FitObjective(task="digits-transfer").build_model()
+    weights = pretrained_weights("digits-transfer", "cnn")
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)

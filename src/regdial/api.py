@@ -115,9 +115,16 @@ def tune(
         model=model, model_options=model_options, loss_fn=loss_fn, metrics=metrics, metric=metric, epochs=epochs,
         lr=lr, batch_size=batch_size, optimizer=optimizer, device=device, precision=precision, seed=seed,
     )  # fmt: skip
+    patience = None
+    reference = None
     if isinstance(objective, FitObjective):
         kind_of = objective.task_kind
-        full = objective.full_epochs
+        reference = objective.full_epochs
+        # Trials train the task's length, so their cosine schedule anneals, and stop early
+        # (keeping their best epoch) when the validation metric stalls for a quarter of it;
+        # a chosen setting still improving at its end is trained again for twice as long.
+        full = reference
+        patience = max(5, reference // 4)
         space = space if space is not None else objective.default_space(base)
         identity: dict[str, Any] = {"task": name, "model": objective.model, "seed": seed}
     else:
@@ -131,6 +138,7 @@ def tune(
         objective, space, budget=budget, strategy=strategy, storage=storage, workers=workers, devices=devices,
         seed=seed if sampler_seed is None else sampler_seed, run_dir=run_dir, study_name=study_name,
         grid_points=grid_points, retrain=retrain, progress=progress, identity=identity, kind=kind_of, epochs=full,
+        reference_epochs=reference, patience=patience,
     )  # fmt: skip
     result = search.run()
     if report and result.run_dir is not None:

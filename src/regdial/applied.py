@@ -179,7 +179,10 @@ class Applied:
         made.set_progress(self.progress)
         self._penalty_by_knob[name] = made
         if self.weights and self.setting.penalties_in == "prox":
-            self.handles.append(attach_prox(self.optimizer, made, params=self.weights))
+            # A model that is one linear layer is convex: the exact prox from the first step,
+            # as the lasso; a network gets attach_prox's warm-up (see regdial.blocks.proximal).
+            warmup = 0 if _is_linear(self.model) else None
+            self.handles.append(attach_prox(self.optimizer, made, params=self.weights, warmup=warmup))
 
     def _turn_embedding_noise(self, alpha: float) -> None:
         if self.embedding_noise is not None:
@@ -388,6 +391,12 @@ class Applied:
 
     def __repr__(self) -> str:
         return f"Applied({self.setting!r}, optimizer={type(self.optimizer).__name__})"
+
+
+def _is_linear(model: nn.Module) -> bool:
+    """Whether the model's only parameters are those of one ``nn.Linear`` (a convex problem)."""
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    return len(owners) == 1 and isinstance(owners[0], nn.Linear)
 
 
 def _has_dropout(model: nn.Module) -> bool:

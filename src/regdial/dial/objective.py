@@ -218,11 +218,10 @@ class FitObjective:
                     fail("model", "a function returning a fresh nn.Module", Described(type(model).__name__))
                 return model
             from regdial.training.fit import default_model
-            from regdial.training.models import build_model
+            from regdial.training.pretrained import start_model
 
-            return build_model(
-                self.model or default_model(self.task, data), data, self.model_options, seed=self.seed
-            )
+            name = self.model or default_model(self.task, data)
+            return start_model(self.task, name, data, self.model_options, self.seed)  # pre-trained if it fine-tunes
 
     def default_space(self, base: Regularization | None = None) -> Space:
         data = self.dataset

@@ -108,6 +108,12 @@ class Search:
             a run directory under ``run_dir/best``, and score both once on the test split.
         progress: called with a line of text as the search goes (None: logging only).
         identity: what makes two searches the same (a rerun resumes only the same one).
+        epochs: each trial's most epochs (``trial.epochs``).
+        reference_epochs: the task's usual length (default ``epochs``): pruning first
+            judges a trial at half of it, and the path's points train a quarter of it.
+        patience: early stopping inside trials of regdial's trainer (on the validation
+            metric, keeping the best epoch), unless the space's base already sets it or
+            the space searches it; the budget counts the epochs actually trained.
     """
 
     def __init__(
@@ -129,6 +135,8 @@ class Search:
         identity: Mapping[str, Any] | None = None,
         kind: str | None = None,
         epochs: int = 30,
+        reference_epochs: int | None = None,
+        patience: int | None = None,
     ) -> None:
         self.objective, self.space, self.kind = objective, space, kind
         if not isinstance(space, Space):
@@ -141,6 +149,16 @@ class Search:
         self.devices = self._devices(devices)
         self.seed = check_int("seed", seed, low=0, high=2**32 - 1)
         self.epochs = check_int("epochs", epochs, low=1)
+        self.reference = (
+            self.epochs
+            if reference_epochs is None
+            else check_int("reference_epochs", reference_epochs, low=1)
+        )
+        if patience is not None and isinstance(objective, FitObjective) and self.strategy != "online":
+            patience = check_int("patience", patience, low=1)
+            if not space.base.early_stopping and "early_stopping" not in space.knobs:
+                space = Space(space.knobs, space.base.replace(early_stopping=patience))
+                self.space = space
         if self.strategy in ("path", "online"):
             given = [name for name, value in (("budget", budget), ("storage", storage), ("grid_points", grid_points))
                      if value is not None] + (["workers"] if self.workers > 1 else [])  # fmt: skip
@@ -154,7 +172,7 @@ class Search:
         self.grid_points = grid_points or 4
         if self.strategy == "grid":
             space.grid(self.grid_points)  # refuse an oversized grid now
-        self.budget = Budget.parse(budget if budget is not None else 12 * self.epochs)
+        self.budget = Budget.parse(budget if budget is not None else 12 * (reference_epochs or self.epochs))
         self.run_dir = None if run_dir is None else Path(run_dir)
         if self.workers > 1 and self.run_dir is None and storage is None:
             fail("workers", "1 without a run directory or a storage URL to share", workers)
@@ -252,7 +270,7 @@ class Search:
     def _path_only(self) -> TuneResult:
         knob = self.space.path_knob
         self.say(f"regularization path over {knob}")
-        rows = regularization_path(self.objective, self.space, points=PATH_POINTS, epochs_per_point=max(2, self.epochs // 4),
+        rows = regularization_path(self.objective, self.space, points=PATH_POINTS, epochs_per_point=max(2, self.reference // 4),
                                    kind=self.kind, say=self.say if self.verbose else None)  # fmt: skip
         metric = self.objective.metric
         maximize = _maximize(metric)
@@ -301,7 +319,7 @@ class Search:
             study_name=self.study_name, storage=storage, direction="maximize" if _maximize(metric) else "minimize",
             load_if_exists=True,
             sampler=sampler(self.strategy, self.seed, self.space, self.grid_points),
-            pruner=pruner(self.strategy, self.epochs),
+            pruner=pruner(self.strategy, self.reference),
         )  # fmt: skip
         self._check_identity(study)
         if self.strategy == "auto":
@@ -313,7 +331,7 @@ class Search:
             if self.workers == 1:
                 run_worker(self.objective, self.space, self.strategy, self.budget, storage, self.study_name, self.seed,
                            self.grid_points, self.epochs, self.kind, started=self.started,
-                           say=self.say if self.verbose else None)  # fmt: skip
+                           say=self.say if self.verbose else None, reference=self.reference)  # fmt: skip
             else:
                 processes = self._spawn()
                 for process in processes:
@@ -343,7 +361,7 @@ class Search:
             knob = self.space.path_knob
             self.say(f"regularization path over {knob} (warm-started)")
             rows = regularization_path(self.objective, self.space, points=PATH_POINTS,
-                                       epochs_per_point=max(2, self.epochs // 4), kind=self.kind,
+                                       epochs_per_point=max(2, self.reference // 4), kind=self.kind,
                                        say=self.say if self.verbose else None)  # fmt: skip
             metric = self.objective.metric
             maximize = _maximize(metric)
@@ -359,6 +377,7 @@ class Search:
             "strategy": self.strategy, "budget": {"amount": self.budget.amount, "unit": self.budget.unit},
             "storage": self.storage_url, "run_dir": str(self.run_dir) if self.run_dir else None,
             "study_name": self.study_name, "grid_points": self.grid_points, "epochs": self.epochs, "kind": self.kind,
+            "reference": self.reference,
             "started": self.started,  # CLOCK_MONOTONIC: one clock for every process on this machine
         }  # fmt: skip
         spawn = multiprocessing.get_context("spawn")
@@ -379,17 +398,20 @@ class Search:
         if not complete:
             fail("budget", "enough to complete at least one trial", Described("no trial completed"))
         metric = self.objective.metric
-        chosen, chosen_by = choose(complete, self.space, _maximize(metric))
-        rows = [_trial_row(t, self.space) for t in trials]
+        space = extended_space(study, self.space)
+        chosen, chosen_by = choose(complete, space, _maximize(metric))
+        rows = [_trial_row(t, space) for t in trials]
         path = list(study.user_attrs.get("path", []))
         epochs = int(study.user_attrs.get("path_epochs", 0)) + sum(int(r["epochs"] or 0) for r in rows)
-        return TuneResult(
-            self.strategy, metric, _direction(metric), self.space.setting(self.space.values_of(chosen.params)),
+        result = TuneResult(
+            self.strategy, metric, _direction(metric), space.setting(space.values_of(chosen.params)),
             float(chosen.value if chosen.value is not None else math.nan), epochs,
             best_se=float(chosen.user_attrs.get("se", math.nan)), best_trial=chosen.number, chosen_by=chosen_by,
             trials=rows, path=path, path_knob=self.space.path_knob if path else None,
-            importances=_importances(study, complete, self.space),
+            importances=_importances(study, complete, space),
         )  # fmt: skip
+        result.notes += edge_notes(self.space, space, result.best, complete, _maximize(metric))
+        return result
 
     # -- the end ------------------------------------------------------------------------
 
@@ -414,23 +436,80 @@ class Search:
         return result
 
     def _retrain(self, result: TuneResult) -> None:
+        """Train the chosen setting and the unregularized baseline again, each in its own run
+        directory under ``run_dir/best``, and score both once on the test split. When the
+        chosen run was still improving at its last epoch, train it once more for twice as
+        long, and keep that if it validates better."""
         objective = self.objective
         assert isinstance(objective, FitObjective)
         data = objective.dataset
-        split = "the test split" if data is None or not getattr(data, "test_carved", False) else (
-            "a test split carved from the training data (seeded, stratified; the search never saw it)")  # fmt: skip
+        has_test = (data is not None and data.x_test is not None) or (
+            data is None and objective.user_loaders()[2] is not None)  # fmt: skip
+        if not has_test:
+            split = (
+                "validation only (no test split was given: pass test= to score on data the search never saw)"
+            )
+        elif data is not None and getattr(data, "test_carved", False):
+            split = "a test split carved from the training data (seeded, stratified; the search never saw it)"
+        else:
+            split = "the test split"
         self.say(f"training the chosen setting and the unregularized baseline, scoring both on {split}")
         staging = None
         if self.run_dir is not None:
             staging = self.run_dir / f".best-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-        tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric, restore_best=True)
-        base = objective.fit(Regularization.off(), run_dir=None if staging is None else staging / "baseline")
+        tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric, restore_best=True,
+                              epochs=self.epochs)  # fmt: skip
+        longer = self._train_longer(result, tuned, staging)
+        if longer is not None:
+            tuned = longer
+        base = objective.fit(Regularization.off(), run_dir=None if staging is None else staging / "baseline",
+                             epochs=self.reference)  # fmt: skip
         result.retrain = {"tuned": tuned.meta["summary"], "baseline": base.meta["summary"], "test": split}
         if staging is not None and self.run_dir is not None:
             final = self.run_dir / "best"
             shutil.rmtree(final, ignore_errors=True)  # a directory never mixes two searches' runs
             os.replace(staging, final)
+
+    def _train_longer(self, result: TuneResult, tuned: Any, staging: Path | None) -> Any:
+        """The training length is part of the dial: a chosen run that was still improving at
+        its last epoch (or underfit) is trained again for twice as long."""
+        from regdial.diagnosis import diagnose
+
+        summary = tuned.meta["summary"]
+        reading = diagnose(tuned, result.best)
+        ran_out = summary.get("status") == "completed" and summary.get("epochs_run") == self.epochs
+        if not ran_out or reading.state not in ("still improving", "underfitting") or reading.direction > 0:
+            return None
+        assert isinstance(self.objective, FitObjective)
+        metric = self.objective.metric
+        self.say(
+            f"the chosen setting was {reading.state} at epoch {self.epochs}: training it for {2 * self.epochs}"
+        )
+        longer = self.objective.fit(result.best, monitor=metric, restore_best=True, epochs=2 * self.epochs,
+                                    run_dir=None if staging is None else staging.with_name(staging.name + "-longer"))  # fmt: skip
+        before = summary.get("best", summary.get("final", {})).get(metric, math.nan)
+        after = (
+            longer.meta["summary"].get("best", longer.meta["summary"].get("final", {})).get(metric, math.nan)
+        )
+        better = after > before if _maximize(metric) else after < before
+        if staging is not None:
+            spare = staging.with_name(staging.name + "-longer")
+            if better:
+                shutil.rmtree(staging, ignore_errors=True)
+                os.replace(spare, staging)
+            else:
+                shutil.rmtree(spare, ignore_errors=True)
+        result.epochs_spent += len(longer)
+        if better:
+            result.notes.append(f"the chosen setting was {reading.state} after {self.epochs} epochs; trained for "
+                                f"{2 * self.epochs} it validates better ({metric} {after:.4f} vs {before:.4f}): the "
+                                "training length, not the regularization, was the limit")  # fmt: skip
+            return longer
+        result.notes.append(f"the chosen setting was {reading.state} after {self.epochs} epochs, but twice as long "
+                            f"did not validate better ({after:.4f} vs {before:.4f}): the model's capacity or the "
+                            "learning rate may be the limit")  # fmt: skip
+        return None
 
     def _baseline_trial(self, result: TuneResult) -> None:
         """For the user's own objective: run it once with every technique off."""
@@ -464,15 +543,18 @@ def run_worker(
     *,
     started: float,
     say: Callable[[str], None] | None = None,
+    reference: int | None = None,
 ) -> None:
     """Run trials on the shared study until the budget is spent (a budget in minutes
-    counts from ``started``, a ``time.monotonic()`` reading: when the search began)."""
+    counts from ``started``, a ``time.monotonic()`` reading: when the search began).
+    Between trials the space's ranges follow the study's extensions (``extend_ranges``)."""
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(strategy, seed, space, grid_points),
-                              pruner=pruner(strategy, epochs))  # fmt: skip
+                              pruner=pruner(strategy, reference or epochs))  # fmt: skip
+    original = space
     metric = objective.metric
 
     def optuna_objective(ot: optuna.Trial) -> float:
@@ -482,7 +564,7 @@ def run_worker(
                 raise _OverBudgetError("the budget was spent by other workers")
         ot.set_user_attr("planned", epochs)
         ot.set_user_attr("worker", os.getpid())
-        setting = space.suggest(ot)
+        setting = current.suggest(ot)
         trial = Trial(setting, number=ot.number, metric=metric, epochs=epochs, optuna_trial=ot, kind=kind)
         try:
             objective(setting, trial)
@@ -506,6 +588,7 @@ def run_worker(
         say(f"trial {trial.number}: {trial.state.name.lower()} after {trial.user_attrs.get('epochs', 0)} epochs, "
             f"{metric} {value:.4f} (best {best:.4f})")  # fmt: skip
 
+    current = original
     overtime = 0  # trials started after a budget in minutes ran out, none having completed
     while True:
         fail_stale(study)  # a trial whose worker died stops sending heartbeats: free its share
@@ -522,6 +605,8 @@ def run_worker(
             continue
         if strategy == "grid" and len(search_trials(study)) >= len(space.grid(grid_points)):
             break
+        if strategy in ("auto", "tpe", "random"):
+            current = extend_ranges(study, original)
         study.optimize(
             optuna_objective, n_trials=1, catch=(_OverBudgetError,), gc_after_trial=False, callbacks=[tell]
         )
@@ -539,7 +624,7 @@ def _worker_process(arguments: dict[str, Any]) -> None:
         run_worker(
             objective, space, arguments["strategy"], Budget(**arguments["budget"]), storage, arguments["study_name"],
             arguments["seed"], arguments["grid_points"], arguments["epochs"], arguments["kind"],
-            started=arguments["started"],
+            started=arguments["started"], reference=arguments["reference"],
         )  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: each stops quietly, the parent says so
         return
@@ -565,6 +650,88 @@ def choose(complete: list[Any], space: Space, maximize: bool) -> tuple[Any, str]
         f"one-standard-error rule: the most regularized of {len(within)} settings within {se:.3g} of the best "
         f"score ({best.value:.4g}, trial {best.number})"
     )
+
+
+EDGE = 0.2
+"""How near an end of its range a knob's best value must sit to count as at that end: one
+step of a six-point grid (a fifth of the range, on the knob's scale)."""
+
+
+def extended_space(study: optuna.Study, space: Space) -> Space:
+    """``space`` with the ranges the study has extended (its ``ranges`` attribute)."""
+    ranges = study.user_attrs.get("ranges", {})
+    if not ranges:
+        return space
+    changed = {name: {**space.knobs[name].to_dict(), "low": low, "high": high}
+               for name, (low, high) in ranges.items() if name in space.knobs}  # fmt: skip
+    return space.narrow(**changed)
+
+
+def extend_ranges(study: optuna.Study, space: Space) -> Space:
+    """Extend a range whose end binds, and return the space the next trial samples from.
+
+    A knob's range is extended at an end when the best finished trial sits within
+    ``EDGE`` of it and the three best trials all lie in that half of the range (the
+    evidence that the knob matters, there): a log-scale range by a decade, a linear one by
+    half its width, within the knob's hard limits (``Knob.limits``). It waits for
+    ``max(6, 2 * knobs)`` finished trials, and for three more after each extension.
+    """
+    from optuna.trial import TrialState
+
+    from regdial.knobs import KNOBS
+
+    current = extended_space(study, space)
+    complete = [t for t in search_trials(study) if t.state == TrialState.COMPLETE and t.value is not None]
+    if (
+        len(complete) < max(6, 2 * len(space.knobs))
+        or len(complete) < int(study.user_attrs.get("extended_at", 0)) + 3
+    ):
+        return current
+    maximize = study.direction.name == "MAXIMIZE"
+    ranked = sorted(complete, key=lambda t: float(t.value or 0.0), reverse=maximize)[:3]
+    ranges = dict(study.user_attrs.get("ranges", {}))
+    for name, r in current.knobs.items():
+        positions = [r.position(current.values_of(t.params).get(name, 0.0)) for t in ranked]
+        limits = KNOBS[name].limits or (r.low, r.high)
+        low, high = r.low, r.high
+        if positions[0] <= EDGE and all(p <= 0.5 for p in positions) and r.low > limits[0]:
+            low = max(limits[0], r.low / 10 if r.log else r.low - (r.high - r.low) / 2)
+            if r.log and low <= 0:
+                low = r.low / 10
+        elif positions[0] >= 1 - EDGE and all(p >= 0.5 for p in positions) and r.high < limits[1]:
+            high = min(limits[1], r.high * 10 if r.log else r.high + (r.high - r.low) / 2)
+        if (low, high) != (r.low, r.high):
+            ranges[name] = [low, high]
+            logger.info("range of %s extended to [%g, %g]: its best value sat at an end", name, low, high)
+    if ranges != study.user_attrs.get("ranges", {}):
+        study.set_user_attr("ranges", ranges)
+        study.set_user_attr("extended_at", len(complete))
+    return extended_space(study, space)
+
+
+def edge_notes(
+    original: Space, final: Space, best: Regularization, complete: list[Any], maximize: bool
+) -> list[str]:
+    """Which ranges were extended, and which still bind the chosen setting."""
+    from regdial.knobs import KNOBS
+
+    said = []
+    for name, r in final.knobs.items():
+        start = original.knobs[name]
+        if (r.low, r.high) != (start.low, start.high):
+            said.append(f"the range of {name} was extended from [{start.low:g}, {start.high:g}] to [{r.low:g}, {r.high:g}]: "
+                        "the best values sat at its end")  # fmt: skip
+        value = float(getattr(best, name) or 0.0)
+        position = r.position(value)
+        limits = KNOBS[name].limits or (r.low, r.high)
+        if len(complete) >= 4 and (position <= EDGE or position >= 1 - EDGE):
+            end = "low" if position <= EDGE else "high"
+            at_limit = (r.low <= limits[0]) if end == "low" else (r.high >= limits[1])
+            if end == "low" and at_limit:
+                continue  # at its weakest possible value: the knob is (nearly) off, nothing to widen
+            said.append(f"{name} = {value:.3g} still sits at the {end} end of its range [{r.low:g}, {r.high:g}]"
+                        + (" (regdial's hard limit)" if at_limit else ": widen it, or give the search more budget"))  # fmt: skip
+    return said
 
 
 def notes(result: TuneResult) -> list[str]:
@@ -604,7 +771,8 @@ def run_tables(objective: FitObjective) -> tuple[dict[str, Any], dict[str, Any]]
     if objective.model is not None:
         run["model"] = objective.model
     run.update({"epochs": objective.full_epochs, "seed": objective.seed, "optimizer": objective.optimizer,
-                "device": objective.device, "precision": objective.precision})  # fmt: skip
+                "device": objective.device, "precision": objective.precision,
+                "monitor": objective.metric, "restore_best": True})  # the run the search scored  # fmt: skip
     for name in ("lr", "batch_size"):
         if getattr(objective, name) is not None:
             run[name] = getattr(objective, name)
