@@ -91,6 +91,8 @@ def test_a_choice_still_improving_at_its_end_is_trained_longer() -> None:
     result = tune("breast-cancer", Space({"weight_decay": (1e-4, 1e-2)}), epochs=6, lr=1e-4, budget="2 trials",
                   strategy="random")  # fmt: skip
     said = " ".join(result.notes)
-    assert "after 6 epochs" in said and ("trained for 12" in said or "twice as long did not validate better" in said)
+    assert "after 6 epochs" in said and (
+        "trained for 12" in said or "twice as long did not validate better" in said
+    )
     trials = sum(int(t["epochs"]) for t in result.trials)
     assert trials < result.epochs_spent <= trials + 12  # the longer run (early stopping may end it) counts

@@ -221,7 +221,9 @@ class FitObjective:
             from regdial.training.pretrained import start_model
 
             name = self.model or default_model(self.task, data)
-            return start_model(self.task, name, data, self.model_options, self.seed)  # pre-trained if it fine-tunes
+            return start_model(
+                self.task, name, data, self.model_options, self.seed
+            )  # pre-trained if it fine-tunes
 
     def default_space(self, base: Regularization | None = None) -> Space:
         data = self.dataset

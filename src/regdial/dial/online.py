@@ -37,15 +37,25 @@ def gap_trend(recent: History) -> int:
 
 
 class OnlineController:
-    """Turn every knob of a space one step after each diagnosis of the recent curves.
+    """Turn the knobs of a space from inside one run, each on its own evidence.
 
-    Pass it to ``fit(..., controller=c)`` and start from ``c.start()``: every ``every``
-    epochs (from epoch ``2 * every`` on) it diagnoses the last ``2 * every`` epochs. When
-    the diagnosis says to regularize more (or holds while ``gap_trend`` sees the gap
-    widen) every knob moves one step stronger; when it says less, one step weaker. A
-    log-scale knob steps by ``f = max(2, (high / low) ** (1/6))`` (x f or / f, so six
-    steps cross its range); a linear one by a fifth of its range. ``turns`` records each
-    step: the epoch after which it applied, its direction and the knobs' new values.
+    Pass it to ``fit(..., controller=c)`` and start from ``c.start()`` (every knob at its
+    weakest). Every ``every`` epochs, from epoch ``2 * every`` on:
+
+    1. The previous turn is judged: the validation metric's mean over the ``every``
+       epochs since the turn is compared with its mean over the ``every`` before it.
+       When it got worse by more than its noise (the robust spread of the window's
+       smoothed metric, over ``sqrt(every)``), the turn is undone and that knob is not
+       turned that way again for ``2 * knobs`` decisions.
+    2. The recent ``2 * every`` epochs are diagnosed. When the diagnosis says to
+       regularize more (or holds while ``gap_trend`` sees the gap widen), the next knob in
+       turn moves one step stronger; when it says less, one step weaker. A log-scale knob
+       steps by ``f = max(2, (high / low) ** (1/6))`` (x f or / f, so six steps cross its
+       range); a linear one by a fifth of its range.
+
+    One knob at a time, judged by what it did, is what lets the knobs part ways: on
+    sparse-regression L1 climbs while L2 stays near its floor, which a single direction
+    for all knobs cannot reach. ``turns`` records each step and each undo.
     """
 
     def __init__(self, space: Space, every: int) -> None:
@@ -56,35 +66,77 @@ class OnlineController:
             name: max(2.0, (r.high / r.low) ** (1 / 6)) for name, r in space.knobs.items() if r.log
         }
         self.turns: list[dict[str, Any]] = []
+        self.next = 0  # the knob whose turn it is, round-robin
+        self.pending: dict[str, Any] | None = None  # the last turn, until it is judged
+        self.blocked: dict[str, int] = {}  # "knob:direction" -> decisions left before it may be tried again
 
     def start(self) -> Regularization:
         return self.space.setting(self.values)
 
     def state_dict(self) -> dict[str, Any]:
-        """The knobs' current values and the turns so far (plain values)."""
-        return {"values": dict(self.values), "turns": [dict(t) for t in self.turns]}
+        """The knobs' values, the turns so far and the evidence (plain values)."""
+        return {"values": dict(self.values), "turns": [dict(t) for t in self.turns], "next": self.next,
+                "pending": self.pending, "blocked": dict(self.blocked)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``."""
         self.values = {name: float(state["values"][name]) for name in self.space.knobs}
         self.turns = [dict(t) for t in state["turns"]]
+        self.next, self.pending = int(state.get("next", 0)), state.get("pending")
+        self.blocked = {str(k): int(v) for k, v in state.get("blocked", {}).items()}
+
+    def _step(self, name: str, direction: int) -> float:
+        r = self.space.knobs[name]
+        value = self.values[name]
+        if r.log:
+            value = value * self.factors[name] if direction > 0 else value / self.factors[name]
+        else:
+            value = value + direction * (r.high - r.low) / 5
+        return min(r.high, max(r.low, value))
+
+    def _metric(self, history: History, first: int, last: int) -> float:
+        """The validation metric's mean over epochs ``first..last`` (1-based), higher better."""
+        column = f"val_{history.metric}" if f"val_{history.metric}" in history.columns else "val_loss"
+        values = [row[column] for row in history.rows[first - 1 : last]]
+        mean = statistics.fmean(values) if values else 0.0
+        return mean if column != "val_loss" and history.higher_is_better else -mean
+
+    def _judge(self, history: History, n: int) -> None:
+        """Undo the pending turn if the metric got worse since it, beyond the noise."""
+        turn, self.pending = self.pending, None
+        if turn is None:
+            return
+        before = self._metric(history, turn["epoch"] - self.every + 1, turn["epoch"])
+        after = self._metric(history, turn["epoch"] + 1, n)
+        column = f"val_{history.metric}" if f"val_{history.metric}" in history.columns else "val_loss"
+        _, sigma = smooth([row[column] for row in history.rows[-2 * self.every :]])
+        if after < before - sigma / max(1.0, self.every**0.5):
+            self.values[turn["knob"]] = turn["old"]
+            self.blocked[f"{turn['knob']}:{turn['direction']}"] = 2 * len(self.space.knobs)
+            self.turns.append(
+                {"epoch": n, "direction": -turn["direction"], "undone": turn["knob"], **self.values}
+            )
 
     def __call__(self, history: History, applied: Applied) -> Regularization | None:
         n = len(history)
         if n < 2 * self.every or n % self.every:
             return None
+        before = dict(self.values)
+        self._judge(history, n)
+        self.blocked = {key: left - 1 for key, left in self.blocked.items() if left > 1}
         recent = History(
             history.kind, history.rows[-2 * self.every :], num_classes=history.meta.get("num_classes")
         )
         direction = diagnose(recent).direction or gap_trend(recent)
-        if direction == 0:
-            return None
-        for name, r in self.space.knobs.items():
-            value = self.values[name]
-            if r.log:
-                value = value * self.factors[name] if direction > 0 else value / self.factors[name]
-            else:
-                value = value + direction * (r.high - r.low) / 5
-            self.values[name] = min(r.high, max(r.low, value))
-        self.turns.append({"epoch": n, "direction": direction, **self.values})
-        return self.space.setting(self.values)
+        names = list(self.space.knobs)
+        for offset in range(len(names) if direction else 0):
+            name = names[(self.next + offset) % len(names)]
+            moved = self._step(name, direction)
+            if moved == self.values[name] or f"{name}:{direction}" in self.blocked:
+                continue
+            self.pending = {"knob": name, "old": self.values[name], "direction": direction, "epoch": n}
+            self.values[name] = moved
+            self.next = (self.next + offset + 1) % len(names)
+            self.turns.append({"epoch": n, "direction": direction, "knob": name, **self.values})
+            break
+        return self.space.setting(self.values) if self.values != before else None
