@@ -64,6 +64,7 @@ def tune(
     optimizer: str = "adamw",
     device: str = "auto",
     precision: str = "auto",
+    deterministic: bool = False,
     budget: object = None,
     strategy: str = "auto",
     storage: str | None = None,
@@ -94,7 +95,7 @@ def tune(
         loss_fn, metrics, metric: your loss and metrics (see ``fit``); ``metric`` names
             the score the search optimizes (default accuracy, RMSE, or val_loss for an
             objective).
-        epochs, lr, batch_size, optimizer, device, precision: how each trial trains
+        epochs, lr, batch_size, optimizer, device, precision, deterministic: how each trial trains
             (``epochs``: the trials' length, also for an objective's ``trial.epochs``).
         budget, strategy, storage, workers, grid_points: see ``regdial.dial.search``.
         devices: one worker per device (``["cuda:0", "cuda:1"]``), each trial on its
@@ -114,6 +115,7 @@ def tune(
         task, train=train, val=val, test=test, data=data, num_classes=num_classes, kind=kind, target=target,
         model=model, model_options=model_options, loss_fn=loss_fn, metrics=metrics, metric=metric, epochs=epochs,
         lr=lr, batch_size=batch_size, optimizer=optimizer, device=device, precision=precision, seed=seed,
+        deterministic=deterministic,
     )  # fmt: skip
     patience = None
     reference = None
@@ -156,13 +158,13 @@ def _objective(
     task: object, *, train: Any, val: Any, test: Any, data: Any, num_classes: int | None, kind: str,
     target: str | None, model: str | None, model_options: Mapping[str, Any] | None, loss_fn: Any, metrics: Any,
     metric: str | None, epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str, device: str,
-    precision: str, seed: int,
+    precision: str, seed: int, deterministic: bool = False,
 ) -> tuple[FitObjective | UserObjective, str]:  # fmt: skip
     """The objective ``tune`` was given, and the search's name for it."""
     common: dict[str, Any] = {
         "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "device": device,
         "precision": precision, "model_options": dict(model_options or {}), "loss_fn": loss_fn, "metrics": metrics,
-        "metric_name": metric, "num_classes": num_classes, "kind": kind,
+        "metric_name": metric, "num_classes": num_classes, "kind": kind, "deterministic": deterministic,
     }  # fmt: skip
     has_data = train is not None or val is not None or data is not None
     for name, value in (("model", model), ("data", data)):

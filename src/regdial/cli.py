@@ -49,6 +49,10 @@ Optimizer = Annotated[str | None, typer.Option(help="adamw, adam, sgd, nadam, ra
 LearningRate = Annotated[str | None, typer.Option("--lr", help="Learning rate.", metavar="FLOAT")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (autocast).")]
+Deterministic = Annotated[
+    bool | None,
+    typer.Option("--deterministic/--no-deterministic", help="Deterministic kernels (slower on CUDA)."),
+]
 Quiet = Annotated[bool, typer.Option(help="No progress output.")]
 
 
@@ -83,11 +87,11 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return table
 
 
-def _run_overrides(**flags: str | None) -> dict[str, Any]:
+def _run_overrides(**flags: str | bool | None) -> dict[str, Any]:
     """The ``[run]`` flags that were given, typed: numbers and booleans read as TOML."""
     text_fields = ("task", "data", "target", "kind", "model", "optimizer", "device", "precision", "out")
     return {
-        name: (value if name in text_fields else _literal(value))
+        name: (value if name in text_fields or isinstance(value, bool) else _literal(value))
         for name, value in flags.items()
         if value is not None
     }
@@ -195,6 +199,7 @@ def run(
     seed: Seed = None,
     device: Device = None,
     precision: Precision = None,
+    deterministic: Deterministic = None,
     out: Annotated[str | None, typer.Option(help="The run directory (default runs/<task>).")] = None,
     baseline: Annotated[
         bool | None, typer.Option("--baseline/--no-baseline", help="Also train with regularization off.")
@@ -210,7 +215,7 @@ def run(
 
     flags = {"task": task, "data": data, "target": target, "kind": kind, "model": model, "epochs": epochs,
              "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "seed": seed, "device": device,
-             "precision": precision, "out": out}  # fmt: skip
+             "precision": precision, "deterministic": deterministic, "out": out}  # fmt: skip
     if resume is not None:
         given = [name for name, value in (("config", config), *flags.items(), ("set", set_), ("baseline", baseline))
                  if value is not None and value != []]  # fmt: skip
@@ -234,10 +239,33 @@ def run(
         name = _source(loaded)
         wanted = _creatable("run.out", Path(loaded.run.out or Path("runs") / name))
         out_dir, resuming = _free_directory(wanted), False
-    _execute(loaded, out_dir, resuming, progress=None if not quiet else False)
+    distributed = _data_parallel(loaded.run.device)
+    main = distributed is None or distributed.is_main
+    if distributed is not None:  # under torchrun: one directory, rank 0's choice
+        out_dir = Path(distributed.broadcast(str(out_dir)))
+    _execute(loaded, out_dir, resuming, progress=None if not quiet and main else False, main=main)
 
 
-def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None) -> None:
+def _check_device(run: Any) -> None:
+    """The device and precision asked for exist here (one line if not)."""
+    from regdial.training.devices import Precision, resolve_device
+
+    Precision.choose(run.precision, resolve_device(run.device), "precision")
+
+
+def _data_parallel(device: str | None) -> Any:
+    """The data-parallel process group ``torchrun`` describes (initialized), or None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from regdial.training.devices import resolve_device
+    from regdial.training.distributed import Distributed
+
+    return Distributed.current(resolve_device(device or "auto", "run.device"))
+
+
+def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None, main: bool = True) -> None:
+    """Train (and the baseline), then report; under data parallelism every rank trains and
+    only rank 0 (``main``) writes and prints."""
     import tomli_w
 
     from regdial._io import write_text
@@ -247,13 +275,14 @@ def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None) 
     from regdial.training.fit import fit
 
     setting = config.regularization
-    dataset = _data(config)  # read and check the data (and the model) before writing anything
+    dataset = _data(config)  # read and check the data, model and device before writing anything
     model = _model(config, dataset)
-    if not resuming:
+    _check_device(config.run)
+    if not resuming and main:
         document = config.document()
         document["run"]["out"] = str(out_dir)
         write_text(out_dir / "config.toml", tomli_w.dumps(document))
-    console = _console()
+    console = _console() if main else _Silent()
     common: dict[str, Any] = {
         "model_options": config.model,
         "progress": progress,
@@ -283,12 +312,20 @@ def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None) 
         console.print(f"[red]{history.meta.get('reason')}[/]: no epoch finished; lower the learning rate "
                       f"({history.meta.get('kept', 'nothing was saved')})")  # fmt: skip
         raise typer.Exit(1)
-    page = report(out_dir)
-    _print_summary(console, history, baseline_history, diagnose(history, setting))
-    console.print(f"report: {page}")
+    if main:
+        page = report(out_dir)
+        _print_summary(console, history, baseline_history, diagnose(history, setting))
+        console.print(f"report: {page}")
     if status == "diverged":
         console.print(f"[red]{history.meta.get('reason')}[/]; {history.meta.get('kept', '')}")
         raise typer.Exit(1)
+
+
+class _Silent:
+    """The console of a data-parallel rank other than 0: it prints nothing."""
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def _describe(setting: Any) -> str:
@@ -343,6 +380,7 @@ def tune(
     seed: Seed = None,
     device: Device = None,
     precision: Precision = None,
+    deterministic: Deterministic = None,
     out: Annotated[
         str | None, typer.Option(help="The search's directory (default runs/<task>-tune).")
     ] = None,
@@ -370,7 +408,10 @@ def tune(
 
     flags = {"task": task, "data": data, "target": target, "kind": kind, "model": model, "epochs": epochs,
              "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "seed": seed, "device": device,
-             "precision": precision, "out": out}  # fmt: skip
+             "precision": precision, "deterministic": deterministic, "out": out}  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail("tune", "one process: trials run one per worker (--workers N --devices cuda:0,cuda:1,...), "
+             "torchrun is for regdial run", Described(f"WORLD_SIZE={os.environ['WORLD_SIZE']}"))  # fmt: skip
     loaded = load_config(config, _run_overrides(**flags))
     table = loaded.tune.model_dump(exclude_none=True)
     for name, value in (("budget", budget), ("strategy", strategy), ("storage", storage)):
@@ -383,6 +424,8 @@ def tune(
     options = TuneOptions.parse(table, "tune")
     name = _source(loaded)
     out_dir = _creatable("run.out", Path(loaded.run.out or Path("runs") / f"{name}-tune"))
+    for device in options.devices or [loaded.run.device]:
+        _check_device(loaded.run.model_copy(update={"device": device}))
     space = Space.from_dict(options.space, loaded.regularization) if options.space is not None else None
     run = loaded.run
     console = _console()
@@ -394,7 +437,7 @@ def tune(
         result = search(
             task_arg, space, model=run.model, model_options=loaded.model, target=run.target, kind=run.kind,
             epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, optimizer=run.optimizer, device=run.device,
-            precision=run.precision, budget=options.budget, strategy=options.strategy, storage=options.storage,
+            precision=run.precision, deterministic=run.deterministic, budget=options.budget, strategy=options.strategy, storage=options.storage,
             workers=options.workers, devices=options.devices, seed=run.seed, run_dir=out_dir,
             grid_points=options.grid_points, retrain=retrain, progress=say, base=loaded.regularization,
         )  # fmt: skip

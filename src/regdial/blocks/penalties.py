@@ -96,6 +96,9 @@ class Penalty(Scheduled, ABC):
     ``regdial.blocks.proximal``): a shrink toward zero at an exploding step size destroys
     weights; L2-SP's pull toward the starting point does not, and has none."""
 
+    elementwise: ClassVar[bool] = True
+    """Whether the prox acts on each element alone (exact on FSDP's sharded parameters)."""
+
     def __init__(self, strength: Strength, *, foreach: bool | None = None) -> None:
         self.strength = strength
         self.foreach = foreach
@@ -401,6 +404,8 @@ class GroupLasso(Penalty):
 
         w_g <- max(0, 1 - lr*s*sqrt(|g|) / ||w_g||_2) * w_g
     """
+
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None) -> None:
         super().__init__(strength, foreach=foreach)

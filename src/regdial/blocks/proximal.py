@@ -321,6 +321,7 @@ def attach_prox(
                 "params", "parameters the optimizer updates", Described(f"{missing} tensors it does not hold")
             )
 
+    _refuse_sharded(penalty, optimizer)
     zeroed: set[int] = set()
     calls = [0]
 
@@ -345,6 +346,24 @@ def attach_prox(
                 _report_zeroed(ps, zeroed, names, penalty)
 
     return optimizer.register_step_post_hook(hook)
+
+
+def _refuse_sharded(penalty: Prox, optimizer: Optimizer) -> None:
+    """Group lasso and max-norm act on whole rows: refuse FSDP's sharded parameters.
+
+    FSDP keeps each rank's shard of a parameter (a ``DTensor`` under FSDP2, a flattened
+    ``FlatParameter`` under FSDP1): a row's norm would be one shard's, not the row's.
+    Element-wise penalties (L1, L2, elastic net) are exact on shards and stay allowed.
+    """
+    if getattr(penalty, "elementwise", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            kind = type(p).__name__
+            if kind in ("DTensor", "FlatParameter") or getattr(p, "_is_flat_param", False):
+                fail("penalty", f"an element-wise penalty (L1, L2, ElasticNet) on FSDP's sharded parameters "
+                     f"(a row's norm spans shards; train {type(penalty).__name__} data-parallel with DDP)",
+                     Described(f"{type(penalty).__name__} on a {kind}"))  # fmt: skip
 
 
 def _report_zeroed(params: list[Tensor], zeroed: set[int], names: dict[int, str], penalty: Prox) -> None:

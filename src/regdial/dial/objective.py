@@ -130,6 +130,7 @@ class FitObjective:
     optimizer: str = "adamw"
     device: str = "auto"
     precision: str = "auto"
+    deterministic: bool = False
     # In-process objects (not sent to workers): a factory and loaders given as Python objects.
     model_factory: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)
     loaders: tuple[Any, Any, Any] | None = field(default=None, repr=False, compare=False)
@@ -249,6 +250,7 @@ class FitObjective:
         options: dict[str, Any] = {
             "epochs": self.full_epochs, "seed": self.seed, "lr": self.lr, "batch_size": self.batch_size,
             "optimizer": self.optimizer, "device": self.device, "precision": self.precision, "progress": False,
+            "deterministic": self.deterministic,
             "loss_fn": self.loss_fn, "metrics": self.metrics, "metric": self.metric_name,
         }  # fmt: skip
         options.update(kwargs)
@@ -281,7 +283,8 @@ class FitObjective:
 
         history = self.fit(setting, model=net, epochs=trial.epochs, on_epoch=report, monitor=self.metric,
                            restore_best=trial.role != "path")  # fmt: skip
-        trial.history.meta.update(status=history.meta.get("status"), summary=history.meta.get("summary"))
+        trial.history.meta.update(status=history.meta.get("status"), summary=history.meta.get("summary"),
+                                  device=history.meta.get("device"))  # fmt: skip
         trial.save_weights(net)
         if trial.pruned:
             raise Pruned(history.meta.get("reason", "pruned"))
@@ -294,7 +297,7 @@ class FitObjective:
             fail("workers", "1 when the model, data, loss or metrics are Python objects (give "
                  "'package.module:function' strings to share them with other processes)", Described("more"))  # fmt: skip
         names = ("task", "data_path", "target", "kind", "model", "model_options", "data", "num_classes", "epochs",
-                 "seed", "lr", "batch_size", "optimizer", "device", "precision", "metric_name")  # fmt: skip
+                 "seed", "lr", "batch_size", "optimizer", "device", "precision", "deterministic", "metric_name")  # fmt: skip
         return {name: getattr(self, name) for name in names}
 
 

@@ -7,7 +7,7 @@ result.json   the whole result: strategy, metric, the chosen setting and how it 
               chosen, every trial's counts, the path or the online run, importances,
               the retrained tuned and baseline scores, the space, notes
 best.toml     the chosen setting as a run config (``regdial run best.toml``)
-trials.csv    one row per trial: state, score, its standard error, epochs, the knobs
+trials.csv    one row per trial: state, score, its standard error, epochs, the knobs, device
 study.db      the Optuna study (SQLite), which a rerun resumes
 best/         the chosen setting trained again (with ``baseline/`` inside), when retrained
 ============  ==========================================================================
@@ -109,7 +109,7 @@ class TuneResult:
             + tomli_w.dumps(document),
         )
         out = io.StringIO()
-        names = ["number", "state", "value", "se", "epochs", *self.space, "seconds"]
+        names = ["number", "state", "value", "se", "epochs", *self.space, "seconds", "device"]
         writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.trials:
@@ -150,8 +150,10 @@ def _read_trials(path: Path) -> list[dict[str, Any]]:
     for line, record in enumerate(csv.DictReader(read_text(path, "a trials.csv").splitlines()), start=2):
         try:
             parsed: dict[str, Any] = {"number": int(record["number"]), "state": str(record["state"])}
+            if record.get("device"):
+                parsed["device"] = str(record["device"])
             for key, value in record.items():
-                if key not in ("number", "state") and key:
+                if key not in ("number", "state", "device") and key:
                     parsed[key] = float(value) if value not in ("", "None", None) else None
         except (KeyError, TypeError, ValueError):
             damaged(path, "a trials.csv written by regdial tune", f"an unreadable row at line {line}")

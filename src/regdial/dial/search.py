@@ -771,7 +771,7 @@ def run_tables(objective: FitObjective) -> tuple[dict[str, Any], dict[str, Any]]
     if objective.model is not None:
         run["model"] = objective.model
     run.update({"epochs": objective.full_epochs, "seed": objective.seed, "optimizer": objective.optimizer,
-                "device": objective.device, "precision": objective.precision,
+                "device": objective.device, "precision": objective.precision, "deterministic": objective.deterministic,
                 "monitor": objective.metric, "restore_best": True})  # the run the search scored  # fmt: skip
     for name in ("lr", "batch_size"):
         if getattr(objective, name) is not None:
@@ -807,7 +807,8 @@ def _trial_row(t: Any, space: Space) -> dict[str, Any]:
     )
     value = t.value if t.value is not None else t.user_attrs.get("value")
     return {"number": t.number, "state": t.state.name.lower(), "value": value, "se": t.user_attrs.get("se"),
-            "epochs": t.user_attrs.get("epochs", 0), **space.values_of(t.params), "seconds": seconds}  # fmt: skip
+            "epochs": t.user_attrs.get("epochs", 0), **space.values_of(t.params), "seconds": seconds,
+            "device": t.user_attrs.get("device")}  # fmt: skip
 
 
 def _importances(study: optuna.Study, complete: list[Any], space: Space) -> dict[str, float]:

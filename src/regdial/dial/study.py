@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from regdial._checks import fail, shorten
 from regdial.dial.budget import Budget
@@ -99,20 +99,40 @@ def open_storage(url: str | None, run_dir: Path | None) -> Any:
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine["connect_args"] = {"timeout": 60}  # several local workers wait for the lock
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT[0], grace_period=HEARTBEAT[1]
-            )
-    except Exception as error:  # any driver or URL error becomes one line
-        why = shorten(f"{type(error).__name__}: {error}".splitlines()[0], 120)
-        if isinstance(error, ImportError) and url.startswith("postgres"):
-            why += "; install the driver with: pip install 'regdial[postgres]'"
-        raise ValueError(
-            f"storage must be a database Optuna can open, got {shorten(repr(url), 60)} ({why})"
-        ) from None
-    return storage
+    # Two commands started at once on one new database both create its tables: the
+    # loser's UNIQUE or "already exists" error clears once the winner is done. Retry those.
+    for attempt in range(4):
+        try:
+            return _rdb_storage(url, engine)
+        except Exception as error:  # any driver or URL error becomes one line
+            said = f"{type(error).__name__}: {error}"
+            if attempt < 3 and any(
+                w in said for w in ("IntegrityError", "already exists", "UniqueViolation")
+            ):
+                time.sleep(0.25 * (attempt + 1))
+                continue
+            _storage_error(url, error)
+    raise AssertionError("unreachable")
+
+
+def _rdb_storage(url: str, engine: dict[str, Any]) -> Any:
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT[0], grace_period=HEARTBEAT[1]
+        )
+
+
+def _storage_error(url: str, error: Exception) -> NoReturn:
+    """A driver or URL error as one line (a missing PostgreSQL driver says how to install it)."""
+    why = shorten(f"{type(error).__name__}: {error}".splitlines()[0], 120)
+    if isinstance(error, ImportError) and url.startswith("postgres"):
+        why += "; install the driver with: pip install 'regdial[postgres]'"
+    raise ValueError(
+        f"storage must be a database Optuna can open, got {shorten(repr(url), 60)} ({why})"
+    ) from None
 
 
 def sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:

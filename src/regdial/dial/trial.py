@@ -146,4 +146,4 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
         "se": se,
         "best_epoch": None if row is None else int(row["epoch"]),
         "setting": trial.setting.to_dict(),
-    }
+    } | ({"device": trial.history.meta["device"]} if "device" in trial.history.meta else {})

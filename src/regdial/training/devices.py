@@ -37,7 +37,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+_NAME = re.compile(r"auto|mps|(cpu|cuda)(:\d{1,3})?")
+"""``cpu:N`` is the CPU (torch ignores the index): a stand-in that lets a device list
+(``tune --devices``) be tried on a machine without GPUs."""
 
 
 def check_device_name(field: str, name: object) -> str:

@@ -13,7 +13,13 @@ What makes a data-parallel run the same run on every rank:
 - sums are reduced before any score is computed, so validation metrics, early stopping
   and the divergence check decide the same thing on every rank;
 - the proximal steps follow the all-reduced update, so they are identical too;
+- every choice that could differ between ranks (a checkpoint due by the clock, a Ctrl-C
+  that reached one rank first) is agreed on collectively, so the ranks never part ways;
 - only rank 0 writes files; each rank's random state is gathered into the checkpoint.
+
+FSDP is not wrapped here: ``fit`` trains data-parallel with DDP. Under a user's own FSDP,
+``attach_prox`` refuses group lasso and max-norm (a row's norm spans shards); the
+element-wise penalties are exact on shards.
 """
 
 from __future__ import annotations
@@ -79,6 +85,18 @@ class Distributed:
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, value)
         return gathered
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (a plain Python object), on every rank."""
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any."""
+        return self.sum([float(flag)], device)[0] > 0
 
     def barrier(self) -> None:
         import torch.distributed as dist

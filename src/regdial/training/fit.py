@@ -251,6 +251,7 @@ def fit(
             num_classes=num_classes, kind=kind, options=options, adapter=batch_to_inputs, distributed=distributed,
         )  # fmt: skip
         source.seed(options.seed)
+        net = _unwrapped(net)
         net.to(target)
         if initial_weights is not None:
             net.load_state_dict(dict(initial_weights))
@@ -270,6 +271,20 @@ def fit(
             run.restore()
         with ProgressBar(progress if run.is_main else False, options.epochs or 1, source.name) as bar:
             return run.train(bar)
+
+
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """The user's module: a DDP wrapper is taken off (``fit`` wraps it itself); FSDP is
+    refused in one line (``fit`` trains data-parallel with DDP)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(net, DistributedDataParallel):
+        inner: nn.Module = net.module
+        return inner
+    if any(cls.__name__ in ("FullyShardedDataParallel", "FSDPModule") for cls in type(net).__mro__):
+        fail("model", "an unwrapped module (fit trains data-parallel with DDP; FSDP is not supported)",
+             Described(type(net).__name__))  # fmt: skip
+    return net
 
 
 def _config_toml(
@@ -367,6 +382,8 @@ class _Run:
         self.history = History(
             source.kind, task=source.name, status="running", num_classes=source.num_classes, metric=self.metric,
             direction="maximize" if higher_is_better(self.metric) else "minimize", setting=setting.to_dict(),
+            device=str(device), precision=self.precision.name,
+            world=1 if distributed is None else distributed.world,
         )  # fmt: skip
         self.epoch, self.batch, self.step = 0, 0, 0
         self.running = {"loss": 0.0, "seen": 0.0}
@@ -374,6 +391,7 @@ class _Run:
         self.status, self.reason = "running", ""
         self.saved_epoch: int | None = None
         self.interrupt = Interrupt()
+        self.stop_agreed = False  # data-parallel: a Ctrl-C any rank saw, agreed at the last step
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -394,7 +412,7 @@ class _Run:
                     if not math.isfinite(value):
                         return self._diverged(epoch, index, value)
                     self.batch = index + 1
-                    if self.interrupt.requested:
+                    if self.stop_agreed if self.distributed is not None else self.interrupt.requested:
                         self.status, self.reason = (
                             "interrupted",
                             f"interrupted at epoch {epoch}, step {index + 1}",
@@ -404,12 +422,10 @@ class _Run:
                 row = self._end_epoch(epoch, time.perf_counter() - started)
                 bar.update(epoch, row, self.metric)
                 now = time.monotonic()
-                if (
-                    self.status != "running"
-                    or epoch == epochs
-                    or self.saved_epoch is None
-                    or now - last_save >= options.checkpoint_seconds
-                ):
+                due = now - last_save >= options.checkpoint_seconds
+                if self.distributed is not None:  # the clocks of the ranks differ: agree
+                    due = self.distributed.any(due, self.device)
+                if self.status != "running" or epoch == epochs or self.saved_epoch is None or due:
                     self._checkpoint()
                     last_save = now
         if self.status == "running":
@@ -443,9 +459,12 @@ class _Run:
                 loss = loss + self.applied.penalty()
         value = float(loss.detach())
         count = float(len(targets))
-        if self.distributed is not None:  # every rank decides on the same numbers
-            total, seen = self.distributed.sum([value * count * weight, count * weight], self.device)
+        if self.distributed is not None:  # every rank decides on the same numbers (Ctrl-C included)
+            total, seen, stop = self.distributed.sum(
+                [value * count * weight, count * weight, float(self.interrupt.requested)], self.device
+            )
             value = total / seen if seen else value
+            self.stop_agreed = stop > 0
         if not math.isfinite(value):
             return value
         optimizer = self.applied.optimizer
@@ -605,6 +624,7 @@ class _Run:
             self.running = {k: float(v) for k, v in loop["running"].items()}
             self.settings = {int(k): dict(v) for k, v in loop["settings"].items()}
             self.history = History.from_dict(state["history"], str(where))
+            self.history.meta.update(device=str(self.device), precision=self.precision.name)
             rngs = loop["rng"]
             if "ranks" in rngs:
                 mine = rngs["ranks"][self.distributed.rank if self.distributed else 0]
@@ -663,6 +683,7 @@ class _Run:
             "task": self.history.meta.get("task"), "kind": self.history.kind, "status": self.status,
             "reason": self.reason, "epochs_run": self.epoch, "epochs": self.options.epochs, "best_epoch": best_epoch,
             "metric": self.metric, "monitor": self.monitor, "setting": self.setting.to_dict(),
+            "device": str(self.device), "precision": self.precision.name,
             "seconds": sum(row.get("seconds", 0.0) for row in self.history.rows),
         }  # fmt: skip
         if "kept" in self.history.meta:
