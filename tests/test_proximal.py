@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import L1, L2, GroupLasso, MaxNorm, attach_prox, max_norm_, param_groups
+from regdial import L1, L2, ElasticNet, GroupLasso, MaxNorm, Penalty, attach_prox, max_norm_, param_groups
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
@@ -133,6 +133,35 @@ def test_adam_step_size_is_its_per_coordinate_step() -> None:
     # Constant gradients: m_hat = g exactly, so the update is g times the step size.
     (steps,) = optimizer_step_sizes(optimizer)(optimizer, optimizer.param_groups[0], [w])
     torch.testing.assert_close(before - w.detach(), w.grad * steps)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("penalty", [L1(3e-3), L2(0.5), ElasticNet(3e-3, l1_ratio=0.3)], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_quotient_form_equals_the_step_tensor_form(
+    name: str, penalty: Penalty, dtype: torch.dtype
+) -> None:
+    """Adaptive steps kept as ``scale / d`` (the fast path) give the prox of the explicit
+    per-coordinate steps, exact zeros included; 16-bit weights take the step tensor path."""
+    from regdial.blocks.penalties import StepQuotients
+    from regdial.blocks.proximal import optimizer_step_sizes
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((torch.randn(40, 30) * torch.logspace(-4, 0, 30)).to(dtype))
+    optimizer = OPTIMIZERS[name]([w])
+    for _ in range(3):
+        w.grad = torch.randn_like(w) * torch.logspace(-3, 1, 30).to(dtype)
+        optimizer.step()
+    steps = optimizer_step_sizes(optimizer)(optimizer, optimizer.param_groups[0], [w])
+    assert isinstance(steps, StepQuotients)
+    explicit = [steps[0].clone()]
+    fast, reference = w.detach().clone(), w.detach().clone()
+    penalty.prox_(fast, steps)
+    penalty.prox_(reference, explicit)
+    tolerance = {"rtol": 1e-2, "atol": 1e-3} if dtype is torch.bfloat16 else {}
+    torch.testing.assert_close(fast, reference, **tolerance)
+    if not isinstance(penalty, L2) and dtype is not torch.bfloat16:
+        assert torch.equal(fast == 0, reference == 0) and int((fast == 0).sum()) > 0
 
 
 def test_max_norm_caps_each_units_incoming_weights() -> None:

@@ -62,6 +62,7 @@ from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_choice, check_int, check_range, fail
 from regdial._tensors import tensor_list
+from regdial.blocks.penalties import StepQuotients
 
 __all__ = ["MaxNorm", "Prox", "attach_prox", "max_norm_", "optimizer_step_sizes", "warmup_steps"]
 
@@ -124,7 +125,20 @@ def _adam_step(optimizer: Optimizer, group: Group) -> Callable[[Tensor], Tensor]
 
 
 def _adam(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[Tensor]:
-    return _LazySteps(params, _adam_step(optimizer, group))
+    """``lr / (sqrt(v / c2) + eps) = lr*sqrt(c2) / (sqrt(v) + eps*sqrt(c2))``, as a quotient."""
+    lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
+    key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    if eps <= 0.0 or any(isinstance(_scalar(optimizer.state[p]["step"]), Tensor) for p in params):
+        return _LazySteps(params, _adam_step(optimizer, group))  # on a GPU step count: no sync
+
+    def root_c2(p: Tensor) -> float:
+        return float((1.0 - beta2 ** float(optimizer.state[p]["step"])) ** 0.5)
+
+    def denominator(p: Tensor) -> Tensor:
+        result: Tensor = torch.sqrt(optimizer.state[p][key]).add_(eps * root_c2(p))
+        return result
+
+    return StepQuotients(params, denominator, lambda p: lr * root_c2(p))
 
 
 def _radam(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[Tensor]:
@@ -155,29 +169,35 @@ def _adamax(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequenc
 
 
 def _adagrad(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[Tensor]:
+    """``lr_t / (sqrt(sum) + eps)``, as a quotient."""
     eps, lr_decay = float(group["eps"]), float(group["lr_decay"])
 
-    def step(p: Tensor) -> Tensor:
-        state = optimizer.state[p]
-        lr = float(group["lr"]) / (1.0 + (_scalar(state["step"]) - 1.0) * lr_decay)
-        result: Tensor = state["sum"].sqrt().add_(eps).reciprocal_().mul_(lr)
+    def lr_at(p: Tensor) -> Any:
+        return float(group["lr"]) / (1.0 + (_scalar(optimizer.state[p]["step"]) - 1.0) * lr_decay)
+
+    def denominator(p: Tensor) -> Tensor:
+        result: Tensor = optimizer.state[p]["sum"].sqrt().add_(eps)
         return result
 
-    return _LazySteps(params, step)
+    if eps > 0.0 and not any(isinstance(lr_at(p), Tensor) for p in params):
+        return StepQuotients(params, denominator, lr_at)
+    return _LazySteps(params, lambda p: denominator(p).reciprocal_().mul_(lr_at(p)))
 
 
 def _rmsprop(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[Tensor]:
     lr = float(group["lr"]) / (1.0 - float(group.get("momentum", 0.0)))
     eps, centered = float(group["eps"]), bool(group.get("centered"))
 
-    def step(p: Tensor) -> Tensor:
+    def denominator(p: Tensor) -> Tensor:
         state = optimizer.state[p]
         variance: Tensor = state["square_avg"]
         if centered:
             variance = variance - state["grad_avg"].square()
-        return variance.sqrt().add_(eps).reciprocal_().mul_(lr)
+        return variance.sqrt().add_(eps)
 
-    return _LazySteps(params, step)
+    if eps > 0.0:
+        return StepQuotients(params, denominator, lambda p: lr)
+    return _LazySteps(params, lambda p: denominator(p).reciprocal_().mul_(lr))
 
 
 _STEP_SIZES: dict[type[Optimizer], StepSizes] = {
@@ -219,8 +239,10 @@ def _warmed(
     factors = [factor(p) for p in params]
     if all(isinstance(f, float) and f >= 1.0 for f in factors):
         return sizes  # past the warm-up: nothing to scale
+    if isinstance(sizes, StepQuotients) and all(isinstance(f, float) for f in factors):
+        return sizes.times(factors)
     if isinstance(sizes, Sequence):
-        return [sizes[i].mul_(f) for i, f in enumerate(factors)] if not isinstance(sizes, _LazySteps) else (
+        return [sizes[i].mul_(f) for i, f in enumerate(factors)] if not isinstance(sizes, _LazySteps | StepQuotients) else (
             _LazySteps(params, _scaled_by(sizes, params, factors)))  # fmt: skip
     return [
         torch.full((), float(sizes), device=p.device).mul_(f) for p, f in zip(params, factors, strict=True)
