@@ -16,6 +16,9 @@ waveforms          cnn1d           generated 1-D signals: sine, square or triang
 digits-transfer    cnn             fine-tuning: a CNN pre-trained on 1000 clean digits,
                                    then 30 digits of another look (lower contrast,
                                    noise) to fine-tune on; 300 to validate, 467 to test
+friedman           mlp             generated nonlinear regression (Friedman #1): 10
+                                   features, 5 used through sin, squares and products;
+                                   200 rows to train, noise sd 1
 =================  ==============  =================================================
 
 A task with a ``source`` starts from pre-trained weights: its model is first trained on
@@ -165,6 +168,21 @@ def _sparse_regression(seed: int) -> Dataset:
     )  # fmt: skip
 
 
+def _friedman(seed: int) -> Dataset:
+    """Friedman (1991) #1: ``y = 10 sin(pi x1 x2) + 20 (x3 - 1/2)^2 + 10 x4 + 5 x5 + N(0, 1)``,
+    ``x`` uniform on ``[0, 1]^10`` (five features are noise), via scikit-learn."""
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=1500, n_features=10, noise=1.0, random_state=seed)
+    (xv, yv), (xt, yt), (xtr, ytr) = split_arrays(x, y, (300, 1000), seed, stratify=False)
+    scale = standardizer(xtr)
+    parts = [to_tensors(scale(a), b, "regression") for a, b in ((xtr, ytr), (xv, yv), (xt, yt))]
+    return Dataset(
+        "friedman", "regression", "tabular", *parts[0], *parts[1], *parts[2],
+        description="Friedman #1: 10 features, 5 used nonlinearly; 200 training rows",
+    )  # fmt: skip
+
+
 def _sklearn_tabular(name: str, loader: str, seed: int) -> Dataset:
     import sklearn.datasets
 
@@ -254,6 +272,8 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("digits-transfer", "fine-tuning: pre-trained on clean digits, 30 shifted ones to adapt to",
                  _digits_transfer, "cnn", 60, batch_size=16, lr=3e-3,
                  augment_options={"flip": False, "color": False, "erase": False}, source=_digits_source),
+        TaskSpec("friedman", "generated nonlinear regression, 10 features, 200 training rows", _friedman, "mlp",
+                 150),
     )
 }  # fmt: skip
 
