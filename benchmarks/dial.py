@@ -82,10 +82,9 @@ def cached(cache: Path, key: str, fresh: bool, compute: Any) -> dict[str, Any]:
 
 def run(task: str, strategy: str, seed: int, budget: str | None) -> dict[str, Any]:
     case = CASES[task]
-    result = tune(
-        task, Space(case["space"]), strategy=strategy, budget=budget, sampler_seed=seed,
-        grid_points=case["grid_points"], retrain=True,
-    )  # fmt: skip
+    grid = {"grid_points": case["grid_points"]} if strategy == "grid" else {}  # others refuse it
+    result = tune(task, Space(case["space"]), strategy=strategy, budget=budget, sampler_seed=seed, retrain=True,
+                  **grid)  # fmt: skip
     data = result.to_dict()
     data["trial_rows"] = result.trials
     return data
