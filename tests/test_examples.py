@@ -96,8 +96,10 @@ def test_example_tune_configs_run(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["tune_huggingface.py", "tune_lightning.py", "tune_own_model.py"])
-def test_the_tuning_examples_run(script: str, tmp_path: Path) -> None:
-    """Each example, on a tiny budget: the path runs, a report is written, the baseline is there."""
+def test_the_tuning_examples_run(script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each example, on a tiny budget: the path runs, a report is written, the baseline is there,
+    and nothing lands in the working directory (a trainer's default log directory)."""
+    monkeypatch.chdir(tmp_path)
     pytest.importorskip(
         "transformers" if "huggingface" in script else "lightning" if "lightning" in script else "torch"
     )
@@ -105,3 +107,4 @@ def test_the_tuning_examples_run(script: str, tmp_path: Path) -> None:
     result = example.main("3 trials", 4, str(tmp_path / "run"))
     assert result.path and (tmp_path / "run" / "report.html").is_file()
     assert "val_accuracy" in result.baseline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

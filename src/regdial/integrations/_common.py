@@ -225,7 +225,7 @@ class Session:
             logging.INFO if self.trial is not None else logging.WARNING, "regdial: %s", reading.message
         )
         self.history.meta.update(status="completed", diagnosis=reading.message)
-        if output_dir is not None:
+        if output_dir is not None and self.trial is None:  # a search records its own trials
             write_record(Path(output_dir), self.history, self.setting)
 
 

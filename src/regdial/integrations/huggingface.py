@@ -34,7 +34,8 @@ At each evaluation the callback records a ``History`` row (the training loss is 
 of the training batches' losses since the previous evaluation), and at the end it logs
 the diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
 output directory. Given a ``regdial.Trial`` (an objective of ``regdial.tune``), it reports
-each evaluation, and a pruned trial stops training by raising ``regdial.Pruned``.
+each evaluation instead (the search's study and report hold every trial), and a pruned
+trial stops training by raising ``regdial.Pruned``.
 
 Needs the ``huggingface`` extra: ``pip install 'regdial[huggingface]'``.
 """

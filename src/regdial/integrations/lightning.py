@@ -24,7 +24,8 @@ At each validation the callback records a ``History`` row (validation values fro
 ``trainer.callback_metrics``: ``val_loss``, ``val_acc``...; the training loss is the mean
 of the training steps' losses since the previous validation), and at the end it logs the
 diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
-trainer's log directory. Given a ``regdial.Trial``, it reports each validation, and a
+trainer's log directory. Given a ``regdial.Trial``, it reports each validation instead
+(the search's study and report hold every trial), and a
 pruned trial stops training by raising ``regdial.Pruned``. Its ``state_dict`` holds the
 setting in force, the average, early stopping and the history, so a run resumed from a
 Lightning checkpoint continues them.
