@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from postgres import available, postgres_server
-from regdial import Regularization, tune
+from regdial import Regularization, Trial, tune
 from regdial.cli import main
 from regdial.dial.budget import Budget
 from regdial.dial.objective import FitObjective
@@ -516,3 +516,28 @@ def test_a_directory_never_mixes_two_searches_or_a_run(
     )
     assert (run / "report.html").read_text() == page  # untouched
     assert not (run / "study.db").exists()
+
+
+@pytest.mark.skipif(
+    __import__("threading").current_thread() is not __import__("threading").main_thread(),
+    reason="signal handlers live in the main thread",
+)
+def test_a_ctrl_c_outside_training_waits_for_the_next_safe_point(tmp_path: Path) -> None:
+    """A Ctrl-C that lands outside a run's own batches (here: the objective's code after its
+    epochs) is deferred: the trial is recorded complete and no further trial starts. Landing
+    inside Optuna's bookkeeping instead, it could leave a heartbeat thread that kept
+    ``regdial tune`` alive after it printed "interrupted"."""
+    import os
+
+    from regdial import Space
+
+    def objective(setting: Regularization, trial: Trial) -> None:
+        for epoch in range(1, 3):
+            trial.report(epoch, train_loss=1.0 / epoch, val_loss=1.0 / epoch)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(objective, space=Space({"weight_decay": (1e-4, 1e-1)}), budget="3 trials", strategy="random",
+             epochs=2, run_dir=tmp_path)  # fmt: skip
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]

@@ -71,6 +71,7 @@ from regdial.dial.study import (
 )
 from regdial.dial.trial import Pruned, Trial, trial_summary
 from regdial.setting import Regularization
+from regdial.training.progress import Interrupt
 
 if TYPE_CHECKING:
     import optuna
@@ -557,7 +558,11 @@ def run_worker(
     original = space
     metric = objective.metric
 
+    interrupt = Interrupt("stopping the search before its next trial")
+
     def optuna_objective(ot: optuna.Trial) -> float:
+        if interrupt.requested:  # inside Optuna's try: the trial is told failed, the search stops
+            raise KeyboardInterrupt("Ctrl-C before this trial trained")
         if budget.unit == "trials":
             alive = sorted(t.number for t in search_trials(study) if t.state != TrialState.FAIL)
             if ot.number in alive and alive.index(ot.number) >= budget.amount:
@@ -590,26 +595,38 @@ def run_worker(
 
     current = original
     overtime = 0  # trials started after a budget in minutes ran out, none having completed
-    while True:
-        fail_stale(study)  # a trial whose worker died stops sending heartbeats: free its share
-        used, claimed = usage(study, budget, started)
-        if used >= budget.amount:
-            # A budget in minutes that ran out before any trial completed (the path took it,
-            # or its trials were pruned) still ends with a result: up to two more trials.
-            done = [t for t in search_trials(study) if t.state == TrialState.COMPLETE]
-            if budget.unit != "minutes" or done or overtime >= 2:
+    # Ctrl-C outside a trial's training (fit stops itself at a batch) is deferred to the
+    # next safe point: landing inside Optuna's bookkeeping, it could leave a heartbeat
+    # thread running that keeps the process alive after the search has said "interrupted".
+    with interrupt.installed():
+        while True:
+            if interrupt.requested:
+                raise KeyboardInterrupt("Ctrl-C between trials")
+            fail_stale(study)  # a trial whose worker died stops sending heartbeats: free its share
+            used, claimed = usage(study, budget, started)
+            if used >= budget.amount:
+                # A budget in minutes that ran out before any trial completed (the path took it,
+                # or its trials were pruned) still ends with a result: up to two more trials.
+                done = [t for t in search_trials(study) if t.state == TrialState.COMPLETE]
+                if budget.unit != "minutes" or done or overtime >= 2:
+                    break
+                overtime += 1
+            elif used + claimed >= budget.amount:  # others are spending the rest: wait in case one dies
+                time.sleep(1.0)
+                continue
+            if strategy == "grid" and len(search_trials(study)) >= len(space.grid(grid_points)):
                 break
-            overtime += 1
-        elif used + claimed >= budget.amount:  # others are spending the rest: wait in case one dies
-            time.sleep(1.0)
-            continue
-        if strategy == "grid" and len(search_trials(study)) >= len(space.grid(grid_points)):
-            break
-        if strategy in ("auto", "tpe", "random"):
-            current = extend_ranges(study, original)
-        study.optimize(
-            optuna_objective, n_trials=1, catch=(_OverBudgetError,), gc_after_trial=False, callbacks=[tell]
-        )
+            if strategy in ("auto", "tpe", "random"):
+                current = extend_ranges(study, original)
+            study.optimize(
+                optuna_objective,
+                n_trials=1,
+                catch=(_OverBudgetError,),
+                gc_after_trial=False,
+                callbacks=[tell],
+            )
+    if interrupt.requested:  # Ctrl-C as the last trial ended: the search stops here
+        raise KeyboardInterrupt("Ctrl-C after the last trial")
 
 
 def _worker_process(arguments: dict[str, Any]) -> None:

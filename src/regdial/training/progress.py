@@ -21,10 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class Interrupt:
-    """First Ctrl-C: stop after this batch and save. Second: abort at once."""
+    """First Ctrl-C: a request (``requested``) to stop at the next safe point, ``saying``
+    so in the log. Second: abort at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, saying: str = "stopping after this batch to save a checkpoint") -> None:
         self.requested = False
+        self.saying = saying
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -38,7 +40,7 @@ class Interrupt:
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
             self.requested = True
-            logger.warning("stopping after this batch to save a checkpoint (Ctrl-C again to abort)")
+            logger.warning("%s (Ctrl-C again to abort)", self.saying)
 
         signal.signal(signal.SIGINT, handler)
         try:
