@@ -541,3 +541,39 @@ def test_a_ctrl_c_outside_training_waits_for_the_next_safe_point(tmp_path: Path)
              epochs=2, run_dir=tmp_path)  # fmt: skip
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path: Path) -> None:
+    """Optuna fails a running trial whose heartbeats stopped, not one that never sent any (a
+    worker killed between creating it and starting its heartbeats); that one would hold its
+    share of the budget forever. fail_stale fails it once it is twice the grace period old;
+    a trial whose heartbeats started (its ``worker`` set) is left to Optuna's own rule."""
+    import datetime
+
+    from regdial.dial.study import HEARTBEAT, fail_stale, open_storage
+
+    storage = open_storage(None, tmp_path)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study_id = storage.get_study_id_from_name("s")
+    long_ago = datetime.datetime.now() - datetime.timedelta(seconds=3 * HEARTBEAT[1])
+
+    def running(started: datetime.datetime, **attrs: int) -> int:
+        trial = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=attrs)
+        trial.datetime_start = started
+        created = storage.create_new_trial(study_id, template_trial=trial)
+        if attrs:  # its heartbeats started
+            storage.record_heartbeat(created)
+        return int(storage.get_trial(created).number)
+
+    silent_old, silent_new, beating_old = (
+        running(long_ago),
+        running(datetime.datetime.now()),
+        running(long_ago, worker=1),
+    )
+    fail_stale(study)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {
+        silent_old: TrialState.FAIL,
+        silent_new: TrialState.RUNNING,
+        beating_old: TrialState.RUNNING,
+    }

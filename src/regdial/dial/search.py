@@ -561,6 +561,7 @@ def run_worker(
     interrupt = Interrupt("stopping the search before its next trial")
 
     def optuna_objective(ot: optuna.Trial) -> float:
+        ot.set_user_attr("worker", os.getpid())  # first: its heartbeats have started (see fail_stale)
         if interrupt.requested:  # inside Optuna's try: the trial is told failed, the search stops
             raise KeyboardInterrupt("Ctrl-C before this trial trained")
         if budget.unit == "trials":
@@ -568,7 +569,6 @@ def run_worker(
             if ot.number in alive and alive.index(ot.number) >= budget.amount:
                 raise _OverBudgetError("the budget was spent by other workers")
         ot.set_user_attr("planned", epochs)
-        ot.set_user_attr("worker", os.getpid())
         setting = current.suggest(ot)
         trial = Trial(setting, number=ot.number, metric=metric, epochs=epochs, optuna_trial=ot, kind=kind)
         try:

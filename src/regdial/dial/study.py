@@ -27,6 +27,7 @@ documented methods (``create_new_trial``, ``set_trial_user_attr``,
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -174,12 +175,29 @@ def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Mark failed the trials whose worker stopped sending heartbeats (it died)."""
+    """Mark failed the trials whose worker died: those whose heartbeats stopped (Optuna's
+    rule), and those that never got as far as their first heartbeat and have been running
+    for twice the grace period. A worker killed between creating a trial and starting its
+    heartbeats leaves such a trial; Optuna passes over it (it has no heartbeat to be stale),
+    and it would hold its share of the budget forever.
+
+    A trial's ``worker`` attribute marks that its heartbeats have started: a search trial
+    sets it first thing in its objective (Optuna starts the heartbeat thread before calling
+    it), and the path's claim sets it once its own heartbeat is recorded."""
     import optuna
+    from optuna.trial import TrialState
 
     with warnings.catch_warnings():  # "experimental" in Optuna 5, and exactly what is needed
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=2 * HEARTBEAT[1])  # Optuna's clock
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if (
+            "worker" not in trial.user_attrs
+            and trial.datetime_start is not None
+            and trial.datetime_start < cutoff
+        ):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)  # it may just have ended
 
 
 def usage(study: optuna.Study, budget: Budget, started: float) -> tuple[float, float]:
@@ -239,9 +257,7 @@ def path_claim(study: optuna.Study, storage: Any, worker: int) -> Iterator[bool]
     study_id = storage.get_study_id_from_name(study.study_name)
     while "path" not in study.user_attrs:
         fail_stale(study)
-        template = optuna.trial.create_trial(
-            state=TrialState.RUNNING, user_attrs={ROLE: "path", "worker": worker}
-        )
+        template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={ROLE: "path"})
         trial_id = storage.create_new_trial(study_id, template_trial=template)
         mine = storage.get_trial(trial_id).number
         live = [t.number for t in study.get_trials(deepcopy=False)
@@ -249,6 +265,7 @@ def path_claim(study: optuna.Study, storage: Any, worker: int) -> Iterator[bool]
         if min(live) == mine:
             try:
                 with _heartbeat(storage, trial_id):
+                    storage.set_trial_user_attr(trial_id, "worker", worker)  # beating: see fail_stale
                     yield True
             finally:
                 storage.set_trial_state_values(trial_id, state=TrialState.FAIL)  # a lock, not a result
