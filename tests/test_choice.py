@@ -96,3 +96,18 @@ def test_a_choice_still_improving_at_its_end_is_trained_longer() -> None:
     )
     trials = sum(int(t["epochs"]) for t in result.trials)
     assert trials < result.epochs_spent <= trials + 12  # the longer run (early stopping may end it) counts
+
+
+def test_a_choice_whose_early_stopping_never_fired_is_trained_longer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when the curve reads as settled, a run that hit the epoch cap with early stopping
+    armed was cut by the cap: the search tries twice the length, and counts it."""
+    import regdial.diagnosis as diagnosis
+
+    settled = diagnosis.Diagnosis("good fit", "good fit", best_epoch=None)
+    monkeypatch.setattr(diagnosis, "diagnose", lambda *args, **kwargs: settled)
+    result = tune("breast-cancer", Space({"weight_decay": (1e-4, 1e-2)}), epochs=6, budget="2 trials",
+                  strategy="random")  # fmt: skip
+    said = " ".join(result.notes)
+    assert "still improving within early stopping's patience (5 epochs) after 6 epochs" in said
+    trials = sum(int(t["epochs"]) for t in result.trials)
+    assert trials < result.epochs_spent <= trials + 12

@@ -250,6 +250,21 @@ def test_online_turns_the_knobs_from_inside_one_run(tmp_path: Path) -> None:
     assert "online.png" in (tmp_path / "report.html").read_text()
 
 
+def test_the_online_strategys_model_is_its_one_run(tmp_path: Path) -> None:
+    """online's result is the run that turned the knobs, restored to its best epoch and scored
+    once on test: no second training from scratch with the knobs frozen."""
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    result = tune("breast-cancer", space, epochs=8, strategy="online", run_dir=tmp_path / "search")
+    tuned = result.retrain["tuned"]
+    assert tuned["epochs_run"] == 16 and result.epochs_spent == 16
+    assert tuned["best_epoch"] == result.best_epoch
+    assert tuned["best"]["val_accuracy"] == pytest.approx(result.best_value)
+    assert "test_accuracy" in tuned["best"]
+    best = tmp_path / "search" / "best"
+    assert (best / "history.csv").is_file() and (best / "baseline" / "history.csv").is_file()
+    assert not list((tmp_path / "search").glob(".best-*"))
+
+
 def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(
         [

@@ -76,6 +76,8 @@ from regdial.training.progress import Interrupt
 if TYPE_CHECKING:
     import optuna
 
+    from regdial.training.history import History
+
 __all__ = ["STRATEGIES", "Search"]
 
 logger = logging.getLogger(__name__)
@@ -188,6 +190,7 @@ class Search:
         self.say = progress or (lambda message: logger.info("%s", message))
         self.verbose = progress is not None
         self.started = time.monotonic()
+        self.online_run: History | None = None  # the online strategy's one run: its model is the result
 
     # -- the whole search ---------------------------------------------------------------
 
@@ -290,7 +293,12 @@ class Search:
             f"one run of {epochs} epochs, turning {', '.join(self.space.knobs)} every {controller.every} epochs"
         )
         in_force = dict(controller.values)  # the knobs at the start; the controller then turns them
-        history = self.objective.fit(controller.start(), epochs=epochs, controller=controller, monitor=metric)
+        # One run is the whole method: its best epoch is the model (as population-based
+        # training keeps its trained weights), scored on test once in _retrain, not refit
+        # from scratch with the knobs frozen where they stood at that epoch.
+        history = self.objective.fit(controller.start(), epochs=epochs, controller=controller, monitor=metric,
+                                     restore_best=True, run_dir=self._staging() if self.retrain else None)  # fmt: skip
+        self.online_run = history
         summary = history.meta["summary"]
         best = Regularization.from_dict(summary.get("best_setting", controller.start().to_dict()))
         value = float(summary.get("best", summary.get("final", {})).get(metric, math.nan))
@@ -454,16 +462,19 @@ class Search:
             split = "a test split carved from the training data (seeded, stratified; the search never saw it)"
         else:
             split = "the test split"
-        self.say(f"training the chosen setting and the unregularized baseline, scoring both on {split}")
-        staging = None
-        if self.run_dir is not None:
-            staging = self.run_dir / f".best-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-        tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric, restore_best=True,
-                              epochs=self.epochs)  # fmt: skip
-        longer = self._train_longer(result, tuned, staging)
-        if longer is not None:
-            tuned = longer
+        staging = None if self.run_dir is None else self.run_dir / f".best-{os.getpid()}"
+        if self.online_run is not None:
+            self.say(
+                f"scoring the online run and training the unregularized baseline, scoring both on {split}"
+            )
+            tuned = self.online_run
+        else:
+            self.say(f"training the chosen setting and the unregularized baseline, scoring both on {split}")
+            tuned = objective.fit(result.best, run_dir=self._staging(), monitor=objective.metric,
+                                  restore_best=True, epochs=self.epochs)  # fmt: skip
+            longer = self._train_longer(result, tuned, staging)
+            if longer is not None:
+                tuned = longer
         base = objective.fit(Regularization.off(), run_dir=None if staging is None else staging / "baseline",
                              epochs=self.reference)  # fmt: skip
         result.retrain = {"tuned": tuned.meta["summary"], "baseline": base.meta["summary"], "test": split}
@@ -472,21 +483,41 @@ class Search:
             shutil.rmtree(final, ignore_errors=True)  # a directory never mixes two searches' runs
             os.replace(staging, final)
 
+    def _staging(self) -> Path | None:
+        """A fresh directory for the chosen run, renamed to ``run_dir/best`` at the end."""
+        if self.run_dir is None:
+            return None
+        staging = self.run_dir / f".best-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        return staging
+
     def _train_longer(self, result: TuneResult, tuned: Any, staging: Path | None) -> Any:
-        """The training length is part of the dial: a chosen run that was still improving at
-        its last epoch (or underfit) is trained again for twice as long."""
+        """The training length is part of the dial: a chosen run that ran to the epoch cap
+        while still improving (its diagnosis says so, it underfit, or its early stopping was
+        armed and never fired) is trained again for twice as long, and kept if it validates
+        better."""
         from regdial.diagnosis import diagnose
 
         summary = tuned.meta["summary"]
         reading = diagnose(tuned, result.best)
         ran_out = summary.get("status") == "completed" and summary.get("epochs_run") == self.epochs
-        if not ran_out or reading.state not in ("still improving", "underfitting") or reading.direction > 0:
+        if not ran_out:
+            return None
+        # Early stopping is the length dial: armed and never fired means the validation
+        # metric was still improving within the patience window when the cap ended training,
+        # whatever the train/validation gap says (with the best epoch restored, twice as long
+        # can only be kept if it validates better).
+        capped = result.best.early_stopping > 0
+        state: str
+        if reading.state in ("still improving", "underfitting") and reading.direction <= 0:
+            state = reading.state
+        elif capped:
+            state = f"still improving within early stopping's patience ({result.best.early_stopping} epochs)"
+        else:
             return None
         assert isinstance(self.objective, FitObjective)
         metric = self.objective.metric
-        self.say(
-            f"the chosen setting was {reading.state} at epoch {self.epochs}: training it for {2 * self.epochs}"
-        )
+        self.say(f"the chosen setting was {state} at epoch {self.epochs}: training it for {2 * self.epochs}")
         longer = self.objective.fit(result.best, monitor=metric, restore_best=True, epochs=2 * self.epochs,
                                     run_dir=None if staging is None else staging.with_name(staging.name + "-longer"))  # fmt: skip
         before = summary.get("best", summary.get("final", {})).get(metric, math.nan)
@@ -503,11 +534,11 @@ class Search:
                 shutil.rmtree(spare, ignore_errors=True)
         result.epochs_spent += len(longer)
         if better:
-            result.notes.append(f"the chosen setting was {reading.state} after {self.epochs} epochs; trained for "
+            result.notes.append(f"the chosen setting was {state} after {self.epochs} epochs; trained for "
                                 f"{2 * self.epochs} it validates better ({metric} {after:.4f} vs {before:.4f}): the "
                                 "training length, not the regularization, was the limit")  # fmt: skip
             return longer
-        result.notes.append(f"the chosen setting was {reading.state} after {self.epochs} epochs, but twice as long "
+        result.notes.append(f"the chosen setting was {state} after {self.epochs} epochs, but twice as long "
                             f"did not validate better ({after:.4f} vs {before:.4f}): the model's capacity or the "
                             "learning rate may be the limit")  # fmt: skip
         return None
