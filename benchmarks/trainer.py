@@ -175,7 +175,9 @@ def bookkeeping(repeats: int, steps: int = 20, batch: int = 256) -> None:
           f"{(statistics.median(ratios) - 1) * 100:+.1f}% (target <= 3%)")  # fmt: skip
     total = sum(direct.values())
     parts = ", ".join(f"{name} {ms:.2f}" for name, ms in direct.items())
-    print(f"timed directly: {total:.2f} ms a step = {100 * total / step_ms:.1f}% of the minimal step ({parts} ms)")
+    print(
+        f"timed directly: {total:.2f} ms a step = {100 * total / step_ms:.1f}% of the minimal step ({parts} ms)"
+    )
 
 
 def _bookkeeping_parts(applied, model, x, y, repeats: int) -> dict[str, float]:
@@ -200,8 +202,11 @@ def _bookkeeping_parts(applied, model, x, y, repeats: int) -> dict[str, float]:
     return {
         "schedules": median_ms(lambda: applied.set_progress(0.5), repeats),
         "batch": median_ms(lambda: applied.batch(x, y), repeats),
-        "loss": max(0.0, median_ms(lambda: applied.loss(output, y), repeats)
-                    - median_ms(lambda: F.cross_entropy(output, y), repeats)),  # fmt: skip
+        "loss": max(
+            0.0,
+            median_ms(lambda: applied.loss(output, y), repeats)
+            - median_ms(lambda: F.cross_entropy(output, y), repeats),
+        ),
         "penalty": median_ms(applied.penalty, repeats),
         "step hooks": median_ms(run_hooks, repeats),
     }
