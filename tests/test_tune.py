@@ -592,3 +592,28 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
         silent_new: TrialState.RUNNING,
         beating_old: TrialState.RUNNING,
     }
+
+
+def test_the_controller_repeats_a_kept_turn_and_moves_on_from_an_undone_one() -> None:
+    """A line search along one knob while its turns hold; an undone turn passes the turn on."""
+    from regdial.dial.online import OnlineController
+
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    n = 24
+    train = [0.5 - 0.01 * i for i in range(n)]
+    val = [1.0 + 0.01 * i for i in range(n)]  # overfitting throughout: tighten
+    controller = OnlineController(space, every=4)
+    history = _window(train, val)
+    for end in (8, 12, 16):
+        controller(History(history.kind, history.rows[:end], num_classes=3), None)  # type: ignore[arg-type]
+    turned = [turn["knob"] for turn in controller.turns]
+    assert turned == ["weight_decay"] * 3  # the accuracy held after each turn: kept, and again
+
+    worse = [dict(row) for row in history.rows]
+    for row in worse[8:]:
+        row["val_accuracy"] = 0.5  # the first turn hurt
+    controller = OnlineController(space, every=4)
+    for end in (8, 12):
+        controller(History(history.kind, worse[:end], num_classes=3), None)  # type: ignore[arg-type]
+    assert controller.turns[1]["undone"] == "weight_decay"
+    assert controller.turns[2]["knob"] == "dropout"

@@ -49,7 +49,9 @@ class OnlineController:
        turned that way again for ``2 * knobs`` decisions.
     2. The recent ``2 * every`` epochs are diagnosed. When the diagnosis says to
        regularize more (or holds while ``gap_trend`` sees the gap widen), the next knob in
-       turn moves one step stronger; when it says less, one step weaker. A log-scale knob
+       turn moves one step stronger; when it says less, one step weaker. A turn that was
+       kept and that the curves still ask for is repeated on the same knob (a line search
+       along it); an undone one passes the turn to the next knob. A log-scale knob
        steps by ``f = max(2, (high / low) ** (1/6))`` (x f or / f, so six steps cross its
        range); a linear one by a fifth of its range.
 
@@ -101,11 +103,12 @@ class OnlineController:
         mean = statistics.fmean(values) if values else 0.0
         return mean if column != "val_loss" and history.higher_is_better else -mean
 
-    def _judge(self, history: History, n: int) -> None:
-        """Undo the pending turn if the metric got worse since it, beyond the noise."""
+    def _judge(self, history: History, n: int) -> dict[str, Any] | None:
+        """Undo the pending turn if the metric got worse since it, beyond the noise; return
+        the turn if it was kept."""
         turn, self.pending = self.pending, None
         if turn is None:
-            return
+            return None
         before = self._metric(history, turn["epoch"] - self.every + 1, turn["epoch"])
         after = self._metric(history, turn["epoch"] + 1, n)
         column = f"val_{history.metric}" if f"val_{history.metric}" in history.columns else "val_loss"
@@ -116,27 +119,32 @@ class OnlineController:
             self.turns.append(
                 {"epoch": n, "direction": -turn["direction"], "undone": turn["knob"], **self.values}
             )
+            return None
+        return turn
 
     def __call__(self, history: History, applied: Applied) -> Regularization | None:
         n = len(history)
         if n < 2 * self.every or n % self.every:
             return None
         before = dict(self.values)
-        self._judge(history, n)
+        kept = self._judge(history, n)
         self.blocked = {key: left - 1 for key, left in self.blocked.items() if left > 1}
         recent = History(
             history.kind, history.rows[-2 * self.every :], num_classes=history.meta.get("num_classes")
         )
         direction = diagnose(recent).direction or gap_trend(recent)
         names = list(self.space.knobs)
+        first = self.next
+        if kept is not None and kept["direction"] == direction:
+            first = names.index(kept["knob"])  # a kept turn that the curves still ask for: again
         for offset in range(len(names) if direction else 0):
-            name = names[(self.next + offset) % len(names)]
+            name = names[(first + offset) % len(names)]
             moved = self._step(name, direction)
             if moved == self.values[name] or f"{name}:{direction}" in self.blocked:
                 continue
             self.pending = {"knob": name, "old": self.values[name], "direction": direction, "epoch": n}
             self.values[name] = moved
-            self.next = (self.next + offset + 1) % len(names)
+            self.next = (first + offset + 1) % len(names)
             self.turns.append({"epoch": n, "direction": direction, "knob": name, **self.values})
             break
         return self.space.setting(self.values) if self.values != before else None
