@@ -318,3 +318,31 @@ def test_retune_turns_knobs_during_training() -> None:
         ValueError, match=r"^regularization.ema must be unchanged during training \(0.0\), got 0.99$"
     ):
         applied.retune(Regularization(ema=0.99))
+
+
+def test_l2sp_turns_while_it_is_on_and_keeps_its_anchor() -> None:
+    model = Net()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    applied = Regularization(l2sp=0.01).apply(model, adamw, num_classes=3)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(3):
+        step(applied, x, y)
+    applied.retune(Regularization(l2sp=100.0))  # a strong pull, toward the weights at apply time
+    (penalty,) = applied.penalties
+    assert penalty.current_strength == 100.0
+    for name, anchor in zip(dict(model.named_parameters()), penalty._anchors.values(), strict=False):
+        assert torch.equal(anchor[1], start[name])
+    off = Regularization().apply(Net(), adamw, num_classes=3)
+    with pytest.raises(ValueError, match=r"^regularization.l2sp must be 0 during training when it was off "):
+        off.retune(Regularization(l2sp=0.1))
+
+
+def test_online_refuses_a_knob_that_cannot_turn_during_training() -> None:
+    from regdial import Space, tune
+
+    with pytest.raises(
+        ValueError, match=r"^space must be knobs that can turn during training .*\(not max_norm"
+    ):
+        tune(
+            "wine", Space({"weight_decay": (1e-4, 1.0), "max_norm": (0.5, 5.0)}), epochs=2, strategy="online"
+        )

@@ -336,12 +336,16 @@ class Applied:
         """Turn knobs during training: strengths, rates, smoothing, mixing, noise, augmentation.
 
         What was built at ``apply`` stays: the knobs that ``regdial.knobs`` marks as not
-        retunable (``ema``, ``early_stopping``, ``l2sp`` with its anchor, ``max_norm``,
-        ``l1_ratio``) and the options ``groups``, ``penalties_in``, ``exclude``,
-        ``include``, ``min_delta``; a change to one is a ValueError naming it.
+        retunable (``ema``, ``early_stopping``, ``max_norm``, ``l1_ratio``) and the options
+        ``groups``, ``penalties_in``, ``exclude``, ``include``, ``min_delta``; a change to
+        one is a ValueError naming it. ``l2sp`` turns while it was on at ``apply``: its
+        anchor is the weights at that time, which a later start would not have.
         """
         if type(setting) is not type(self.setting):
             fail("setting", "a regdial.Regularization", setting)
+        if setting.l2sp and "l2sp" not in self._penalty_by_knob:
+            fail("regularization.l2sp", "0 during training when it was off at the start (its anchor is "
+                 "the weights at apply time)", setting.l2sp)  # fmt: skip
         for name in setting.names():
             if not retunable(name) and getattr(setting, name) != getattr(self.setting, name):
                 fail(

@@ -113,7 +113,7 @@ KNOBS: dict[str, Knob] = {
         Knob("group_lasso", "group-lasso strength: whole units (rows) go to zero", "penalty", schedulable=True,
              search=(1e-5, 1e-2), limits=(1e-9, 10.0)),
         Knob("l2sp", "L2-SP strength: pull toward the weights at apply time", "penalty", schedulable=True,
-             retunable=False, search=(1e-4, 1.0), limits=(1e-7, 100.0)),
+             search=(1e-4, 1.0), limits=(1e-7, 100.0)),  # retunable while on: the anchor stays (Applied.retune)
         Knob("max_norm", "cap on each unit's incoming weight norm (0: off)", "constraint", retunable=False,
              search=(0.5, 10.0), limits=(0.05, 100.0), step=("times", 0.5)),
         Knob("dropout", "rate of the model's dropout layers", "model", high=1.0, high_open=True,

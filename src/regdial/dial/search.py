@@ -70,6 +70,7 @@ from regdial.dial.study import (
     usage,
 )
 from regdial.dial.trial import Pruned, Trial, trial_summary
+from regdial.knobs import retunable
 from regdial.setting import Regularization
 from regdial.training.progress import Interrupt
 
@@ -184,6 +185,10 @@ class Search:
         if self.strategy == "online" and not isinstance(objective, FitObjective):
             fail("strategy", "not 'online' for your own training code (the controller turns knobs inside "
                  "regdial's trainer; use auto, tpe, random or grid)", self.strategy)  # fmt: skip
+        fixed = [name for name in self.space.knobs if not retunable(name)]
+        if self.strategy == "online" and fixed:
+            fail("space", "knobs that can turn during training with strategy 'online' (not "
+                 f"{', '.join(fixed)}: use auto, tpe, random or grid)", Described(", ".join(self.space.knobs)))  # fmt: skip
         self.retrain = bool(retrain)
         self.identity = dict(identity or {})
         self.study_name = study_name or f"regdial-{self.identity.get('task', 'search')}-{self.strategy}"
