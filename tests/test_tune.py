@@ -79,6 +79,8 @@ def test_space_basics() -> None:
     assert space.knobs["l1"] == Range(1e-4, 1e-2, log=True, optional=True)
     assert space.knobs["dropout"] == Range(0.0, 0.4)
     assert Range(1e-4, 1e-2, log=True).values(3) == pytest.approx([1e-4, 1e-3, 1e-2])
+    ends = Range(1e-3, 1.0, log=True).values(6)  # 1e-3 * ratio**5 was 1.0000000000000002
+    assert ends[0] == 1e-3 and ends[-1] == 1.0 and all(1e-3 <= v <= 1.0 for v in ends)
     assert len(space.grid(3)) == 9
     assert space.setting({"l1": 1e-3, "dropout": 0.2}) == Regularization(ema=0.99, l1=1e-3, dropout=0.2)
     fixed = space.fix(dropout=0.1)

@@ -63,9 +63,13 @@ class Range:
             return [math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2]
         if self.log:
             ratio = (self.high / self.low) ** (1 / (count - 1))
-            return [self.low * ratio**i for i in range(count)]
-        step = (self.high - self.low) / (count - 1)
-        return [self.low + step * i for i in range(count)]
+            inner = [self.low * ratio**i for i in range(1, count - 1)]
+        else:
+            step = (self.high - self.low) / (count - 1)
+            inner = [self.low + step * i for i in range(1, count - 1)]
+        # The ends exactly: low * ratio**(count-1) can land an ulp past high, and Optuna
+        # warns about (and clips) a value outside its distribution.
+        return [self.low, *(min(self.high, max(self.low, v)) for v in inner), self.high]
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"low": self.low, "high": self.high, "scale": "log" if self.log else "linear"}
