@@ -328,10 +328,10 @@ def _on_cpu_wide(group: list[Tensor], dtype: torch.dtype) -> bool:
 
 
 def _l1_sum(group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-    if not fast:  # the reference: the formula, spelled out in the accumulation dtype
+    if not fast or _on_cpu_wide(group, dtype):
+        # The formula spelled out in the accumulation dtype: the reference, and on the CPU
+        # also the fast path (there ``to`` is a no-op).
         return torch.stack([w.to(dtype).abs().sum() for w in group]).sum()
-    if _on_cpu_wide(group, dtype):
-        return torch.stack([w.abs().sum() for w in group]).sum()
     return torch.stack(torch._foreach_norm(group, 1, dtype=dtype)).sum()
 
 

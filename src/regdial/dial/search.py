@@ -182,13 +182,14 @@ class Search:
             fail("workers", "1 without a run directory or a storage URL to share", workers)
         if self.workers > 1:
             self._worker_objective()  # refuse an objective other processes cannot rebuild, now
-        if self.strategy == "online" and not isinstance(objective, FitObjective):
-            fail("strategy", "not 'online' for your own training code (the controller turns knobs inside "
-                 "regdial's trainer; use auto, tpe, random or grid)", self.strategy)  # fmt: skip
-        fixed = [name for name in self.space.knobs if not retunable(name)]
-        if self.strategy == "online" and fixed:
-            fail("space", "knobs that can turn during training with strategy 'online' (not "
-                 f"{', '.join(fixed)}: use auto, tpe, random or grid)", Described(", ".join(self.space.knobs)))  # fmt: skip
+        if self.strategy == "online":
+            if not isinstance(objective, FitObjective):
+                fail("strategy", "not 'online' for your own training code (the controller turns knobs inside "
+                     "regdial's trainer; use auto, tpe, random or grid)", self.strategy)  # fmt: skip
+            fixed = [name for name in self.space.knobs if not retunable(name)]
+            if fixed:
+                fail("space", f"knobs that can turn during training with strategy 'online' (not {', '.join(fixed)}: "
+                     "use auto, tpe, random or grid)", Described(", ".join(self.space.knobs)))  # fmt: skip
         self.retrain = bool(retrain)
         self.identity = dict(identity or {})
         self.study_name = study_name or f"regdial-{self.identity.get('task', 'search')}-{self.strategy}"
@@ -302,7 +303,7 @@ class Search:
         # training keeps its trained weights), scored on test once in _retrain, not refit
         # from scratch with the knobs frozen where they stood at that epoch.
         history = self.objective.fit(controller.start(), epochs=epochs, controller=controller, monitor=metric,
-                                     restore_best=True, run_dir=self._staging() if self.retrain else None)  # fmt: skip
+                                     restore_best=True, run_dir=self._staging(fresh=True) if self.retrain else None)  # fmt: skip
         self.online_run = history
         summary = history.meta["summary"]
         best = Regularization.from_dict(summary.get("best_setting", controller.start().to_dict()))
@@ -467,7 +468,7 @@ class Search:
             split = "a test split carved from the training data (seeded, stratified; the search never saw it)"
         else:
             split = "the test split"
-        staging = None if self.run_dir is None else self.run_dir / f".best-{os.getpid()}"
+        staging = self._staging(fresh=self.online_run is None)  # online's run is already there
         if self.online_run is not None:
             self.say(
                 f"scoring the online run and training the unregularized baseline, scoring both on {split}"
@@ -475,7 +476,7 @@ class Search:
             tuned = self.online_run
         else:
             self.say(f"training the chosen setting and the unregularized baseline, scoring both on {split}")
-            tuned = objective.fit(result.best, run_dir=self._staging(), monitor=objective.metric,
+            tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric,
                                   restore_best=True, epochs=self.epochs)  # fmt: skip
             longer = self._train_longer(result, tuned, staging)
             if longer is not None:
@@ -488,12 +489,14 @@ class Search:
             shutil.rmtree(final, ignore_errors=True)  # a directory never mixes two searches' runs
             os.replace(staging, final)
 
-    def _staging(self) -> Path | None:
-        """A fresh directory for the chosen run, renamed to ``run_dir/best`` at the end."""
+    def _staging(self, *, fresh: bool) -> Path | None:
+        """The directory of the chosen run, renamed to ``run_dir/best`` at the end; emptied
+        first when ``fresh``."""
         if self.run_dir is None:
             return None
         staging = self.run_dir / f".best-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(staging, ignore_errors=True)
         return staging
 
     def _train_longer(self, result: TuneResult, tuned: Any, staging: Path | None) -> Any:
