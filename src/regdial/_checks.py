@@ -2,12 +2,13 @@
 
 Every user-facing value is checked where it enters (a constructor, the config loader, the
 CLI) and a bad one raises ``ValueError`` with one line that names the field, the allowed
-range and the value received::
+range and the value received, as an ``InputError`` (a ``ValueError``)::
 
     L1.strength must be in [0, inf), got -0.1
 
-The CLI turns these into a one-line message and exit code 2, so keeping them to a single
-line that makes sense on its own is part of the contract.
+The CLI turns these, and only these, into a one-line message and exit code 2, so keeping
+them to a single line that makes sense on its own is part of the contract. What the user's
+own code (or torch inside it) raises is not bad input: it keeps its type.
 """
 
 from __future__ import annotations
@@ -17,10 +18,23 @@ import math
 from collections.abc import Iterable
 from typing import NoReturn
 
-__all__ = ["Described", "check_choice", "check_int", "check_range", "fail", "shorten", "unknown_key"]
+__all__ = [
+    "Described",
+    "InputError",
+    "check_choice",
+    "check_int",
+    "check_range",
+    "fail",
+    "shorten",
+    "unknown_key",
+]
 
 SHOWN = 80
 """The most characters of a received value that a message echoes."""
+
+
+class InputError(ValueError):
+    """Bad input to regdial, worded in one line: the field, the allowed range, the value."""
 
 
 class Described(str):
@@ -28,8 +42,8 @@ class Described(str):
 
 
 def fail(field: str, allowed: str, value: object) -> NoReturn:
-    """Raise the one-line ``ValueError`` every bad input gets."""
-    raise ValueError(f"{field} must be {allowed}, got {_show(value)}")
+    """Raise the one-line ``InputError`` every bad input gets."""
+    raise InputError(f"{field} must be {allowed}, got {_show(value)}")
 
 
 def shorten(text: str, limit: int = SHOWN) -> str:
@@ -120,13 +134,13 @@ def check_int(field: str, value: object, *, low: int | None = None, high: int | 
     return number
 
 
-def unknown_key(section: str, key: str, known: Iterable[str]) -> ValueError:
+def unknown_key(section: str, key: str, known: Iterable[str]) -> InputError:
     """The one-line error for a config key regdial does not know, with a suggestion."""
     names = sorted(known)
     shown = shorten(str(key), 40)
     close = difflib.get_close_matches(str(key), names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return ValueError(f"{section}.{shown} is not a known setting; {hint}known: {', '.join(names)}")
+    return InputError(f"{section}.{shown} is not a known setting; {hint}known: {', '.join(names)}")
 
 
 def check_choice(field: str, value: object, choices: Iterable[str]) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from regdial._checks import Described, fail, shorten
+from regdial._checks import Described, InputError, fail, shorten
 
 __all__ = [
     "DamagedFileError",
@@ -37,7 +37,7 @@ MAX_TEXT_BYTES = 256 * 2**20
 """Configs, histories and state files are far smaller; a larger one is refused unread."""
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(InputError):
     """A file regdial reads is missing, unreadable or not what regdial wrote (one line)."""
 
 
@@ -132,6 +132,6 @@ def read_toml(source: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         reason = str(error).splitlines()[0]
-        raise ValueError(f"{where} must be valid TOML, got a syntax error: {shorten(reason, 120)}") from None
+        raise InputError(f"{where} must be valid TOML, got a syntax error: {shorten(reason, 120)}") from None
     except RecursionError:
         fail(where, "valid TOML", Described("tables or arrays nested too deeply"))

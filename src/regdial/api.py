@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from regdial._checks import Described, check_choice, fail
+from regdial._checks import Described, InputError, check_choice, fail
 from regdial.dial.objective import FitObjective, UserObjective, import_name, import_string
 from regdial.dial.result import TuneResult
 from regdial.dial.search import Search
@@ -208,7 +208,7 @@ def _objective(
         path = None
         try:
             path = import_name(task, "objective")
-        except ValueError:
+        except InputError:
             path = None  # fine in one process; workers refuse it with the same message
         user = UserObjective(task, metric=metric or "val_loss", epochs=epochs or 30, import_path=path)
         return user, getattr(task, "__name__", "objective")
@@ -241,6 +241,6 @@ def _factory_objective(
         try:
             objective.model = import_name(factory, "model")
             objective.model_factory = factory
-        except ValueError:
+        except InputError:
             pass
     return objective

@@ -2,8 +2,10 @@
 
 Bad input never shows a traceback: one line naming the field, the allowed values and
 the value received, and exit code 2 (set ``REGDIAL_DEBUG=1`` to see the traceback).
-Exit codes: 0 done, 1 the run diverged (or a file could not be written), 2 bad input,
-130 interrupted (resumable).
+Exit codes: 0 done, 1 the run diverged (or a file could not be written), 2 bad input
+(an ``InputError``, and only that), 3 the training itself raised (the model, torch or the
+user's own code: one line with the exception's type, not worded as bad input), 130
+interrupted (resumable).
 
 Flags override the config file's ``[run]`` and ``[tune]`` tables and are validated by
 the same tables (``RunSection``, ``TuneOptions``): numbers are read as TOML values, so
@@ -19,7 +21,9 @@ from typing import Annotated, Any
 
 import typer
 
-from regdial._checks import Described, fail, shorten
+from regdial._checks import Described, InputError, fail, shorten
+
+EXIT_INPUT, EXIT_CRASH = 2, 3
 
 app = typer.Typer(
     name="regdial",
@@ -567,14 +571,14 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         print("regdial: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (typer.exceptions.TyperException, ValueError) as error:
+    except (typer.exceptions.TyperException, InputError) as error:
         if debug:
             raise
         format_message = getattr(error, "format_message", None)
         message = format_message() if callable(format_message) else str(error)
         lines = str(message).splitlines() or [type(error).__name__]
         print(f"regdial: error: {shorten(lines[0], 400)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_INPUT)
     except OSError as error:  # a file regdial had to read or write (disk full, permissions...)
         if debug:
             raise
@@ -588,4 +592,14 @@ def main(argv: list[str] | None = None) -> None:
             f"regdial: error: {type(error).__name__}: the input is too large or too deeply nested",
             file=sys.stderr,
         )
-        sys.exit(2)
+        sys.exit(EXIT_INPUT)
+    except Exception as error:  # raised inside the training: the model, torch, the user's code
+        if debug:
+            raise
+        lines = str(error).splitlines() or [""]
+        print(
+            f"regdial: error: the training raised {type(error).__name__}: {shorten(lines[0], 300)} "
+            "(inside the model or training code, not bad input to regdial; REGDIAL_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_CRASH)

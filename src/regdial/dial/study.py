@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from regdial._checks import fail, shorten
+from regdial._checks import InputError, fail, shorten
 from regdial.dial.budget import Budget
 from regdial.dial.space import Space
 
@@ -131,7 +131,7 @@ def _storage_error(url: str, error: Exception) -> NoReturn:
     why = shorten(f"{type(error).__name__}: {error}".splitlines()[0], 120)
     if isinstance(error, ImportError) and url.startswith("postgres"):
         why += "; install the driver with: pip install 'regdial[postgres]'"
-    raise ValueError(
+    raise InputError(
         f"storage must be a database Optuna can open, got {shorten(repr(url), 60)} ({why})"
     ) from None
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from regdial._checks import Described, check_choice, check_int, fail
+from regdial._checks import Described, InputError, check_choice, check_int, fail
 from regdial._io import DamagedFileError, remove_orphans, write_json, write_text
 from regdial.applied import Applied, OptimizerSpec
 from regdial.blocks.stopping import EarlyStopping
@@ -630,11 +630,9 @@ class _Run:
                 mine = rngs["ranks"][self.distributed.rank if self.distributed else 0]
                 rngs = {k: torch.tensor(v, dtype=torch.uint8) for k, v in mine.items()}
             set_rng_state(rngs, self.device)
-        except DamagedFileError:
+        except InputError:  # a damaged file, or resuming with other options: already one line
             raise
         except ValueError as error:
-            if str(error).startswith("resume must"):
-                raise
             raise DamagedFileError(
                 f"{where} must be a checkpoint of this run, got {describe(error)}"
             ) from None

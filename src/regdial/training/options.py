@@ -24,7 +24,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from typing_extensions import Self
 
-from regdial._checks import fail, number, unknown_key
+from regdial._checks import InputError, fail, number, unknown_key
 
 __all__ = [
     "DEVICES",
@@ -62,19 +62,19 @@ class Options(BaseModel):
             raise cls.one_line(error, section) from None
 
     @classmethod
-    def one_line(cls, error: ValidationError, section: str) -> ValueError:
+    def one_line(cls, error: ValidationError, section: str) -> InputError:
         """The first of pydantic's errors, worded from the field's own declaration."""
         first = error.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else ""
         field = f"{section}.{name}" if name else section
         if first["type"] == "value_error":  # a validator's own one-line message
             message = str(first.get("ctx", {}).get("error", first["msg"]))
-            return ValueError(f"{section}.{message}" if name and message.startswith(name) else message)
+            return InputError(f"{section}.{message}" if name and message.startswith(name) else message)
         info = cls.model_fields.get(name)
         allowed = describe_field(info.annotation, info.metadata) if info is not None else "valid"
         try:
             fail(field, allowed, first.get("input"))
-        except ValueError as message:
+        except InputError as message:
             return message
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -66,7 +66,7 @@ def pretrained_weights(
     """The task's model pre-trained on its source: from the cache, or trained and cached."""
     spec = TASKS[task]
     if spec.source is None:
-        raise ValueError(f"task {task!r} has no source to pre-train on")
+        raise LookupError(f"task {task!r} has no source to pre-train on")  # a bug, not bad input
     source = spec.source()
     recipe = json.dumps({"task": task, "model": model_name, "options": dict(options or {}), "version": VERSION,
                          "epochs": spec.pretrain_epochs, "shape": list(source.input_shape)}, sort_keys=True)  # fmt: skip
