@@ -250,6 +250,51 @@ def test_the_cli_trains_your_model_on_your_file(tmp_path: Path, monkeypatch: pyt
     assert done.value.code == 2 and not (tmp_path / "stray").exists()
 
 
+def test_the_cli_calls_every_form_of_factory_and_labels_a_crash_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from regdial.cli import main
+
+    (tmp_path / "factories.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        def by_kwargs(**offered):
+            return nn.Sequential(nn.Linear(offered["input_shape"][0], offered["num_classes"]))
+
+        def needs_width(width):
+            return nn.Linear(4, width)
+
+        def crashes(input_shape, num_classes):
+            raise RuntimeError("the user's own bug")
+    '''))  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def code(factory: str) -> int:
+        try:
+            main(["run", "--model", f"factories:{factory}", "--data", "mine.npz", "--epochs", "1", "--out",
+                  factory, "--quiet"])  # fmt: skip
+        except SystemExit as done:
+            return int(done.code or 0)
+        return 0
+
+    assert code("by_kwargs") == 0  # a **kwargs factory is offered both sizes
+    capsys.readouterr()
+    assert code("needs_width") == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("regdial: error: run.model must be a function of input_shape and/or num_classes")
+    assert "needs_width(width)" in line and "\n" not in line
+    assert code("crashes") == 3  # the user's code raised: not worded as bad input
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("regdial: error: the training raised RuntimeError: the user's own bug")
+    assert "not bad input" in line and "REGDIAL_DEBUG=1" in line
+
+
 def test_diagnose_reads_lightning_and_hugging_face_logs() -> None:
     lightning = History.load(FIXTURES / "lightning_metrics.csv")
     assert len(lightning) == 12 and lightning.metric == "accuracy"

@@ -170,22 +170,11 @@ def _model(config: Any, dataset: Any) -> Any:
     model = config.run.model
     if model is None or ":" not in model:
         return model
-    import torch
-    from torch import nn
-
     from regdial.dial.objective import import_string
+    from regdial.training.models import model_from_factory
 
-    factory = import_string(model, "run.model")
-    with torch.random.fork_rng():
-        torch.manual_seed(config.run.seed)
-        offered = {"input_shape": tuple(dataset.input_shape), "num_classes": dataset.num_classes}
-        import inspect
-
-        parameters = inspect.signature(factory).parameters
-        built = factory(**{k: v for k, v in offered.items() if k in parameters})
-    if not isinstance(built, nn.Module):
-        fail("run.model", "a function returning an nn.Module", Described(type(built).__name__))
-    return built
+    return model_from_factory(import_string(model, "run.model"), "run.model", seed=config.run.seed,
+                              input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes)  # fmt: skip
 
 
 @app.command()

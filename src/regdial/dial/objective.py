@@ -20,7 +20,6 @@ app). A lambda or a function defined inside another cannot be imported by name; 
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from regdial.dial.space import Space
 from regdial.dial.trial import Pruned, Trial
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
+from regdial.training.models import model_from_factory
 
 __all__ = ["FitObjective", "Objective", "UserObjective", "import_name", "import_string"]
 
@@ -88,17 +88,6 @@ def import_name(obj: object, field: str) -> str:
         fail(field, "a function importable by other processes (defined at module level, or give "
              "'package.module:function')", Described(f"{what} ({shorten(repr(obj), 40)})"))  # fmt: skip
     return f"{module}:{qualname}"
-
-
-def _call_factory(factory: Callable[..., Any], field: str, **offered: Any) -> Any:
-    """``factory()`` with those of ``offered`` it names as parameters (input_shape, num_classes...)."""
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        parameters = {}  # type: ignore[assignment]
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    kwargs = {k: v for k, v in offered.items() if takes_all or k in parameters}
-    return factory(**kwargs)
 
 
 @dataclass
@@ -166,7 +155,7 @@ class FitObjective:
         if self.loaders is None:
             if self.data is None:
                 fail("data", "loaders, a data file or a built-in task", None)
-            made = _call_factory(import_string(self.data, "data"), "data")
+            made = import_string(self.data, "data")()
             self.loaders = _loaders(made)
         return self.loaders
 
@@ -208,16 +197,14 @@ class FitObjective:
         import torch
 
         data = self.dataset
+        if self.model_factory is not None or (self.model is not None and ":" in self.model):
+            factory = self.model_factory or import_string(self.model, "model")
+            return model_from_factory(
+                factory, "model", seed=self.seed, input_shape=tuple(data.input_shape) if data is not None else None,
+                num_classes=data.num_classes if data is not None else self.num_classes,
+            )  # fmt: skip
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            if self.model_factory is not None or (self.model is not None and ":" in self.model):
-                factory = self.model_factory or import_string(self.model, "model")
-                shape = tuple(data.input_shape) if data is not None else None
-                classes = data.num_classes if data is not None else self.num_classes
-                model = _call_factory(factory, "model", input_shape=shape, num_classes=classes)
-                if not isinstance(model, nn.Module):
-                    fail("model", "a function returning a fresh nn.Module", Described(type(model).__name__))
-                return model
             from regdial.training.fit import default_model
             from regdial.training.pretrained import start_model
 

@@ -19,7 +19,7 @@ resnet    residual blocks with DropPath: convolutional for images and signals,
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from regdial._checks import Described, check_choice, check_int, fail
 from regdial.blocks.noise import DropPath
 from regdial.training.tasks import Dataset
 
-__all__ = ["MAX_PARAMETERS", "MAX_WIDTH", "MODELS", "build_model"]
+__all__ = ["MAX_PARAMETERS", "MAX_WIDTH", "MODELS", "build_model", "model_from_factory"]
 
 MAX_WIDTH = 65_536
 """The widest layer (units or channels) a built-in model may have."""
@@ -213,3 +213,39 @@ def _check_size(name: str, builder: Any, data: Dataset, options: dict[str, Any])
         fail(
             "model", f"a model of at most {MAX_PARAMETERS:,} parameters", Described(f"{name} with {count:,}")
         )
+
+
+def model_from_factory(
+    factory: Callable[..., Any],
+    field: str,
+    *,
+    seed: int,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+) -> nn.Module:
+    """The user's ``factory()`` called with what it names of ``input_shape`` and
+    ``num_classes`` (both, when it takes ``**kwargs``), initialized from ``seed``.
+
+    A factory whose parameters cannot be bound that way (one it requires is neither) is
+    one line naming ``field``; what the factory's own body raises keeps its type.
+    """
+    offered = {"input_shape": input_shape, "num_classes": num_classes}
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable without one: offer nothing
+        kwargs: dict[str, Any] = {}
+    else:
+        parameters = signature.parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        kwargs = {k: v for k, v in offered.items() if takes_all or k in parameters}
+        try:
+            signature.bind(**kwargs)
+        except TypeError as error:
+            fail(field, "a function of input_shape and/or num_classes (or none) returning an nn.Module",
+                 Described(f"{getattr(factory, '__name__', 'a factory')}{signature} ({error})"))  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        fail(field, "a function returning a fresh nn.Module", Described(type(model).__name__))
+    return model
