@@ -12,7 +12,7 @@ from optuna.distributions import FloatDistribution
 
 from regdial import Space, tune
 from regdial.cli import main
-from regdial.dial.search import choose
+from regdial.dial.choice import choose
 from regdial.training.data import load_data
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from regdial._checks import Described, InputError, check_choice, fail
 from regdial.dial.objective import FitObjective, UserObjective, import_name, import_string
+from regdial.dial.options import STRATEGIES
 from regdial.dial.result import TuneResult
 from regdial.dial.search import Search
 from regdial.dial.space import Space
@@ -110,7 +111,7 @@ def tune(
         progress: called with each line of progress (None: logging only).
         base: the fixed knobs of the default space (ignored when ``space`` is given).
     """
-    strategy = check_choice("strategy", strategy, ("auto", "path", "online", "tpe", "random", "grid"))
+    strategy = check_choice("strategy", strategy, STRATEGIES)
     objective, name = _objective(
         task, train=train, val=val, test=test, data=data, num_classes=num_classes, kind=kind, target=target,
         model=model, model_options=model_options, loss_fn=loss_fn, metrics=metrics, metric=metric, epochs=epochs,

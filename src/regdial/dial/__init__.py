@@ -10,7 +10,11 @@ objective  what a trial trains: regdial's ``fit`` (``FitObjective``) or your cod
 path       the warm-started regularization path
 study      the Optuna study: storage, sampler, pruner, heartbeats, budget, the path's claim
 online     ``OnlineController``: the dial turned from inside one run
-search     ``Search``: strategies, the one-standard-error choice, retraining, notes
+search     ``Search``: the inputs, the directory, the study's identity; hands off to:
+strategies how each strategy spends the budget
+workers    the trial loop on the shared study, in this process or spawned ones
+choice     the one-standard-error choice, range extension, notes (pure functions of trials)
+finish     retraining, the baseline on the test split, the result files
 result     ``TuneResult`` and its files
 =========  ==================================================================================
 
@@ -29,8 +33,9 @@ if TYPE_CHECKING:
     from regdial.dial.budget import Budget
     from regdial.dial.objective import FitObjective, UserObjective
     from regdial.dial.online import OnlineController
+    from regdial.dial.options import STRATEGIES
     from regdial.dial.result import TuneResult
-    from regdial.dial.search import STRATEGIES, Search
+    from regdial.dial.search import Search
     from regdial.dial.space import Range, Space
     from regdial.dial.trial import Pruned, Trial
 
@@ -56,7 +61,7 @@ __getattr__, __dir__ = lazy(
         "UserObjective": "regdial.dial.objective",
         "OnlineController": "regdial.dial.online",
         "TuneResult": "regdial.dial.result",
-        "STRATEGIES": "regdial.dial.search",
+        "STRATEGIES": "regdial.dial.options",
         "Search": "regdial.dial.search",
         "Range": "regdial.dial.space",
         "Space": "regdial.dial.space",

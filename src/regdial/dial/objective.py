@@ -19,6 +19,7 @@ app). A lambda or a function defined inside another cannot be imported by name; 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import math
@@ -150,6 +151,12 @@ class FitObjective:
                     str(self.data_path), target=self.target, kind=self.kind, seed=self.seed
                 )
         return self._dataset
+
+    def on_device(self, device: str) -> FitObjective:
+        """This objective training on ``device`` (a copy; the data it loaded is shared)."""
+        moved = dataclasses.replace(self, device=device)
+        moved._dataset = self._dataset
+        return moved
 
     def user_loaders(self) -> tuple[Any, Any, Any]:
         if self.loaders is None:

@@ -6,13 +6,19 @@ through it, so a key or value one of them accepts, the others accept too.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field
 
 from regdial.training.options import Options
 
-__all__ = ["TuneOptions"]
+__all__ = ["FIXED_COST", "STRATEGIES", "Strategy", "TuneOptions"]
+
+Strategy = Literal["auto", "path", "online", "tpe", "random", "grid"]
+"""How a search spends its budget (see ``regdial.dial.search``)."""
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+FIXED_COST = ("path", "online")
+"""The strategies whose cost is fixed: they refuse a budget, workers, a storage, grid points."""
 
 
 class TuneOptions(Options):
@@ -29,7 +35,7 @@ class TuneOptions(Options):
     """
 
     budget: Annotated[int, Field(ge=1)] | str | None = None
-    strategy: Literal["auto", "path", "online", "tpe", "random", "grid"] = "auto"
+    strategy: Strategy = "auto"
     storage: Annotated[str, Field(min_length=1)] | None = None
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     grid_points: Annotated[int, Field(ge=1, le=100_000)] | None = None

@@ -1,0 +1,170 @@
+"""The end of a search: retrain the chosen setting and the baseline, note, write the files.
+
+The test split is used here once: the chosen setting and the unregularized baseline are
+trained again (each in a run directory under ``run_dir/best``) and scored on it. A chosen
+run that reached the epoch cap still improving is trained twice as long and kept if it
+validates better: the training length is part of the dial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from regdial.dial.choice import notes
+from regdial.dial.objective import FitObjective
+from regdial.dial.result import TuneResult
+from regdial.dial.trial import Trial
+from regdial.setting import Regularization
+from regdial.training.history import higher_is_better
+
+if TYPE_CHECKING:
+    from regdial.dial.search import Search
+
+__all__ = ["finish", "run_tables"]
+
+
+def finish(search: Search, result: TuneResult) -> TuneResult:
+    """Retrain the chosen setting and the baseline once, score them on test, note what
+    the numbers can and cannot say, and write the files."""
+    result.run_dir, result.space, result.identity = search.run_dir, search.space.to_dict(), search.identity
+    result.task = search.identity.get("task")
+    if search.retrain:
+        if isinstance(search.objective, FitObjective):
+            _retrain(search, result)
+        else:
+            _baseline_trial(search, result)
+    result.notes += notes(result)
+    if search.run_dir is not None:
+        run_table = model_table = None
+        if isinstance(search.objective, FitObjective) and search.objective.dataset is not None:
+            run_table, model_table = run_tables(search.objective)  # loaders in memory: [regularization] only
+        result.write(search.run_dir, run_table, model_table)
+    return result
+
+
+def _retrain(search: Search, result: TuneResult) -> None:
+    """Train the chosen setting and the unregularized baseline again, each in its own run
+    directory under ``run_dir/best``, and score both once on the test split. When the
+    chosen run was still improving at its last epoch, train it once more for twice as
+    long, and keep that if it validates better."""
+    objective = search.objective
+    assert isinstance(objective, FitObjective)
+    data = objective.dataset
+    has_test = (data is not None and data.x_test is not None) or (
+        data is None and objective.user_loaders()[2] is not None)  # fmt: skip
+    if not has_test:
+        split = "validation only (no test split was given: pass test= to score on data the search never saw)"
+    elif data is not None and getattr(data, "test_carved", False):
+        split = "a test split carved from the training data (seeded, stratified; the search never saw it)"
+    else:
+        split = "the test split"
+    staging = search.staging(fresh=search.online_run is None)  # online's run is already there
+    if search.online_run is not None:
+        search.say(f"scoring the online run and training the unregularized baseline, scoring both on {split}")
+        tuned = search.online_run
+    else:
+        search.say(f"training the chosen setting and the unregularized baseline, scoring both on {split}")
+        tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric,
+                              restore_best=True, epochs=search.epochs)  # fmt: skip
+        longer = _train_longer(search, result, tuned, staging)
+        if longer is not None:
+            tuned = longer
+    base = objective.fit(Regularization.off(), run_dir=None if staging is None else staging / "baseline",
+                         epochs=search.reference)  # fmt: skip
+    result.retrain = {"tuned": tuned.meta["summary"], "baseline": base.meta["summary"], "test": split}
+    if staging is not None and search.run_dir is not None:
+        final = search.run_dir / "best"
+        shutil.rmtree(final, ignore_errors=True)  # a directory never mixes two searches' runs
+        os.replace(staging, final)
+
+
+def _train_longer(search: Search, result: TuneResult, tuned: Any, staging: Path | None) -> Any:
+    """The training length is part of the dial: a chosen run that ran to the epoch cap
+    while still improving (its diagnosis says so, it underfit, or its early stopping was
+    armed and never fired) is trained again for twice as long, and kept if it validates
+    better."""
+    from regdial.diagnosis import diagnose
+
+    summary = tuned.meta["summary"]
+    reading = diagnose(tuned, result.best)
+    ran_out = summary.get("status") == "completed" and summary.get("epochs_run") == search.epochs
+    if not ran_out:
+        return None
+    # Early stopping is the length dial: armed and never fired means the validation
+    # metric was still improving within the patience window when the cap ended training,
+    # whatever the train/validation gap says (with the best epoch restored, twice as long
+    # can only be kept if it validates better).
+    capped = result.best.early_stopping > 0
+    state: str
+    if reading.state in ("still improving", "underfitting") and reading.direction <= 0:
+        state = reading.state
+    elif capped:
+        state = f"still improving within early stopping's patience ({result.best.early_stopping} epochs)"
+    else:
+        return None
+    assert isinstance(search.objective, FitObjective)
+    metric = search.objective.metric
+    search.say(
+        f"the chosen setting was {state} at epoch {search.epochs}: training it for {2 * search.epochs}"
+    )
+    longer = search.objective.fit(result.best, monitor=metric, restore_best=True, epochs=2 * search.epochs,
+                                run_dir=None if staging is None else staging.with_name(staging.name + "-longer"))  # fmt: skip
+    before = summary.get("best", summary.get("final", {})).get(metric, math.nan)
+    after = longer.meta["summary"].get("best", longer.meta["summary"].get("final", {})).get(metric, math.nan)
+    better = after > before if higher_is_better(metric) else after < before
+    if staging is not None:
+        spare = staging.with_name(staging.name + "-longer")
+        if better:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.replace(spare, staging)
+        else:
+            shutil.rmtree(spare, ignore_errors=True)
+    result.epochs_spent += len(longer)
+    if better:
+        result.notes.append(f"the chosen setting was {state} after {search.epochs} epochs; trained for "
+                            f"{2 * search.epochs} it validates better ({metric} {after:.4f} vs {before:.4f}): the "
+                            "training length, not the regularization, was the limit")  # fmt: skip
+        return longer
+    result.notes.append(f"the chosen setting was {state} after {search.epochs} epochs, but twice as long "
+                        f"did not validate better ({after:.4f} vs {before:.4f}): the model's capacity or the "
+                        "learning rate may be the limit")  # fmt: skip
+    return None
+
+
+def _baseline_trial(search: Search, result: TuneResult) -> None:
+    """For the user's own objective: run it once with every technique off."""
+    search.say("training the unregularized baseline with your objective")
+    trial = Trial(Regularization.off(), number=-1, metric=search.objective.metric, epochs=search.epochs,
+                  kind=search.kind, role="baseline")  # fmt: skip
+    search.objective(trial.setting, trial)
+    row = trial.best_row() or {}
+    best_row = next((t for t in result.trials if t["number"] == result.best_trial), {})
+    result.retrain = {
+        "baseline": {"final": {k: v for k, v in row.items() if k.startswith(("val_", "test_"))}},
+        "tuned": {"final": {search.objective.metric: result.best_value,
+                            f"{search.objective.metric}_se": best_row.get("se", math.nan)}},
+    }  # fmt: skip
+
+
+def run_tables(objective: FitObjective) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``[run]`` and ``[model]`` tables of ``best.toml``, as ``regdial run`` reads them."""
+    run: dict[str, Any] = {}
+    if objective.task is not None:
+        run["task"] = objective.task
+    elif objective.data_path is not None:
+        run.update({"data": objective.data_path, "kind": objective.kind})
+        if objective.target:
+            run["target"] = objective.target
+    if objective.model is not None:
+        run["model"] = objective.model
+    run.update({"epochs": objective.full_epochs, "seed": objective.seed, "optimizer": objective.optimizer,
+                "device": objective.device, "precision": objective.precision, "deterministic": objective.deterministic,
+                "monitor": objective.metric, "restore_best": True})  # the run the search scored  # fmt: skip
+    for name in ("lr", "batch_size"):
+        if getattr(objective, name) is not None:
+            run[name] = getattr(objective, name)
+    return run, dict(objective.model_options)

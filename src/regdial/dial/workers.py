@@ -1,0 +1,183 @@
+"""The workers of a search: each runs trials on the shared study until the budget is spent.
+
+One worker runs in the searching process; ``--workers N`` spawns N processes that rebuild
+the objective from plain data (``Search.worker_arguments``) and coordinate through the
+study alone (see ``regdial.dial.study``): heartbeats free a dead worker's share, a budget
+in trials is exact, and a worker that finds the rest of the budget claimed by running
+trials waits in case one of them dies.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from regdial.dial.budget import Budget
+from regdial.dial.choice import extend_ranges
+from regdial.dial.objective import FitObjective, Objective, UserObjective
+from regdial.dial.space import Space
+from regdial.dial.study import fail_stale, open_storage, pruner, sampler, search_trials, usage
+from regdial.dial.trial import Pruned, Trial, trial_summary
+from regdial.setting import Regularization
+from regdial.training.history import higher_is_better
+from regdial.training.progress import Interrupt
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["OverBudgetError", "Worker", "spawn"]
+
+SAMPLED = ("auto", "tpe", "random")
+"""The strategies whose ranges follow the study's extensions between trials."""
+
+
+class OverBudgetError(Exception):
+    """A trial started after the budget was spent by others: it fails without training."""
+
+
+@dataclass
+class Worker:
+    """One worker on the shared study (a budget in minutes counts from ``started``, a
+    ``time.monotonic()`` reading: when the search began). Between trials the space's
+    ranges follow the study's extensions (``extend_ranges``)."""
+
+    objective: Objective
+    space: Space
+    strategy: str
+    budget: Budget
+    storage: Any
+    study_name: str
+    seed: int
+    grid_points: int
+    epochs: int
+    kind: str | None
+    started: float
+    reference: int
+    say: Callable[[str], None] | None = None
+
+    def run(self) -> None:
+        """Run trials until the budget is spent, the grid is done, or Ctrl-C."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = optuna.load_study(
+            study_name=self.study_name, storage=self.storage, pruner=pruner(self.strategy, self.reference),
+            sampler=sampler(self.strategy, self.seed, self.space, self.grid_points),
+        )  # fmt: skip
+        self.current = self.space
+        self.interrupt = Interrupt("stopping the search before its next trial")
+        # Ctrl-C outside a trial's training (fit stops itself at a batch) is deferred to the
+        # next safe point: landing inside Optuna's bookkeeping, it could leave a heartbeat
+        # thread running that keeps the process alive after the search has said "interrupted".
+        with self.interrupt.installed():
+            overtime = 0  # trials started after a budget in minutes ran out, none having completed
+            while True:
+                if self.interrupt.requested:
+                    raise KeyboardInterrupt("Ctrl-C between trials")
+                fail_stale(study)  # a trial whose worker died stops sending heartbeats: free its share
+                used, claimed = usage(study, self.budget, self.started)
+                if used >= self.budget.amount:
+                    # A budget in minutes that ran out before any trial completed (the path took
+                    # it, or its trials were pruned) still ends with a result: up to two more.
+                    if self.budget.unit != "minutes" or _completed(study) or overtime >= 2:
+                        break
+                    overtime += 1
+                elif (
+                    used + claimed >= self.budget.amount
+                ):  # others are spending the rest: wait in case one dies
+                    time.sleep(1.0)
+                    continue
+                if self.strategy == "grid" and len(search_trials(study)) >= len(
+                    self.space.grid(self.grid_points)
+                ):
+                    break
+                if self.strategy in SAMPLED:
+                    self.current = extend_ranges(study, self.space)
+                study.optimize(
+                    lambda ot: self._trial(study, ot), n_trials=1, catch=(OverBudgetError,), gc_after_trial=False,
+                    callbacks=[self._tell],
+                )  # fmt: skip
+        if self.interrupt.requested:  # Ctrl-C as the last trial ended: the search stops here
+            raise KeyboardInterrupt("Ctrl-C after the last trial")
+
+    def _trial(self, study: optuna.Study, ot: optuna.Trial) -> float:
+        """One trial: the setting Optuna suggests, trained by the objective, its score."""
+        import optuna
+        from optuna.trial import TrialState
+
+        ot.set_user_attr("worker", os.getpid())  # first: its heartbeats have started (see fail_stale)
+        if self.interrupt.requested:  # inside Optuna's try: the trial is told failed, the search stops
+            raise KeyboardInterrupt("Ctrl-C before this trial trained")
+        if self.budget.unit == "trials":
+            alive = sorted(t.number for t in search_trials(study) if t.state != TrialState.FAIL)
+            if ot.number in alive and alive.index(ot.number) >= self.budget.amount:
+                raise OverBudgetError("the budget was spent by other workers")
+        ot.set_user_attr("planned", self.epochs)
+        setting = self.current.suggest(ot)
+        metric = self.objective.metric
+        trial = Trial(
+            setting, number=ot.number, metric=metric, epochs=self.epochs, optuna_trial=ot, kind=self.kind
+        )
+        try:
+            self.objective(setting, trial)
+        except Pruned as pruned:
+            raise optuna.TrialPruned(str(pruned)) from None
+        finally:
+            for key, value in trial_summary(trial).items():
+                ot.set_user_attr(key, value)
+        value, _ = trial.score()
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"no finite validation score ({trial.history.meta.get('status')})")
+        return value
+
+    def _tell(self, study: optuna.Study, trial: Any) -> None:
+        """A line of progress for each finished or pruned trial."""
+        from optuna.trial import TrialState
+
+        if self.say is None or trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            return
+        metric = self.objective.metric
+        values = [float(t.value) for t in _completed(study) if t.value is not None]
+        best = (max if higher_is_better(metric) else min)(values) if values else math.nan
+        value = trial.value if trial.value is not None else trial.user_attrs.get("value", math.nan)
+        self.say(f"trial {trial.number}: {trial.state.name.lower()} after {trial.user_attrs.get('epochs', 0)} epochs, "
+                 f"{metric} {value:.4f} (best {best:.4f})")  # fmt: skip
+
+
+def _completed(study: optuna.Study) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return [t for t in search_trials(study) if t.state == TrialState.COMPLETE]
+
+
+def spawn(arguments: list[dict[str, Any]]) -> list[Any]:
+    """Start one worker process for each entry of ``arguments`` (see ``_worker_process``)."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_process, args=(each,)) for each in arguments]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def _worker_process(arguments: dict[str, Any]) -> None:
+    """Entry point of a spawned worker: rebuilds its objective and runs trials."""
+    described = arguments["objective"]
+    objective: Objective = (
+        FitObjective(**described["fit"]) if "fit" in described else UserObjective.from_dict(described["user"])
+    )
+    space = Space.from_dict(arguments["space"], Regularization.from_dict(arguments["base"]))
+    storage = open_storage(arguments["storage"], Path(arguments["run_dir"]) if arguments["run_dir"] else None)
+    try:
+        Worker(
+            objective, space, arguments["strategy"], Budget(**arguments["budget"]), storage, arguments["study_name"],
+            arguments["seed"], arguments["grid_points"], arguments["epochs"], arguments["kind"],
+            started=arguments["started"], reference=arguments["reference"],
+        ).run()  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: each stops quietly, the parent says so
+        return
