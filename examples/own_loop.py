@@ -19,7 +19,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from regdial import Regularization
+from regdial import Applied, Regularization
 
 SETTING = Regularization(augment=1.0, dropout=0.3, label_smoothing=0.1, ema=0.99)
 SHIFTS_ONLY = {"flip": False, "color": False, "erase": False}
@@ -54,7 +54,7 @@ def train(setting: Regularization, epochs: int = 60, seed: int = 0) -> tuple[flo
     x_train, y_train, x_val, y_val = load(seed)
     model = make_model()
     optimizer = lambda groups: torch.optim.AdamW(groups, lr=1e-3)  # noqa: E731
-    applied = setting.apply(model, optimizer, num_classes=10, augment_options=SHIFTS_ONLY)
+    applied = Applied(setting, model, optimizer, num_classes=10, augment_options=SHIFTS_ONLY)
     for epoch in range(1, epochs + 1):
         model.train()
         for batch in torch.randperm(len(x_train)).split(32):

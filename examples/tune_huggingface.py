@@ -1,7 +1,7 @@
 """Tune a Hugging Face Trainer run: a tiny BERT, its regularization chosen by regdial.
 
 The objective builds a model (warm-started when the regularization path hands it
-weights), trains it with ``transformers.Trainer`` and a ``RegdialCallback`` that applies
+weights), trains it with ``transformers.Trainer`` and a ``HuggingFaceCallback`` that applies
 the trial's setting and reports every evaluation to the trial, so that the search can
 prune it. The model is built from a config with random weights: nothing is downloaded.
 
@@ -23,7 +23,7 @@ from transformers import (
 )
 
 import regdial
-from regdial.integrations.huggingface import RegdialCallback
+from regdial.integrations.huggingface import HuggingFaceCallback
 
 
 class MarkerTask(torch.utils.data.Dataset):
@@ -67,7 +67,7 @@ def objective(setting: regdial.Regularization, trial: regdial.Trial) -> None:
                                  learning_rate=2e-3, eval_strategy="epoch", save_strategy="no", logging_strategy="no",
                                  report_to=[], use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
         trainer = Trainer(model=model, args=args, train_dataset=TRAIN, eval_dataset=VAL, compute_metrics=accuracy,
-                          callbacks=[RegdialCallback(setting, trial)])  # fmt: skip
+                          callbacks=[HuggingFaceCallback(setting, trial)])  # fmt: skip
         trainer.remove_callback(PrinterCallback)  # the search prints one line per trial
         trainer.train()
     trial.save_weights(model)

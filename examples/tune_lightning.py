@@ -1,6 +1,6 @@
 """Tune a Lightning module's regularization with regdial.
 
-The module's ``training_step`` uses ``self.regdial`` (the setting the ``RegdialCallback``
+The module's ``training_step`` uses ``self.regdial`` (the setting the ``LightningCallback``
 applies) for its batch and loss, so label smoothing reaches it; the callback does the
 rest (dropout, weight decay on the weights only, early stopping) and reports each
 validation to the trial, so the search prunes runs.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regdial
-from regdial.integrations.lightning import RegdialCallback
+from regdial.integrations.lightning import LightningCallback
 
 
 class Classifier(pl.LightningModule):
@@ -64,7 +64,7 @@ def objective(setting: regdial.Regularization, trial: regdial.Trial) -> None:
         module.load_state_dict(trial.initial_weights)
     trainer = pl.Trainer(max_epochs=trial.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[RegdialCallback(setting, trial, num_classes=4)])  # fmt: skip
+                         callbacks=[LightningCallback(setting, trial, num_classes=4)])  # fmt: skip
     trainer.fit(module, loader(0, 160, True), loader(1, 400, False))
     trial.save_weights(module)
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import Linear
 from regdial.blocks.augment import (
     EmbeddingNoise,
     ImageAugment,
@@ -17,6 +16,7 @@ from regdial.blocks.augment import (
     TokenAugment,
     augmentation,
 )
+from regdial.schedules import Linear
 
 CASES = [
     (lambda s: ImageAugment(s), lambda: torch.rand(6, 3, 16, 16)),

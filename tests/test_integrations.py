@@ -1,4 +1,4 @@
-"""RegdialCallback inside the real Hugging Face Trainer and Lightning Trainer, on tiny models."""
+"""HuggingFaceCallback and LightningCallback inside the real Hugging Face Trainer and Lightning Trainer, on tiny models."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from optuna import TrialPruned
 from torch import nn
 
-from regdial import Pruned, Regularization, Space, Trial
+from regdial import Regularization, Space, Trial
 
 transformers = pytest.importorskip("transformers")
 lightning = pytest.importorskip("lightning")
@@ -52,7 +53,7 @@ def accuracy(prediction: Any) -> dict[str, float]:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
-def hf_trainer(model: Any, callback: hf.RegdialCallback, out: Path, epochs: int = 3, **args: Any) -> Any:
+def hf_trainer(model: Any, callback: hf.HuggingFaceCallback, out: Path, epochs: int = 3, **args: Any) -> Any:
     arguments = transformers.TrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=32, learning_rate=2e-3,
         eval_strategy="epoch", save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
@@ -66,7 +67,7 @@ def test_every_knob_reaches_the_hugging_face_trainer(tmp_path: Path) -> None:
     setting = Regularization(dropout=0.2, weight_decay=0.01, l1=1e-5, label_smoothing=0.1, embedding_noise=5.0,
                              early_stopping=3, ema=0.9)  # fmt: skip
     model = tiny_bert()
-    callback = hf.RegdialCallback(setting)
+    callback = hf.HuggingFaceCallback(setting)
     trainer = hf_trainer(model, callback, tmp_path / "out")
     assert model.config.hidden_dropout_prob == 0.2 and model.config.attention_probs_dropout_prob == 0.2
     trainer.train()
@@ -98,7 +99,7 @@ def test_every_knob_reaches_the_hugging_face_trainer(tmp_path: Path) -> None:
 
 def test_label_smoothing_and_noise_are_on_the_training_forward_only(tmp_path: Path) -> None:
     model = tiny_bert()
-    callback = hf.RegdialCallback(Regularization(label_smoothing=0.2, embedding_noise=10.0))
+    callback = hf.HuggingFaceCallback(Regularization(label_smoothing=0.2, embedding_noise=10.0))
     trainer = hf_trainer(model, callback, tmp_path / "out", epochs=1)
     callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model,
                             optimizer=trainer.create_optimizer())  # fmt: skip
@@ -120,7 +121,7 @@ def test_early_stopping_restores_the_best_weights_and_the_model_reloads_with_its
     tmp_path: Path,
 ) -> None:
     model = tiny_bert()
-    callback = hf.RegdialCallback(Regularization(early_stopping=1, dropout=0.3), monitor="eval_loss")
+    callback = hf.HuggingFaceCallback(Regularization(early_stopping=1, dropout=0.3), monitor="eval_loss")
     trainer = hf_trainer(model, callback, tmp_path / "out", epochs=30)
     trainer.train()
     rows = callback.history.rows
@@ -148,20 +149,22 @@ class AlwaysPrune:
 def test_a_trial_prunes_a_trainer_run(tmp_path: Path) -> None:
     setting = Regularization(weight_decay=0.01)
     trial = Trial(setting, number=0, metric="val_accuracy", epochs=5, optuna_trial=AlwaysPrune())  # type: ignore[arg-type]
-    trainer = hf_trainer(tiny_bert(), hf.RegdialCallback(setting, trial), tmp_path / "out", epochs=5)
-    with pytest.raises(Pruned):
+    trainer = hf_trainer(tiny_bert(), hf.HuggingFaceCallback(setting, trial), tmp_path / "out", epochs=5)
+    with pytest.raises(TrialPruned):
         trainer.train()
     assert len(trial.history) == 1
 
 
 def test_batch_knobs_are_refused_for_token_ids_and_conflicts_are_named(tmp_path: Path) -> None:
-    trainer = hf_trainer(tiny_bert(), hf.RegdialCallback(Regularization(mixup=0.2)), tmp_path / "a", epochs=1)
+    trainer = hf_trainer(
+        tiny_bert(), hf.HuggingFaceCallback(Regularization(mixup=0.2)), tmp_path / "a", epochs=1
+    )
     with pytest.raises(
         ValueError, match=r"^regularization.mixup must be 0 for a model whose inputs are input_ids"
     ):
         trainer.train()
     with pytest.raises(ValueError, match=r"^regularization.label_smoothing must be 0 when TrainingArguments"):
-        hf_trainer(tiny_bert(), hf.RegdialCallback(Regularization(label_smoothing=0.1)), tmp_path / "b",
+        hf_trainer(tiny_bert(), hf.HuggingFaceCallback(Regularization(label_smoothing=0.1)), tmp_path / "b",
                    label_smoothing_factor=0.1)  # fmt: skip
 
 
@@ -218,7 +221,7 @@ def blobs(seed: int, n: int) -> torch.utils.data.DataLoader[Any]:
 
 
 def lightning_fit(
-    module: Classifier, callback: pl_integration.RegdialCallback, out: Path, epochs: int = 4
+    module: Classifier, callback: pl_integration.LightningCallback, out: Path, epochs: int = 4
 ) -> Any:
     trainer = lightning.pytorch.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=str(out), logger=False,
                                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
@@ -232,7 +235,7 @@ def test_every_knob_reaches_the_lightning_trainer(tmp_path: Path) -> None:
         dropout=0.2, weight_decay=0.05, l1=1e-5, label_smoothing=0.1, ema=0.9, early_stopping=10
     )
     module = Classifier()
-    callback = pl_integration.RegdialCallback(setting, num_classes=3)
+    callback = pl_integration.LightningCallback(setting, num_classes=3)
     trainer = lightning_fit(module, callback, tmp_path)
     groups = trainer.optimizers[0].param_groups
     assert {g["regularize"]: g["weight_decay"] for g in groups} == {True: 0.05, False: 0.0}
@@ -244,7 +247,7 @@ def test_every_knob_reaches_the_lightning_trainer(tmp_path: Path) -> None:
 
 def test_lightning_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
     module = Classifier()
-    callback = pl_integration.RegdialCallback(Regularization(early_stopping=1), num_classes=3)
+    callback = pl_integration.LightningCallback(Regularization(early_stopping=1), num_classes=3)
     trainer = lightning_fit(module, callback, tmp_path, epochs=40)
     rows = callback.history.rows
     assert len(rows) < 40
@@ -256,7 +259,7 @@ def test_a_module_that_ignores_label_smoothing_is_told(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR)
-    callback = pl_integration.RegdialCallback(Regularization(label_smoothing=0.1), num_classes=3)
+    callback = pl_integration.LightningCallback(Regularization(label_smoothing=0.1), num_classes=3)
     with pytest.raises(
         ValueError, match=r"^regularization.label_smoothing must be 0, or a training_step that uses"
     ):
@@ -266,8 +269,8 @@ def test_a_module_that_ignores_label_smoothing_is_told(
 def test_a_trial_prunes_a_lightning_run(tmp_path: Path) -> None:
     setting = Regularization()
     trial = Trial(setting, number=0, metric="val_accuracy", epochs=4, optuna_trial=AlwaysPrune())  # type: ignore[arg-type]
-    with pytest.raises(Pruned):
-        lightning_fit(Classifier(), pl_integration.RegdialCallback(setting, trial, num_classes=3), tmp_path)
+    with pytest.raises(TrialPruned):
+        lightning_fit(Classifier(), pl_integration.LightningCallback(setting, trial, num_classes=3), tmp_path)
     assert len(trial.history) == 1
 
 

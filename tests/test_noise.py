@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import Early
 from regdial.blocks.noise import (
     DropBlock1d,
     DropBlock2d,
@@ -20,6 +19,7 @@ from regdial.blocks.noise import (
     set_drop_path,
     set_dropout,
 )
+from regdial.schedules import Early
 
 
 def test_drop_path_drops_whole_samples_at_rate_p() -> None:
@@ -77,6 +77,16 @@ def test_same_seed_same_numbers() -> None:
         torch.manual_seed(7)
         outputs.append(DropBlock2d(0.2, block_size=3).train()(x) + DropPath(0.3).train()(x))
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
+def test_drop_path_refuses_a_rate_outside_zero_to_one_as_the_module_does(rate: float, training: bool) -> None:
+    # At rate 1 the survivors' scale 1/(1 - p) divides by zero (timm guards keep_prob > 0).
+    with pytest.raises(ValueError, match=rf"^drop_path\.p must be in \[0, 1\), got {rate}$"):
+        drop_path(torch.ones(4, 2), rate, training=training)
+    with pytest.raises(ValueError, match=r"^DropPath\.p must be in \[0, 1\)"):
+        DropPath(rate)
 
 
 def test_drop_path_rates_rise_linearly() -> None:

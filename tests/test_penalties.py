@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import L1, L2, L2SP, Cosine, ElasticNet, GroupLasso, Linear, Penalty
+from regdial import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
+from regdial.schedules import Cosine, Linear
 
 SHAPES = [(7, 5), (3, 4, 3, 3), (6,), (1, 9)]
 

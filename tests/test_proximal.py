@@ -143,8 +143,8 @@ def test_the_quotient_form_equals_the_step_tensor_form(
 ) -> None:
     """Adaptive steps kept as ``scale / d`` (the fast path) give the prox of the explicit
     per-coordinate steps, exact zeros included; 16-bit weights take the step tensor path."""
-    from regdial.blocks.penalties import StepQuotients
     from regdial.blocks.proximal import optimizer_step_sizes
+    from regdial.blocks.shrinkage import StepQuotients
 
     torch.manual_seed(0)
     w = torch.nn.Parameter((torch.randn(40, 30) * torch.logspace(-4, 0, 30)).to(dtype))

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from regdial import Regularization, fit
-from regdial.reports.run import report
+from regdial import Regularization, fit, report
 
 
 @pytest.fixture(scope="module")

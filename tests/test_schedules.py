@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from regdial import Constant, Cosine, Early, Linear, Step
 from regdial.blocks.schedules import schedule_from_dict
+from regdial.schedules import Constant, Cosine, Early, Linear, Step
 
 
 @pytest.mark.parametrize(

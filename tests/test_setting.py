@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import Cosine, DropPath, Early, Linear, Regularization, Step
+from regdial import Applied, DropPath, Regularization
 from regdial.knobs import KNOBS
+from regdial.schedules import Cosine, Early, Linear, Step
 
 FULL = Regularization(
     weight_decay=Cosine(0.05, 0.0),
@@ -174,8 +175,8 @@ def step(applied, x, y) -> None:
 
 def test_apply_builds_groups_proximal_steps_and_rates() -> None:
     model = Net()
-    applied = Regularization(weight_decay=0.01, l1=0.05, dropout=0.2, drop_path=0.1).apply(
-        model, adamw, num_classes=3
+    applied = Applied(
+        Regularization(weight_decay=0.01, l1=0.05, dropout=0.2, drop_path=0.1), model, adamw, num_classes=3
     )
     decay, spared = applied.optimizer.param_groups
     assert decay["weight_decay"] == 0.01
@@ -194,7 +195,7 @@ def test_apply_builds_groups_proximal_steps_and_rates() -> None:
 def test_off_setting_is_a_plain_loop() -> None:
     plain, regularized = Net(), Net()
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
-    applied = Regularization.off().apply(regularized, adamw, num_classes=3)
+    applied = Applied(Regularization.off(), regularized, adamw, num_classes=3)
     optimizer = torch.optim.AdamW(plain.parameters(), lr=0.05, weight_decay=0.0)
     plain.body[3].p = 0.0
     for _ in range(3):
@@ -208,7 +209,7 @@ def test_off_setting_is_a_plain_loop() -> None:
 
 def test_batch_and_loss_smoothing_mixing_noise() -> None:
     torch.manual_seed(0)
-    applied = Regularization(mixup=0.4, label_smoothing=0.1, noise=0.1).apply(Net(), adamw, num_classes=3)
+    applied = Applied(Regularization(mixup=0.4, label_smoothing=0.1, noise=0.1), Net(), adamw, num_classes=3)
     x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
     xb, targets = applied.batch(x, y)
     assert targets.shape == (8, 3)
@@ -220,7 +221,7 @@ def test_batch_and_loss_smoothing_mixing_noise() -> None:
 
 
 def test_regression_loss_is_mse() -> None:
-    applied = Regularization().apply(nn.Linear(3, 1), adamw)
+    applied = Applied(Regularization(), nn.Linear(3, 1), adamw)
     output, targets = torch.randn(5, 1), torch.randn(5)
     torch.testing.assert_close(
         applied.loss(output, targets), nn.functional.mse_loss(output.squeeze(1), targets)
@@ -229,7 +230,7 @@ def test_regression_loss_is_mse() -> None:
 
 def test_loss_mode_penalty_is_the_sum_of_values() -> None:
     model = Net()
-    applied = Regularization(l1=0.1, l2=0.2, penalties_in="loss").apply(model, adamw, num_classes=3)
+    applied = Applied(Regularization(l1=0.1, l2=0.2, penalties_in="loss"), model, adamw, num_classes=3)
     weights = [model.body[0].weight, model.head.weight]
     expected = 0.1 * sum(w.abs().sum() for w in weights) + 0.1 * sum(w.square().sum() for w in weights)
     torch.testing.assert_close(applied.penalty(), expected)
@@ -239,7 +240,7 @@ def test_loss_mode_penalty_is_the_sum_of_values() -> None:
 def test_end_epoch_moves_schedules_and_early_stopping_restores() -> None:
     model = Net()
     setting = Regularization(dropout=Early(0.3, until=0.5), weight_decay=Linear(0.1, 0.0), early_stopping=2)
-    applied = setting.apply(model, adamw, num_classes=3)
+    applied = Applied(setting, model, adamw, num_classes=3)
     assert model.body[3].p == 0.3
     assert applied.optimizer.param_groups[0]["weight_decay"] == 0.1
     assert not applied.end_epoch(1, 4, val_metric=1.0)
@@ -257,7 +258,7 @@ def test_end_epoch_moves_schedules_and_early_stopping_restores() -> None:
 
 def test_ema_is_the_eval_model() -> None:
     model = Net()
-    applied = Regularization(ema=0.9).apply(model, adamw, num_classes=3)
+    applied = Applied(Regularization(ema=0.9), model, adamw, num_classes=3)
     step(applied, torch.randn(8, 8), torch.randint(0, 3, (8,)))
     assert torch.equal(applied.eval_model.head.weight, model.head.weight)  # the first update copies
     step(applied, torch.randn(8, 8), torch.randint(0, 3, (8,)))
@@ -268,13 +269,13 @@ def test_ema_is_the_eval_model() -> None:
 def test_l2sp_anchors_at_apply_time() -> None:
     model = Net()
     start = model.head.weight.detach().clone()
-    applied = Regularization(l2sp=1e6).apply(model, lambda g: torch.optim.SGD(g, lr=0.1), num_classes=3)
+    applied = Applied(Regularization(l2sp=1e6), model, lambda g: torch.optim.SGD(g, lr=0.1), num_classes=3)
     step(applied, torch.randn(8, 8), torch.randint(0, 3, (8,)))
     torch.testing.assert_close(model.head.weight, start, atol=1e-5, rtol=0)
 
 
 def test_augment_infers_the_kind_of_data() -> None:
-    applied = Regularization(augment=0.5).apply(nn.Linear(8, 3), adamw, num_classes=3)
+    applied = Applied(Regularization(augment=0.5), nn.Linear(8, 3), adamw, num_classes=3)
     x = torch.randn(16, 8)
     torch.manual_seed(0)
     xb, _ = applied.batch(x, torch.randint(0, 3, (16,)))
@@ -287,20 +288,20 @@ def test_apply_errors() -> None:
     with pytest.raises(
         ValueError, match=r"^optimizer must be built from regdial.param_groups\(...\) \(or pass a factory\)"
     ):
-        Regularization(weight_decay=0.1).apply(Net(), instance)
+        Applied(Regularization(weight_decay=0.1), Net(), instance)
     with pytest.raises(
         ValueError, match=r"^regularization.cutmix must be 0 for inputs that are not sequences or images"
     ):
-        Regularization(cutmix=1.0).apply(Net(), adamw, num_classes=3).batch(
+        Applied(Regularization(cutmix=1.0), Net(), adamw, num_classes=3).batch(
             torch.randn(4, 8), torch.arange(4) % 3
         )
     with pytest.raises(ValueError, match=r"^data_kind must be one of 'image'"):
-        Regularization().apply(Net(), adamw, data_kind="audio")
+        Applied(Regularization(), Net(), adamw, data_kind="audio")
 
 
 def test_retune_turns_knobs_during_training() -> None:
     model = Net()
-    applied = Regularization(dropout=0.1, weight_decay=0.01).apply(model, adamw, num_classes=3)
+    applied = Applied(Regularization(dropout=0.1, weight_decay=0.01), model, adamw, num_classes=3)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     step(applied, x, y)
     applied.retune(Regularization(dropout=0.4, weight_decay=0.05, l1=0.5, label_smoothing=0.1, mixup=0.2))
@@ -323,7 +324,7 @@ def test_retune_turns_knobs_during_training() -> None:
 def test_l2sp_turns_while_it_is_on_and_keeps_its_anchor() -> None:
     model = Net()
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
-    applied = Regularization(l2sp=0.01).apply(model, adamw, num_classes=3)
+    applied = Applied(Regularization(l2sp=0.01), model, adamw, num_classes=3)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     for _ in range(3):
         step(applied, x, y)
@@ -334,7 +335,7 @@ def test_l2sp_turns_while_it_is_on_and_keeps_its_anchor() -> None:
     assert {names[id(param)] for param, _ in penalty._anchors.values()} == set(start)
     for param, anchor in penalty._anchors.values():
         assert torch.equal(anchor, start[names[id(param)]])
-    off = Regularization().apply(Net(), adamw, num_classes=3)
+    off = Applied(Regularization(), Net(), adamw, num_classes=3)
     with pytest.raises(ValueError, match=r"^regularization.l2sp must be 0 during training when it was off "):
         off.retune(Regularization(l2sp=0.1))
 

@@ -7,17 +7,16 @@ dial, diagnosis, reports) are imported on first use, so ``from regdial import L1
 pulls in Optuna or matplotlib.
 
 Strength schedules live in ``regdial.schedules`` (``regdial.schedules.Linear`` is a
-schedule of a strength over training, not a layer); their names are also importable
-from ``regdial`` itself.
+schedule of a strength over training, not a layer).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from regdial import schedules
 from regdial._lazy import lazy
 from regdial.applied import Applied
-from regdial.blocks import schedules
 from regdial.blocks.augment import (
     EmbeddingNoise,
     ImageAugment,
@@ -27,6 +26,7 @@ from regdial.blocks.augment import (
     augmentation,
 )
 from regdial.blocks.averaging import EMA, SWA, recompute_batchnorm
+from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
 from regdial.blocks.mixing import CutMix, Mixup, MixupOrCutMix, smooth_targets, soft_cross_entropy
 from regdial.blocks.noise import (
@@ -42,9 +42,8 @@ from regdial.blocks.noise import (
     set_drop_path,
     set_dropout,
 )
-from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
+from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, Penalty
 from regdial.blocks.proximal import MaxNorm, attach_prox, max_norm_
-from regdial.blocks.schedules import Constant, Cosine, Early, Linear, Schedule, Step
 from regdial.blocks.stopping import EarlyStopping
 from regdial.setting import Regularization
 
@@ -55,9 +54,8 @@ if TYPE_CHECKING:
     from regdial.dial.online import OnlineController
     from regdial.dial.result import TuneResult
     from regdial.dial.space import Space
-    from regdial.dial.trial import Pruned, Trial
-    from regdial.reports.run import report
-    from regdial.reports.search import search_report
+    from regdial.dial.trial import Trial
+    from regdial.reports import report
     from regdial.training.data import load_data
     from regdial.training.fit import fit
     from regdial.training.history import History
@@ -66,18 +64,18 @@ if TYPE_CHECKING:
     from regdial.training.options import RunOptions
     from regdial.training.tasks import Dataset, load_task
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it (hatch's dynamic version)
 
 __all__ = [  # noqa: RUF022 - the building blocks, then the lazily imported layers
-    "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "Constant", "Cosine", "CutMix", "DropBlock1d", "DropBlock2d",
-    "DropConnect", "DropPath", "Early", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout",
-    "GaussianNoise", "GroupLasso", "ImageAugment", "Linear", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty",
-    "Regularization", "Schedule", "SignalAugment", "Step", "TabularAugment", "TokenAugment", "__version__",
+    "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "CutMix", "DropBlock1d", "DropBlock2d",
+    "DropConnect", "DropPath", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout",
+    "GaussianNoise", "GroupLasso", "ImageAugment", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty",
+    "Regularization", "SignalAugment", "TabularAugment", "TokenAugment", "__version__",
     "attach_prox", "augmentation", "drop_block", "drop_path", "drop_path_rates", "max_norm_", "param_groups",
     "recompute_batchnorm", "schedules", "set_drop_path", "set_dropout", "smooth_targets", "soft_cross_entropy",
     "fit", "evaluate", "History", "Dataset", "load_data", "load_task", "build_model", "RunOptions",
-    "diagnose", "Diagnosis", "report", "search_report",
-    "tune", "Trial", "Pruned", "TuneResult", "Space", "Budget", "OnlineController",
+    "diagnose", "Diagnosis", "report",
+    "tune", "Trial", "TuneResult", "Space", "Budget", "OnlineController",
 ]  # fmt: skip
 
 __getattr__, __dir__ = lazy(
@@ -93,11 +91,9 @@ __getattr__, __dir__ = lazy(
         "RunOptions": "regdial.training.options",
         "diagnose": "regdial.diagnosis",
         "Diagnosis": "regdial.diagnosis",
-        "report": "regdial.reports.run",
-        "search_report": "regdial.reports.search",
+        "report": "regdial.reports",
         "tune": "regdial.api",
         "Trial": "regdial.dial.trial",
-        "Pruned": "regdial.dial.trial",
         "TuneResult": "regdial.dial.result",
         "Space": "regdial.dial.space",
         "Budget": "regdial.dial.budget",

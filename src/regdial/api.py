@@ -145,7 +145,7 @@ def tune(
     )  # fmt: skip
     result = search.run()
     if report and result.run_dir is not None:
-        from regdial.reports.run import report as run_report
+        from regdial.reports.run import run_report
         from regdial.reports.search import search_report
 
         best = result.run_dir / "best"

@@ -1,9 +1,9 @@
 """``Applied``: a ``Regularization`` wired into a model and optimizer, for any loop.
 
-``setting.apply(model, optimizer)`` does everything that happens once, and returns the
+``Applied(setting, model, optimizer)`` does everything that happens once, and gives the
 few calls a training loop makes::
 
-    applied = setting.apply(model, lambda groups: torch.optim.AdamW(groups, lr=1e-3), num_classes=10)
+    applied = Applied(setting, model, lambda groups: torch.optim.AdamW(groups, lr=1e-3), num_classes=10)
     for epoch in range(epochs):
         model.train()
         for x, y in train_loader:
@@ -15,7 +15,7 @@ few calls a training loop makes::
             break
     applied.finish()                                                  # best weights back
 
-Once, at ``apply``: parameter groups with weight decay on the weights only (for an
+Once, when it is built: parameter groups with weight decay on the weights only (for an
 optimizer factory), the proximal steps of the penalties (or loss terms), the max-norm
 constraint, dropout and drop-path rates, NEFTune noise on the input embeddings, the EMA.
 Nothing here is needed to use one technique alone: each lives in its own module.
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,17 +41,16 @@ from torch.utils.hooks import RemovableHandle
 from regdial._checks import Described, check_int, check_range, fail
 from regdial.blocks.augment import KINDS, Augment, EmbeddingNoise, augmentation
 from regdial.blocks.averaging import EMA
+from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
 from regdial.blocks.mixing import MixupOrCutMix
 from regdial.blocks.noise import GaussianNoise, set_drop_path, set_dropout
-from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
+from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, Penalty
 from regdial.blocks.proximal import MaxNorm, attach_prox
 from regdial.blocks.schedules import Schedule, Strength, resolve
 from regdial.blocks.stopping import EarlyStopping
 from regdial.knobs import PENALTIES, retunable
-
-if TYPE_CHECKING:
-    from regdial.setting import Regularization
+from regdial.setting import Regularization
 
 __all__ = ["Applied", "OptimizerSpec", "infer_data_kind", "input_embedding"]
 
@@ -109,6 +108,8 @@ class Applied:
         monitor: str = "val_loss",
         mode: str = "min",
     ) -> None:
+        if not isinstance(setting, Regularization):
+            fail("setting", "a regdial.Regularization", setting)
         if not isinstance(model, nn.Module):
             fail("model", "an nn.Module", model)
         self.setting, self.model = setting, model
@@ -335,13 +336,13 @@ class Applied:
     def retune(self, setting: Regularization) -> None:
         """Turn knobs during training: strengths, rates, smoothing, mixing, noise, augmentation.
 
-        What was built at ``apply`` stays: the knobs that ``regdial.knobs`` marks as not
+        What was built at the start stays: the knobs that ``regdial.knobs`` marks as not
         retunable (``ema``, ``early_stopping``, ``max_norm``, ``l1_ratio``) and the options
         ``groups``, ``penalties_in``, ``exclude``, ``include``, ``min_delta``; a change to
-        one is a ValueError naming it. ``l2sp`` turns while it was on at ``apply``: its
+        one is an InputError naming it. ``l2sp`` turns while it was on at the start: its
         anchor is the weights at that time, which a later start would not have.
         """
-        if type(setting) is not type(self.setting):
+        if not isinstance(setting, Regularization):
             fail("setting", "a regdial.Regularization", setting)
         if setting.l2sp and "l2sp" not in self._penalty_by_knob:
             fail("regularization.l2sp", "0 during training when it was off at the start (its anchor is "

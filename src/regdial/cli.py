@@ -263,7 +263,7 @@ def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None, 
 
     from regdial._io import write_text
     from regdial.diagnosis import diagnose
-    from regdial.reports.run import report
+    from regdial.reports.run import run_report
     from regdial.setting import Regularization
     from regdial.training.fit import fit
 
@@ -306,7 +306,7 @@ def _execute(config: Any, out_dir: Path, resuming: bool, progress: bool | None, 
                       f"({history.meta.get('kept', 'nothing was saved')})")  # fmt: skip
         raise typer.Exit(1)
     if main:
-        page = report(out_dir)
+        page = run_report(out_dir)
         _print_summary(console, history, baseline_history, diagnose(history, setting))
         console.print(f"report: {page}")
     if status == "diverged":
@@ -537,10 +537,9 @@ def report_command(
     ],
 ) -> None:
     """Write report.html (with its PNGs) into a run directory or a search's directory."""
-    from regdial.reports.run import report
-    from regdial.reports.search import search_report
+    from regdial.reports import report
 
-    written = search_report(run_dir) if (run_dir / "result.json").is_file() else report(run_dir)
+    written = report(run_dir)
     _console().print(f"report: {written}")
 
 

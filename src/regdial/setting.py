@@ -1,7 +1,8 @@
 """``Regularization``: one setting of the dial, every strength in one validated object.
 
-Everything else in regdial takes a setting or returns one: ``apply`` wires it into a
-model and optimizer, the trainer trains with it, the tuner searches over settings and
+Everything else in regdial takes a setting or returns one: ``regdial.Applied(setting,
+model, optimizer)`` wires it into a model and optimizer (the setting knows nothing of
+that: ``applied.py`` imports this module, never the other way), the trainer trains with it, the tuner searches over settings and
 the diagnosis says which way to turn which of its knobs. A setting is immutable;
 ``replace(**changes)`` gives a new one. It reads and writes TOML (a ``[regularization]``
 table of flat keys; a schedule is an inline table), and a key it does not know is an
@@ -17,21 +18,15 @@ alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from regdial._checks import check_choice, check_range, fail, unknown_key
 from regdial._io import read_toml
 from regdial.blocks.schedules import Schedule, Strength, check_strength, schedule_from_dict
 from regdial.knobs import GROUP_LAYOUTS, KNOBS, PENALTIES_IN
-
-if TYPE_CHECKING:
-    from torch import nn
-    from torch.optim import Optimizer
-
-    from regdial.applied import Applied
 
 __all__ = ["Regularization"]
 
@@ -178,34 +173,3 @@ class Regularization:
         document = read_toml(source)
         table = document.get("regularization", document)
         return cls.from_dict(table)
-
-    # -- applying ---------------------------------------------------------------------
-
-    def apply(
-        self,
-        model: nn.Module,
-        optimizer: Optimizer | Callable[[list[dict[str, Any]]], Optimizer],
-        *,
-        num_classes: int | None = None,
-        data_kind: str | None = None,
-        augment_options: Mapping[str, Any] | None = None,
-        monitor: str = "val_loss",
-        mode: str = "min",
-    ) -> Applied:
-        """Wire this setting into ``model`` and an optimizer; see ``regdial.applied.Applied``.
-
-        ``monitor`` and ``mode`` name the validation value early stopping watches (what
-        you pass to ``end_epoch``) and whether lower (``"min"``) or higher is better.
-        """
-        from regdial.applied import Applied
-
-        return Applied(
-            self,
-            model,
-            optimizer,
-            num_classes=num_classes,
-            data_kind=data_kind,
-            augment_options=augment_options,
-            monitor=monitor,
-            mode=mode,
-        )

@@ -54,8 +54,12 @@ def drop_path(x: Tensor, p: float = 0.0, training: bool = False, scale_by_keep: 
 
     Survivors are scaled by ``1/(1 - p)`` when ``scale_by_keep``, so the expectation is
     unchanged. Works for any rank of tensor: the mask is per sample, shape
-    ``(N, 1, 1, ...)``. Identity when not training or ``p == 0``.
+    ``(N, 1, 1, ...)``. Identity when not training or ``p == 0``. ``p`` must be in
+    ``[0, 1)``, as ``DropPath`` requires: at 1 every branch would be dropped and the
+    survivors' scale ``1/(1 - p)`` is undefined.
     """
+    if p != 0.0:  # checked where the rate is given as well, so a bad one fails in eval mode too
+        _rate("drop_path.p", p)
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p

@@ -43,85 +43,35 @@ are accumulated in float32.
 from __future__ import annotations
 
 import logging
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from regdial._checks import Described, check_choice, check_range, fail
+from regdial._checks import Described, check_range, fail
 from regdial._tensors import accumulation_dtype, group_by_device_and_dtype, tensor_list
 from regdial.blocks.schedules import Scheduled, Strength
-from regdial.knobs import GROUP_LAYOUTS
+from regdial.blocks.shrinkage import (
+    StepQuotients,
+    combine,
+    distance_squared,
+    elastic_sums,
+    homogeneous,
+    l1_sum,
+    on_cpu_wide,
+    soft_threshold_,
+    soft_threshold_diagonal_,
+    soft_threshold_reference_,
+    squares_sum,
+    step_tensor,
+    write_rounded,
+)
 
-__all__ = ["L1", "L2", "L2SP", "ElasticNet", "GroupLasso", "Penalty", "StepQuotients", "soft_threshold_"]
+__all__ = ["L1", "L2", "L2SP", "ElasticNet", "Penalty"]
 
 logger = logging.getLogger(__name__)
-
-
-def soft_threshold_(tensor: Tensor, threshold: float) -> Tensor:
-    """In place: ``w <- sign(w) * max(|w| - threshold, 0)``, the prox of ``threshold*|w|``.
-
-    One fused kernel (``softshrink`` written back into its input) instead of the four
-    passes of sign/abs/sub/clamp; the arithmetic is done in float32 for 16-bit tensors.
-    """
-    torch.ops.aten.softshrink.out(tensor, threshold, out=tensor)
-    return tensor
-
-
-class StepQuotients(Sequence[Tensor]):
-    """Per-coordinate step sizes kept as a quotient: ``lr_i = scale / d_i`` for each parameter.
-
-    An adaptive optimizer's step is such a quotient: Adam's ``lr / (sqrt(v_hat) + eps)``
-    is ``lr*sqrt(c2) / (sqrt(v) + eps*sqrt(c2))`` with ``c2`` the bias correction. A
-    positively homogeneous prox then needs no step tensor at all: soft-thresholding obeys
-    ``soft(w, t*scale/d) = soft(w*d, t*scale) / d``, three in-place passes over ``w`` plus
-    one to build ``d``, where building ``lr_i`` and dividing by it took about twenty
-    (``benchmarks/penalties.py``). Indexing gives the plain step tensor, for every other
-    prox. ``denominator(i)`` must be positive (the optimizers' ``eps > 0``).
-    """
-
-    def __init__(
-        self, params: list[Tensor], denominator: Callable[[Tensor], Tensor], scale: Callable[[Tensor], float]
-    ) -> None:
-        self._params, self._denominator, self._scale = params, denominator, scale
-
-    def __len__(self) -> int:
-        return len(self._params)
-
-    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
-        return self.denominator(index).reciprocal_().mul_(self.scale(index))
-
-    def denominator(self, index: int) -> Tensor:
-        """``d`` for parameter ``index``: a fresh tensor the caller may overwrite."""
-        return self._denominator(self._params[index])
-
-    def scale(self, index: int) -> float:
-        return self._scale(self._params[index])
-
-    def times(self, factors: Sequence[float]) -> StepQuotients:
-        """The same steps, parameter ``i``'s times ``factors[i]`` (a warm-up)."""
-        index = {id(p): i for i, p in enumerate(self._params)}
-        return StepQuotients(
-            self._params, self._denominator, lambda p: self._scale(p) * factors[index[id(p)]]
-        )
-
-
-def _homogeneous(w: Tensor, d: Tensor) -> bool:
-    """Whether ``w`` can take the quotient form in place: full precision, same shape."""
-    return w.dtype in (torch.float32, torch.float64) and d.dtype == w.dtype and d.shape == w.shape
-
-
-def _combine(parts: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Sum per-group scalars that may live on different devices or dtypes."""
-    if len(parts) == 1:
-        return parts[0]
-    dtype = parts[0].dtype
-    for part in parts[1:]:
-        dtype = torch.promote_types(dtype, part.dtype)
-    return torch.stack([part.to(device=device, dtype=dtype) for part in parts]).sum()
 
 
 class Penalty(Scheduled, ABC):
@@ -170,7 +120,7 @@ class Penalty(Scheduled, ABC):
         for indices in group_by_device_and_dtype(tensors).values():
             group = [tensors[i] for i in indices]
             parts.append(self._sum(group, accumulation_dtype(group[0].dtype), fast))
-        return _combine(parts, tensors[0].device)
+        return combine(parts, tensors[0].device)
 
     @torch.no_grad()
     def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
@@ -203,7 +153,7 @@ class Penalty(Scheduled, ABC):
                 return
             for i in kept:
                 w = tensors[i]
-                steps = _step_tensor(given[i], w, i).to(accumulation_dtype(w.dtype))
+                steps = step_tensor(given[i], w, i).to(accumulation_dtype(w.dtype))
                 self._prox_diagonal(w, steps, strength)
             return
         step = check_range("lr", given, low=0.0, low_open=True) * strength
@@ -239,53 +189,13 @@ class Penalty(Scheduled, ABC):
     def _prox_quotient(self, w: Tensor, steps: StepQuotients, index: int, strength: float) -> None:
         """The same with ``lr_i = scale / d_i`` (``StepQuotients``); by default through
         the step tensor, faster where a penalty's prox allows it."""
-        self._prox_diagonal(w, _step_tensor(steps[index], w, index).to(accumulation_dtype(w.dtype)), strength)
+        self._prox_diagonal(w, step_tensor(steps[index], w, index).to(accumulation_dtype(w.dtype)), strength)
 
     def _fields(self) -> str:
         return f"strength={self._strength!r}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._fields()})"
-
-
-def _step_tensor(step: object, w: Tensor, index: int) -> Tensor:
-    if not isinstance(step, Tensor) or not step.is_floating_point():
-        fail(f"lr[{index}]", "a floating-point tensor of step sizes", step)
-    if step.shape == w.shape:  # the usual case: skip the slower broadcast check
-        return step
-    try:
-        fits = torch.broadcast_shapes(step.shape, w.shape) == w.shape  # type: ignore[no-untyped-call]
-    except RuntimeError:
-        fits = False
-    if not fits:
-        fail(
-            f"lr[{index}]",
-            f"a tensor that broadcasts to shape {tuple(w.shape)}",
-            Described(f"shape {tuple(step.shape)}"),
-        )
-    return step
-
-
-def _write(w: Tensor, result: Tensor) -> None:
-    """Store a float32-or-wider result into ``w``, rounding once for 16-bit weights."""
-    if result.data_ptr() != w.data_ptr():
-        w.copy_(result)
-
-
-def _soft_threshold_diagonal_(
-    w: Tensor, step: Tensor, threshold: float, shrink: Tensor | None = None
-) -> None:
-    """``w <- sign(w) * max(|w| - threshold*step_i, 0) [/ shrink_i]``, per coordinate.
-
-    Soft-thresholding is positively homogeneous, ``soft(w, t*a) = a * soft(w/a, t)`` for
-    ``a > 0``: three passes with one fused kernel, instead of building ``+-t*a`` to clamp.
-    """
-    scaled = w.to(step.dtype) / step
-    soft_threshold_(scaled, threshold)
-    scaled.mul_(step)
-    if shrink is not None:
-        scaled.div_(shrink)
-    _write(w, scaled)
 
 
 class _PenaltyValue(torch.autograd.Function):
@@ -314,59 +224,6 @@ class _PenaltyValue(torch.autograd.Function):
         return (None, None, *grads)
 
 
-# On the CPU the sums below take one temporary per tensor: the CPU's 1-norm reduction is
-# scalar code, and eager PyTorch has no fused reduction of a pointwise expression. Measured
-# against the floor (benchmarks/penalties.py, medians of interleaved runs): sum|w| 1.5-1.7x
-# by abs-then-sum against 1.9-2.5x by the 1-norm; elastic net 2.2-2.4x against 3.4-3.5x;
-# L2-SP 1.9-2.0x by the difference's dot product against 2.7-2.8x by its norm. On other
-# devices the foreach norms are fused multi-tensor kernels.
-
-
-def _on_cpu_wide(group: list[Tensor], dtype: torch.dtype) -> bool:
-    """Full-precision tensors on the CPU (16-bit ones accumulate in float32 via the norms)."""
-    return group[0].device.type == "cpu" and group[0].dtype == dtype
-
-
-def _l1_sum(group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-    if not fast or _on_cpu_wide(group, dtype):
-        # The formula spelled out in the accumulation dtype: the reference, and on the CPU
-        # also the fast path (there ``to`` is a no-op).
-        return torch.stack([w.to(dtype).abs().sum() for w in group]).sum()
-    return torch.stack(torch._foreach_norm(group, 1, dtype=dtype)).sum()
-
-
-def _squares_sum(group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-    if fast:
-        return torch.stack(torch._foreach_norm(group, 2, dtype=dtype)).square().sum()
-    return torch.stack([w.to(dtype).square().sum() for w in group]).sum()
-
-
-def _elastic_sums(group: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(sum|w|, sum w^2)`` over full-precision CPU tensors with one read of the weights:
-    ``|w|``, then its sum and its dot product with itself while it is in cache."""
-    l1, squares = [], []
-    for w in group:
-        magnitude = w.abs().reshape(-1)
-        l1.append(magnitude.sum())
-        squares.append(torch.dot(magnitude, magnitude))
-    return torch.stack(l1).sum(), torch.stack(squares).sum()
-
-
-def _distance_squared(group: list[Tensor], anchors: list[Tensor]) -> Tensor:
-    """``sum (w - w0)^2`` over full-precision CPU tensors: the difference, then its dot
-    product with itself (BLAS) while it is in cache."""
-    parts = []
-    for w, anchor in zip(group, anchors, strict=True):
-        difference = torch.sub(w, anchor).reshape(-1)
-        parts.append(torch.dot(difference, difference))
-    return torch.stack(parts).sum()
-
-
-def _soft_threshold_reference_(w: Tensor, threshold: float, scale: float = 1.0) -> None:
-    wide = w.to(accumulation_dtype(w.dtype))
-    w.copy_(wide.sign() * (wide.abs() - threshold).clamp_min(0.0) * scale)
-
-
 class L1(Penalty):
     """Lasso: ``R(w) = s * sum|w|``.
 
@@ -376,7 +233,7 @@ class L1(Penalty):
     """
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-        return _l1_sum(group, dtype, fast)
+        return l1_sum(group, dtype, fast)
 
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         grads = list(torch._foreach_sign(group))  # the subgradient 0 at w = 0, as torch.abs
@@ -388,14 +245,14 @@ class L1(Penalty):
             if fast:
                 soft_threshold_(w, step)
             else:
-                _soft_threshold_reference_(w, step)
+                soft_threshold_reference_(w, step)
 
     def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
-        _soft_threshold_diagonal_(w, step, strength)
+        soft_threshold_diagonal_(w, step, strength)
 
     def _prox_quotient(self, w: Tensor, steps: StepQuotients, index: int, strength: float) -> None:
         d = steps.denominator(index)
-        if not _homogeneous(w, d):
+        if not homogeneous(w, d):
             return super()._prox_quotient(w, steps, index, strength)
         # soft(w, s*scale/d) = soft(w*d, s*scale) / d
         soft_threshold_(w.mul_(d), strength * steps.scale(index)).div_(d)
@@ -411,7 +268,7 @@ class L2(Penalty):
     """
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-        return 0.5 * _squares_sum(group, dtype, fast)
+        return 0.5 * squares_sum(group, dtype, fast)
 
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         return list(torch._foreach_mul(group, scale))
@@ -425,11 +282,11 @@ class L2(Penalty):
                 w.mul_(shrink)
 
     def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
-        _write(w, w.to(step.dtype) / (step * strength).add_(1.0))
+        write_rounded(w, w.to(step.dtype) / (step * strength).add_(1.0))
 
     def _prox_quotient(self, w: Tensor, steps: StepQuotients, index: int, strength: float) -> None:
         d = steps.denominator(index)
-        if not _homogeneous(w, d):
+        if not homogeneous(w, d):
             return super()._prox_quotient(w, steps, index, strength)
         w.mul_(d).div_(d.add_(strength * steps.scale(index)))  # w / (1 + t/d) = w*d / (d + t)
 
@@ -449,10 +306,10 @@ class ElasticNet(Penalty):
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
         ratio = self.l1_ratio
-        if fast and _on_cpu_wide(group, dtype):
-            l1, squares = _elastic_sums(group)
+        if fast and on_cpu_wide(group, dtype):
+            l1, squares = elastic_sums(group)
             return ratio * l1 + 0.5 * (1.0 - ratio) * squares
-        return ratio * _l1_sum(group, dtype, fast) + 0.5 * (1.0 - ratio) * _squares_sum(group, dtype, fast)
+        return ratio * l1_sum(group, dtype, fast) + 0.5 * (1.0 - ratio) * squares_sum(group, dtype, fast)
 
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         grads = list(torch._foreach_sign(group))
@@ -476,15 +333,15 @@ class ElasticNet(Penalty):
                 soft_threshold_(w, threshold * shrink)
         else:
             for w in group:
-                _soft_threshold_reference_(w, threshold, shrink)
+                soft_threshold_reference_(w, threshold, shrink)
 
     def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
         shrink = (step * (strength * (1.0 - self.l1_ratio))).add_(1.0)
-        _soft_threshold_diagonal_(w, step, strength * self.l1_ratio, shrink)
+        soft_threshold_diagonal_(w, step, strength * self.l1_ratio, shrink)
 
     def _prox_quotient(self, w: Tensor, steps: StepQuotients, index: int, strength: float) -> None:
         d = steps.denominator(index)
-        if not _homogeneous(w, d):
+        if not homogeneous(w, d):
             return super()._prox_quotient(w, steps, index, strength)
         # soft(w, r*t/d) / (1 + (1-r)*t/d) = soft(w*d, r*t) / (d + (1-r)*t), t = s*scale
         t = strength * steps.scale(index)
@@ -492,120 +349,6 @@ class ElasticNet(Penalty):
 
     def _fields(self) -> str:
         return f"{super()._fields()}, l1_ratio={self.l1_ratio!r}"
-
-
-class GroupLasso(Penalty):
-    """Group lasso: ``R(w) = s * sum_g sqrt(|g|) * ||w_g||_2``.
-
-    Groups never mix tensors. ``groups`` picks them inside each tensor:
-
-    - ``"rows"`` (default): one group per output unit, the slices along dim 0 (the rows of
-      a Linear weight, the output channels of a conv kernel ``(out, in, *k)``). Zeroing a
-      group removes a unit or channel: structured pruning.
-    - ``"columns"``: one group per input feature, the slices along dim 1 (input channels
-      of a conv kernel). On the first layer this selects input features.
-    - ``"tensor"``: the whole tensor is one group.
-
-    A 1-D tensor (a bias) with ``"rows"`` has one group per element, i.e. plain L1.
-    ``sqrt(|g|)``, with ``|g|`` the group's size, keeps large groups from being favoured
-    (Yuan & Lin, 2006; for networks, Scardapane et al., 2017). Prox (block
-    soft-thresholding), exactly zero for every group with ``||w_g|| <= lr*s*sqrt(|g|)``::
-
-        w_g <- max(0, 1 - lr*s*sqrt(|g|) / ||w_g||_2) * w_g
-    """
-
-    elementwise: ClassVar[bool] = False
-
-    def __init__(self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None) -> None:
-        super().__init__(strength, foreach=foreach)
-        self.groups = check_choice("GroupLasso.groups", groups, GROUP_LAYOUTS)
-
-    def _layout(self, w: Tensor) -> tuple[tuple[int, ...] | None, int]:
-        """(the dims a group spans, or None for a whole tensor; the group size)."""
-        if self.groups == "tensor" or w.dim() == 0:
-            return None, w.numel()
-        if self.groups == "columns" and w.dim() < 2:
-            fail(
-                "GroupLasso.groups",
-                f"'rows' or 'tensor' for a 1-D parameter (shape {tuple(w.shape)})",
-                self.groups,
-            )
-        keep = 0 if self.groups == "rows" else 1
-        dims = tuple(d for d in range(w.dim()) if d != keep)
-        return dims, w.numel() // max(w.shape[keep], 1)
-
-    def _group_norms(self, w: Tensor, dtype: torch.dtype, dims: tuple[int, ...] | None) -> Tensor:
-        norms: Tensor
-        if dims is None:
-            norms = torch.linalg.vector_norm(w, dtype=dtype)
-        elif not dims:  # 1-D rows: each element is a group, and its norm is |w|
-            norms = w.to(dtype).abs()
-        else:
-            norms = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=dtype)
-        return norms
-
-    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-        total = []
-        for w in group:
-            dims, size = self._layout(w)
-            if fast:
-                norms = self._group_norms(w, dtype, dims)
-            else:
-                norms = torch.stack([g.to(dtype).norm() for g in self._slices(w, dims)])
-            total.append(math.sqrt(size) * norms.sum())
-        return torch.stack(total).sum()
-
-    def _slices(self, w: Tensor, dims: tuple[int, ...] | None) -> list[Tensor]:
-        if dims is None:
-            return [w]
-        return list(w.unbind(0 if self.groups == "rows" else 1))
-
-    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
-        grads = []
-        for w in group:
-            dims, size = self._layout(w)
-            norms = self._group_norms(w, accumulation_dtype(w.dtype), dims)
-            # d||w_g||/dw_g = w_g/||w_g||, and the subgradient 0 for an all-zero group.
-            factor = torch.where(norms > 0, math.sqrt(size) / norms, 0.0)
-            grads.append((w * factor).to(w.dtype).mul_(scale))
-        return grads
-
-    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
-        for w in group:
-            dims, size = self._layout(w)
-            threshold = step * math.sqrt(size)
-            if not fast:
-                for g in self._slices(w, dims):
-                    norm = g.to(accumulation_dtype(g.dtype)).norm().item()
-                    g.mul_(max(0.0, 1.0 - threshold / norm) if norm > 0 else 0.0)
-                continue
-            if dims == ():  # 1-D rows: one-element groups, block soft-threshold is L1's
-                soft_threshold_(w, threshold)
-                continue
-            norms = self._group_norms(w, accumulation_dtype(w.dtype), dims)
-            # 1 - t/0 = -inf clamps to 0: an all-zero group stays zero, without NaN.
-            scale = (1.0 - threshold / norms).clamp_min_(0.0)
-            if scale.dtype == w.dtype:
-                w.mul_(scale)
-            else:  # 16-bit weights: scale in float32, round once
-                w.copy_(w * scale)
-
-    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
-        # In a diagonal metric the block prox has no closed form; each group takes its
-        # mean step, which is exact when the step is constant within the group (and for
-        # the one-element groups of 1-D rows) and keeps whole groups exactly at zero.
-        dims, size = self._layout(w)
-        if dims == ():
-            _soft_threshold_diagonal_(w, step, strength)
-            return
-        step = step.expand(w.shape)
-        mean_step = step.mean() if dims is None else step.mean(dim=dims, keepdim=True)
-        norms = self._group_norms(w, step.dtype, dims)
-        scale = (1.0 - mean_step * (strength * math.sqrt(size)) / norms).clamp_min_(0.0)
-        _write(w, w * scale)
-
-    def _fields(self) -> str:
-        return f"{super()._fields()}, groups={self.groups!r}"
 
 
 class L2SP(Penalty):
@@ -695,8 +438,8 @@ class L2SP(Penalty):
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
         anchors = self._anchors_for(group)
-        if fast and _on_cpu_wide(group, dtype):
-            return 0.5 * _distance_squared(group, anchors)
+        if fast and on_cpu_wide(group, dtype):
+            return 0.5 * distance_squared(group, anchors)
         if fast:  # other devices, 16-bit weights: the norm of the difference, accumulated wide
             distances = [
                 torch.linalg.vector_norm(w - a, dtype=dtype) for w, a in zip(group, anchors, strict=True)

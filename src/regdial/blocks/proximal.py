@@ -62,7 +62,7 @@ from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_choice, check_int, check_range, fail
 from regdial._tensors import tensor_list
-from regdial.blocks.penalties import StepQuotients
+from regdial.blocks.shrinkage import StepQuotients
 
 __all__ = ["MaxNorm", "Prox", "attach_prox", "max_norm_", "optimizer_step_sizes", "warmup_steps"]
 

@@ -5,7 +5,7 @@ module     what it holds
 =========  ==================================================================================
 space      ``Space``: the knobs a search may turn and how far (``Range``)
 budget     ``Budget``: epochs, trials or minutes
-trial      ``Trial``: one setting being tried; ``report`` each epoch, ``Pruned`` when stopped
+trial      ``Trial``: one setting being tried; ``report`` each epoch (``optuna.TrialPruned`` when stopped)
 objective  what a trial trains: regdial's ``fit`` (``FitObjective``) or your code (``UserObjective``)
 path       the warm-started regularization path
 study      the Optuna study: storage, sampler, pruner, heartbeats, budget, the path's claim
@@ -37,14 +37,13 @@ if TYPE_CHECKING:
     from regdial.dial.result import TuneResult
     from regdial.dial.search import Search
     from regdial.dial.space import Range, Space
-    from regdial.dial.trial import Pruned, Trial
+    from regdial.dial.trial import Trial
 
 __all__ = [
     "STRATEGIES",
     "Budget",
     "FitObjective",
     "OnlineController",
-    "Pruned",
     "Range",
     "Search",
     "Space",
@@ -65,7 +64,6 @@ __getattr__, __dir__ = lazy(
         "Search": "regdial.dial.search",
         "Range": "regdial.dial.space",
         "Space": "regdial.dial.space",
-        "Pruned": "regdial.dial.trial",
         "Trial": "regdial.dial.trial",
     },
 )

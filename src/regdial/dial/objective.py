@@ -31,7 +31,7 @@ from torch import nn
 
 from regdial._checks import Described, fail, shorten
 from regdial.dial.space import Space
-from regdial.dial.trial import Pruned, Trial
+from regdial.dial.trial import Trial
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 from regdial.training.models import model_from_factory
@@ -263,6 +263,8 @@ class FitObjective:
         return history
 
     def __call__(self, setting: Regularization, trial: Trial) -> object:
+        from optuna import TrialPruned
+
         net = self.build_model()
         if trial.initial_weights is not None:
             net.load_state_dict(trial.initial_weights)
@@ -271,7 +273,7 @@ class FitObjective:
             values = {k: v for k, v in row.items() if k != "epoch"}
             try:
                 trial.report(int(row["epoch"]), **values)
-            except Pruned:
+            except TrialPruned:
                 return True
             return False
 
@@ -281,7 +283,7 @@ class FitObjective:
                                   device=history.meta.get("device"))  # fmt: skip
         trial.save_weights(net)
         if trial.pruned:
-            raise Pruned(history.meta.get("reason", "pruned"))
+            raise TrialPruned(history.meta.get("reason", "pruned"))
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,10 +18,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from optuna import TrialPruned
+
 from regdial._checks import check_int, fail
 from regdial.dial.objective import Objective
 from regdial.dial.space import Space
-from regdial.dial.trial import Pruned, Trial
+from regdial.dial.trial import Trial
 
 __all__ = ["regularization_path"]
 
@@ -54,7 +56,7 @@ def regularization_path(
     for number, value in enumerate(reversed(space.knobs[knob].values(points))):  # strong to weak
         trial = Trial(space.setting({knob: value}), number=number, metric=metric, epochs=per_point,
                       initial_weights=weights, kind=kind, prune_after=per_point, role="path")  # fmt: skip
-        with contextlib.suppress(Pruned):  # the point ran its epochs
+        with contextlib.suppress(TrialPruned):  # the point ran its epochs
             objective(trial.setting, trial)
         weights = trial.saved_weights
         last = trial.history.rows[-1] if trial.history.rows else {}

@@ -6,14 +6,15 @@ An objective in the Optuna manner receives the setting to try and its trial::
         model = build()
         if trial.initial_weights is not None:        # the path warm-starts each point
             model.load_state_dict(trial.initial_weights)
-        applied = setting.apply(model, make_optimizer, num_classes=10)
+        applied = Applied(setting, model, make_optimizer, num_classes=10)
         for epoch in range(1, trial.epochs + 1):     # the path's points train fewer epochs
             ...                                      # your loop, with applied.batch / applied.loss
-            trial.report(epoch, train_loss=..., val_loss=..., val_accuracy=...)  # may raise Pruned
+            trial.report(epoch, train_loss=..., val_loss=..., val_accuracy=...)  # may raise TrialPruned
         trial.save_weights(model)                    # optional: the next path point starts here
 
 ``report`` appends a row to ``trial.history`` (a ``History``: the diagnosis and the report
-read it), sends the main metric to the search, and raises ``Pruned`` when the search
+read it), sends the main metric to the search, and raises Optuna's own
+``optuna.TrialPruned`` (the one prune exception, as in Optuna's integrations) when the search
 stops this trial (never at its last epoch: a finished result is not thrown away). The
 trial's score is the main metric of its best epoch, with the standard error reported
 beside it (``val_accuracy_se``) when there is one.
@@ -34,11 +35,7 @@ from regdial.training.history import History, higher_is_better
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["Pruned", "Trial"]
-
-
-class Pruned(Exception):  # noqa: N818 - named for what happened, as Optuna's TrialPruned
-    """Raised by ``Trial.report`` when the search stops this trial early."""
+__all__ = ["Trial"]
 
 
 class Trial:
@@ -75,7 +72,7 @@ class Trial:
         return self.history.higher_is_better
 
     def report(self, epoch: int, *, train_loss: float, val_loss: float, **metrics: float) -> None:
-        """Record epoch ``epoch``'s scores; raise ``Pruned`` if the search stops this trial.
+        """Record epoch ``epoch``'s scores; raise ``optuna.TrialPruned`` if the search stops this trial.
 
         ``train_loss`` and ``val_loss`` are required (the diagnosis reads them); the main
         metric (``self.metric``, e.g. ``val_accuracy``) must be among ``metrics`` unless it
@@ -100,10 +97,10 @@ class Trial:
             return  # a finished result is never thrown away
         if self._prune_after is not None and epoch >= self._prune_after:
             self.pruned = True
-            raise Pruned(f"the path's point ends after {epoch} epochs")
+            raise _pruned(f"the path's point ends after {epoch} epochs")
         if self._optuna is not None and self._optuna.should_prune():
             self.pruned = True
-            raise Pruned(f"pruned after epoch {epoch}: {self.metric} {value:.4g}")
+            raise _pruned(f"pruned after epoch {epoch}: {self.metric} {value:.4g}")
 
     def save_weights(self, model: nn.Module | Mapping[str, Tensor]) -> None:
         """Keep ``model``'s weights (a copy on the CPU) so the path's next point starts here."""
@@ -147,3 +144,9 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
         "best_epoch": None if row is None else int(row["epoch"]),
         "setting": trial.setting.to_dict(),
     } | ({"device": trial.history.meta["device"]} if "device" in trial.history.meta else {})
+
+
+def _pruned(message: str) -> Exception:
+    import optuna  # only when a trial is pruned: Trial itself loads nothing of Optuna
+
+    return optuna.TrialPruned(message)

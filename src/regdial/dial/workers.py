@@ -23,7 +23,7 @@ from regdial.dial.choice import extend_ranges
 from regdial.dial.objective import FitObjective, Objective, UserObjective
 from regdial.dial.space import Space
 from regdial.dial.study import fail_stale, open_storage, pruner, sampler, search_trials, usage
-from regdial.dial.trial import Pruned, Trial, trial_summary
+from regdial.dial.trial import Trial, trial_summary
 from regdial.setting import Regularization
 from regdial.training.history import higher_is_better
 from regdial.training.progress import Interrupt
@@ -125,9 +125,7 @@ class Worker:
             setting, number=ot.number, metric=metric, epochs=self.epochs, optuna_trial=ot, kind=self.kind
         )
         try:
-            self.objective(setting, trial)
-        except Pruned as pruned:
-            raise optuna.TrialPruned(str(pruned)) from None
+            self.objective(setting, trial)  # a pruned trial raises optuna.TrialPruned: Optuna records it
         finally:
             for key, value in trial_summary(trial).items():
                 ot.set_user_attr(key, value)

@@ -23,7 +23,7 @@ from regdial._checks import Described, fail
 from regdial.applied import Applied
 from regdial.blocks.groups import param_groups
 from regdial.blocks.stopping import EarlyStopping
-from regdial.dial.trial import Pruned, Trial
+from regdial.dial.trial import Trial
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 
@@ -118,7 +118,7 @@ class Session:
     Args:
         setting: the setting to apply.
         trial: a ``regdial.Trial`` of a search: each evaluation is reported, and a pruned
-            trial stops the training (``Pruned`` reaches the objective).
+            trial stops the training (``optuna.TrialPruned`` reaches the objective).
         monitor: the evaluation value early stopping watches (the trainer's name for it).
     """
 
@@ -177,7 +177,7 @@ class Session:
 
     def evaluated(self, epoch: float, metrics: Mapping[str, float], model: nn.Module) -> bool:
         """Record an evaluation; True when early stopping says stop. Reports to the trial
-        (which may raise ``Pruned``)."""
+        (which may raise ``optuna.TrialPruned``)."""
         values = {
             k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
         }
@@ -191,6 +191,8 @@ class Session:
         evaluated = self.applied.eval_model if self.applied is not None else model
         stop = self.stopper.step(watched, evaluated) if math.isfinite(watched) else False
         if self.trial is not None and self.trial.metric in self.history.rows[-1]:
+            from optuna import TrialPruned
+
             extra = {
                 k: v
                 for k, v in self.history.rows[-1].items()
@@ -198,7 +200,7 @@ class Session:
             }
             try:
                 self.trial.report(len(self.history), train_loss=train, val_loss=val_loss, **extra)
-            except Pruned:
+            except TrialPruned:
                 self.pruned = True
                 self.use_live(model)
                 self.trial.save_weights(model)  # the path's next point starts here
@@ -232,7 +234,7 @@ class Session:
 def write_record(directory: Path, history: History, setting: Regularization) -> None:
     """``regdial_history.json`` and ``regdial_report.html`` (PNGs in ``regdial_report/``)."""
     from regdial._io import write_json
-    from regdial.reports.run import report
+    from regdial.reports.run import run_report
 
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "regdial_history.json", history.to_dict())
@@ -240,7 +242,7 @@ def write_record(directory: Path, history: History, setting: Regularization) -> 
     history.save(run)
     write_json(run / "summary.json", {"setting": setting.to_dict(), "status": "completed",
                                       "task": history.meta.get("task", directory.name)})  # fmt: skip
-    page = report(run)
+    page = run_report(run)
     html = page.read_text(encoding="utf-8").replace("src='", "src='regdial_report/")
     from regdial._io import write_text
 

@@ -1,13 +1,13 @@
-"""regdial inside Hugging Face's ``Trainer``: ``RegdialCallback``, and ``hp_space`` for its search.
+"""regdial inside Hugging Face's ``Trainer``: ``HuggingFaceCallback``, and ``hp_space`` for its search.
 
 ::
 
-    from regdial.integrations.huggingface import RegdialCallback
+    from regdial.integrations.huggingface import HuggingFaceCallback
 
     setting = Regularization(dropout=0.1, weight_decay=0.01, l1=1e-6, label_smoothing=0.1,
                              embedding_noise=5.0, early_stopping=3, ema=0.999)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=..., eval_dataset=...,
-                                   callbacks=[RegdialCallback(setting)])
+                                   callbacks=[HuggingFaceCallback(setting)])
 
 Every knob of the setting is applied, or refused with one line (never silently ignored):
 
@@ -35,7 +35,7 @@ of the training batches' losses since the previous evaluation), and at the end i
 the diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
 output directory. Given a ``regdial.Trial`` (an objective of ``regdial.tune``), it reports
 each evaluation instead (the search's study and report hold every trial), and a pruned
-trial stops training by raising ``regdial.Pruned``.
+trial stops training by raising ``optuna.TrialPruned``.
 
 Needs the ``huggingface`` extra: ``pip install 'regdial[huggingface]'``.
 """
@@ -63,7 +63,7 @@ except ImportError as error:  # pragma: no cover - the extra is missing
         "regdial.integrations.huggingface needs transformers: pip install 'regdial[huggingface]'"
     ) from error
 
-__all__ = ["FLOAT_INPUTS", "RegdialCallback", "hp_space"]
+__all__ = ["FLOAT_INPUTS", "HuggingFaceCallback", "hp_space"]
 
 FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features")
 """The model inputs that batch-level knobs (noise, mixup, cutmix, augment) act on."""
@@ -71,7 +71,7 @@ FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features
 BATCH_KNOBS = ("noise", "mixup", "cutmix", "augment")
 
 
-class RegdialCallback(TrainerCallback):
+class HuggingFaceCallback(TrainerCallback):
     """Apply a ``Regularization`` to a Hugging Face ``Trainer`` run (see the module docstring).
 
     Args:
@@ -141,7 +141,9 @@ class RegdialCallback(TrainerCallback):
             fail(f"regularization.{active[0]}", f"0 for a model whose inputs are {main_input} (token ids: there is "
                  "nothing to add noise to or mix; use embedding_noise)", getattr(self.setting, active[0]))  # fmt: skip
         if (self.setting.mixup or self.setting.cutmix) and num_classes is None:
-            fail("num_classes", "the number of classes for mixing (RegdialCallback(num_classes=...))", None)
+            fail(
+                "num_classes", "the number of classes for mixing (HuggingFaceCallback(num_classes=...))", None
+            )
         kind = {"pixel_values": "image", "input_values": "signal"}.get(main_input)
         self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")])
         self._max_steps = max(1, int(getattr(state, "max_steps", 0) or 1))

@@ -1,10 +1,10 @@
-"""regdial inside a Lightning ``Trainer``: ``RegdialCallback``.
+"""regdial inside a Lightning ``Trainer``: ``LightningCallback``.
 
 ::
 
-    from regdial.integrations.lightning import RegdialCallback
+    from regdial.integrations.lightning import LightningCallback
 
-    trainer = lightning.Trainer(callbacks=[RegdialCallback(Regularization(dropout=0.2, weight_decay=0.05,
+    trainer = lightning.Trainer(callbacks=[LightningCallback(Regularization(dropout=0.2, weight_decay=0.05,
                                                                           ema=0.99, early_stopping=5))])
 
 What the callback applies itself: dropout rates, weight decay (the module's optimizer is
@@ -26,7 +26,7 @@ of the training steps' losses since the previous validation), and at the end it 
 diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
 trainer's log directory. Given a ``regdial.Trial``, it reports each validation instead
 (the search's study and report hold every trial), and a
-pruned trial stops training by raising ``regdial.Pruned``. Its ``state_dict`` holds the
+pruned trial stops training by raising ``optuna.TrialPruned``. Its ``state_dict`` holds the
 setting in force, the average, early stopping and the history, so a run resumed from a
 Lightning checkpoint continues them.
 
@@ -53,13 +53,13 @@ except ImportError as error:  # pragma: no cover - the extra is missing
         "regdial.integrations.lightning needs lightning: pip install 'regdial[lightning]'"
     ) from error
 
-__all__ = ["RegdialCallback"]
+__all__ = ["LightningCallback"]
 
 MODULE_KNOBS = ("label_smoothing", "mixup", "cutmix", "noise", "augment")
 """Knobs that only the module's own training step can apply (through ``self.regdial``)."""
 
 
-class RegdialCallback(pl.Callback):
+class LightningCallback(pl.Callback):
     """Apply a ``Regularization`` to a Lightning ``Trainer`` run (see the module docstring).
 
     Args:

@@ -1,22 +1,26 @@
 """Reports: HTML pages (with PNGs beside them) that show where a run or a search stands.
 
-``report(run_dir)`` for a run, ``search_report(dir)`` for a search. They read the files
-a run or a search wrote, never the objects in memory, so ``regdial report DIR`` can write
-them again at any time. Names load on first use (matplotlib is imported only then).
+``report(directory)`` writes the page of whatever the directory holds: a run's
+(``regdial run``, ``fit(run_dir=...)``: ``run.run_report``) or a search's (``regdial tune``,
+with ``result.json``: ``search.search_report``). They read the files a run or a search
+wrote, never the objects in memory, so ``regdial report DIR`` can write them again at any
+time. matplotlib is imported only when a report is written.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from regdial._lazy import lazy
+__all__ = ["report"]
 
-if TYPE_CHECKING:
-    from regdial.reports.run import report
-    from regdial.reports.search import search_report
 
-__all__ = ["report", "search_report"]
+def report(directory: str | Path) -> Path:
+    """Write ``report.html`` (and its PNGs) into a run's or a search's directory; return the page."""
+    directory = Path(directory)
+    if (directory / "result.json").is_file():
+        from regdial.reports.search import search_report
 
-__getattr__, __dir__ = lazy(
-    globals(), {"report": "regdial.reports.run", "search_report": "regdial.reports.search"}
-)
+        return search_report(directory)
+    from regdial.reports.run import run_report
+
+    return run_report(directory)

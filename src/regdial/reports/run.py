@@ -26,7 +26,7 @@ from regdial.reports._html import COLORS, fmt, page, percent, pyplot, table, wit
 from regdial.setting import Regularization
 from regdial.training.history import History
 
-__all__ = ["report"]
+__all__ = ["run_report"]
 
 
 def _mark(ax: Any, diagnosis: Diagnosis, last_epoch: float) -> None:
@@ -182,7 +182,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def report(run_dir: str | Path) -> Path:
+def run_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` and its PNGs into ``run_dir``; return the page's path."""
     from regdial.training.checkpoint import load_weights
 

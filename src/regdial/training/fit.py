@@ -363,8 +363,8 @@ class _Run:
                 metric,
             )
         mode = "max" if higher_is_better(monitor) else "min"
-        self.applied = setting.apply(
-            net, factory, num_classes=source.num_classes, data_kind=source.input_kind, augment_options=augment,
+        self.applied = Applied(
+            setting, net, factory, num_classes=source.num_classes, data_kind=source.input_kind, augment_options=augment,
             monitor=monitor, mode=mode,
         )  # fmt: skip
         for group in self.applied.optimizer.param_groups:
