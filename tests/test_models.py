@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import DropPath, Regularization
+from regdial import Applied, DropPath, Regularization
 from regdial.training.models import MODELS, build_model
 from regdial.training.tasks import load_task
 
@@ -34,7 +34,7 @@ def test_dropout_and_drop_path_layers_are_there_to_turn() -> None:
         assert any(isinstance(m, nn.Dropout) for m in model.modules())
     resnet = build_model("resnet", data, {"depth": 3})
     assert sum(isinstance(m, DropPath) for m in resnet.modules()) == 3
-    Regularization(drop_path=0.2).apply(resnet, lambda g: torch.optim.SGD(g, lr=0.1), num_classes=10)
+    Applied(Regularization(drop_path=0.2), resnet, lambda g: torch.optim.SGD(g, lr=0.1), num_classes=10)
     assert [m.p for m in resnet.modules() if isinstance(m, DropPath)] == pytest.approx([0.0, 0.1, 0.2])
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import regdial
-from regdial import Regularization, Space, Trial, fit, tune
+from regdial import Applied, Regularization, Space, Trial, fit, tune
 from regdial.diagnosis import diagnose
 from regdial.training.history import History
 
@@ -144,7 +144,7 @@ def test_an_objective_is_tuned_and_pruned() -> None:
     def train(setting: Regularization, trial: Trial) -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Dropout(0.0), nn.Linear(64, 2))
-        applied = setting.apply(model, lambda groups: torch.optim.AdamW(groups, lr=3e-3), num_classes=2)
+        applied = Applied(setting, model, lambda groups: torch.optim.AdamW(groups, lr=3e-3), num_classes=2)
         for epoch in range(1, trial.epochs + 1):
             model.train()
             for i in range(0, 120, 20):
