@@ -134,7 +134,7 @@ def _source(
     return TensorSource(data, batch_size, options.seed, options.train_eval_size, distributed), net, model_name
 
 
-# fit's signature and docstring are the public API, 66 lines of the function; its body is 45.
+# fit's signature and docstring are the public API, 66 lines of the function; its body is 51.
 def fit(
     task: str | Dataset | nn.Module,
     setting: Regularization | None = None,
