@@ -188,9 +188,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
 
 def test_a_divergence_after_the_first_epoch_keeps_that_checkpoint(tmp_path: Path) -> None:
     """The first epoch always leaves a checkpoint; a later divergence keeps it, finite."""
-    from regdial.training import fit as fit_module
+    from regdial.training.loop import Run
 
-    original = fit_module._Run._end_epoch
+    original = Run.end_epoch
 
     def end_epoch_then_blow_up(self, epoch: int, seconds: float) -> dict[str, float]:
         row = original(self, epoch, seconds)
@@ -198,12 +198,12 @@ def test_a_divergence_after_the_first_epoch_keeps_that_checkpoint(tmp_path: Path
             group["initial_lr"] = 1e6  # from epoch 2 on the steps explode
         return row
 
-    fit_module._Run._end_epoch = end_epoch_then_blow_up
+    Run.end_epoch = end_epoch_then_blow_up
     try:
         history = fit("breast-cancer", Regularization(), epochs=5, optimizer="sgd", lr=1e-2, lr_schedule="constant",
                       run_dir=tmp_path, checkpoint_seconds=3600, progress=False)  # fmt: skip
     finally:
-        fit_module._Run._end_epoch = original
+        Run.end_epoch = original
     assert history.meta["status"] == "diverged" and "at epoch 2" in history.meta["reason"]
     assert history.meta["kept"] == "the last good checkpoint (after epoch 1) is kept"
     assert epoch_on_disk(tmp_path) == 1
@@ -249,7 +249,7 @@ def test_regression_with_l1_selects_the_lassos_features() -> None:
     from sklearn.linear_model import Lasso
 
     from regdial import load_task
-    from regdial.training.fit import _selected_features
+    from regdial.training.summary import selected_features
 
     data = load_task("sparse-regression")
     for strength in (0.3, 1.0):
@@ -267,7 +267,7 @@ def test_regression_with_l1_selects_the_lassos_features() -> None:
     mild = fit("sparse-regression", Regularization(l1=0.3), progress=False).meta["summary"]
     assert plain["support"]["selected"] == 100  # without L1 every feature stays
     assert mild["final"]["test_rmse"] < 0.8 * plain["final"]["test_rmse"]  # and L1 generalizes better
-    assert _selected_features(nn.Linear(3, 1)) == [0, 1, 2]
+    assert selected_features(nn.Linear(3, 1)) == [0, 1, 2]
     assert np.isfinite(mild["final"]["test_r2"])
 
 

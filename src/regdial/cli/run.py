@@ -22,6 +22,7 @@ from regdial.cli.flags import (
     source,
 )
 from regdial.cli.output import Silent, describe, print_summary
+from regdial.training.loop_state import FINISHED
 
 __all__ = ["run"]
 
@@ -33,7 +34,7 @@ def _finished(run_dir: Path) -> bool:
     if not summary.is_file():
         return False
     data = read_json(summary, "a run summary written by regdial")
-    return isinstance(data, dict) and data.get("status") in ("completed", "stopped early", "pruned")
+    return isinstance(data, dict) and data.get("status") in FINISHED
 
 
 def _data(config: Any) -> Any:

@@ -151,20 +151,18 @@ def _baseline_trial(search: Search, result: TuneResult) -> None:
 
 
 def run_tables(objective: FitObjective) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``[run]`` and ``[model]`` tables of ``best.toml``, as ``regdial run`` reads them."""
-    run: dict[str, Any] = {}
-    if objective.task is not None:
-        run["task"] = objective.task
-    elif objective.data_path is not None:
-        run.update({"data": objective.data_path, "kind": objective.kind})
-        if objective.target:
-            run["target"] = objective.target
-    if objective.model is not None:
-        run["model"] = objective.model
-    run.update({"epochs": objective.full_epochs, "seed": objective.seed, "optimizer": objective.optimizer,
-                "device": objective.device, "precision": objective.precision, "deterministic": objective.deterministic,
-                "monitor": objective.metric, "restore_best": True})  # the run the search scored  # fmt: skip
-    for name in ("lr", "batch_size"):
-        if getattr(objective, name) is not None:
-            run[name] = getattr(objective, name)
+    """The ``[run]`` and ``[model]`` tables of ``best.toml``, as ``regdial run`` reads them:
+    the run the search scored (its length, seed, optimizer..., with the best epoch restored)."""
+    from regdial.training.options import RunOptions, run_table
+
+    given = {"epochs": objective.full_epochs, "seed": objective.seed, "optimizer": objective.optimizer,
+             "device": objective.device, "precision": objective.precision, "deterministic": objective.deterministic,
+             "monitor": objective.metric, "restore_best": True}  # fmt: skip
+    given |= {
+        name: getattr(objective, name)
+        for name in ("lr", "batch_size")
+        if getattr(objective, name) is not None
+    }
+    run = run_table(RunOptions.parse(given, "run"), task=objective.task, data=objective.data_path,
+                    kind=objective.kind, target=objective.target, model=objective.model)  # fmt: skip
     return run, dict(objective.model_options)

@@ -12,13 +12,18 @@ complete tensor file. Nothing is pickled.
 
 Reading one back checks it on the way: a missing, truncated or garbage file is a
 ``DamagedFileError`` (one line, naming the file and the way out), never a traceback.
+``Part`` reads the state inside: each value's type is checked where it is read, and a
+piece's ``load_state_dict`` is wrapped only in the errors that mean its part of the file is
+not what it saved, so a damaged field is named (``loop.step: not an integer``) and a bug
+anywhere else keeps its own type and traceback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import Tensor
 
@@ -27,6 +32,8 @@ from regdial._io import DamagedFileError, atomic_write, damaged, read_json, remo
 
 __all__ = [
     "FORMAT",
+    "THIS_RUN",
+    "Part",
     "has_checkpoint",
     "load_checkpoint",
     "load_weights",
@@ -38,6 +45,7 @@ FORMAT = 2
 """The layout of ``last.json``; a file of another format is refused by name."""
 
 RESUME_HINT = "start a new run, or resume from a copy of the run directory made before the damage"
+THIS_RUN = "a checkpoint of this run"
 
 
 # -- nested state <-> (JSON tree, flat tensors) --------------------------------------------
@@ -166,6 +174,79 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
     return joined
 
 
+class Part:
+    """One table of a checkpoint's state, read back: every read checks the value's type, and
+    a damaged value is a one-line ``DamagedFileError`` naming the file and the value's path::
+
+        run/checkpoints/last.json must be a checkpoint of this run, got loop.step: not an integer
+    """
+
+    def __init__(self, value: object, path: str, where: Path | str, what: str = THIS_RUN) -> None:
+        self.path, self.where, self.what = path, where, what
+        if not isinstance(value, Mapping):
+            self.damaged(f"not a table (a {type(value).__name__})")
+        self.value: Mapping[str, Any] = value
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def damaged(self, why: str, key: str | None = None, what: str | None = None) -> NoReturn:
+        at = self.path if key is None else self.at(key)
+        damaged(self.where, what or self.what, f"{at}: {why}" if at else why, RESUME_HINT)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.value
+
+    def get(self, key: str) -> Any:
+        if key not in self.value:
+            self.damaged("missing", key)
+        return self.value[key]
+
+    def table(self, key: str) -> Part:
+        return Part(self.get(key), self.at(key), self.where, self.what)
+
+    def integer(self, key: str, low: int = 0) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.damaged("not an integer", key)
+        if value < low:
+            self.damaged(f"{value}, below {low}", key)
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.damaged("not a number", key)
+        return float(value)
+
+    def text(self, key: str, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            self.damaged("not text", key)
+        if choices and value not in choices:
+            self.damaged(f"{shorten(repr(value), 40)}, not one of {', '.join(choices)}", key)
+        return value
+
+    @contextmanager
+    def reading(self, key: str, *errors: type[Exception], what: str | None = None) -> Iterator[None]:
+        """Around the one call that hands ``key``'s value to the piece that reads it: the
+        ``errors`` that piece raises for a state it did not write name ``key``; anything
+        else it raises is not about the file and passes through."""
+        try:
+            yield
+        except errors as error:
+            raise DamagedFileError(
+                f"{self.where} must be {what or self.what}, got {self.at(key)}: {describe(error)}; {RESUME_HINT}"
+            ) from error
+
+
 def describe(error: BaseException) -> str:
-    """A damaged checkpoint's error, on one line."""
-    return shorten(f"{type(error).__name__}: {error}", 140)
+    """A damaged checkpoint's error, on one line: torch's own sentence about what did not
+    match (its header line, "Error(s) in loading state_dict for Net:", is dropped)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    said = lines[0] if lines else type(error).__name__
+    if isinstance(error, KeyError):
+        said = f"no {said}"
+    return shorten(said, 140)

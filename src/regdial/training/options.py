@@ -33,6 +33,7 @@ __all__ = [
     "Options",
     "RunOptions",
     "describe_field",
+    "run_table",
 ]
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "nadam", "radam", "rmsprop", "adagrad")
@@ -216,3 +217,29 @@ class RunOptions(Options):
     def to_toml_dict(self) -> dict[str, Any]:
         """The set options, as a ``[run]`` table ``RunOptions.parse`` reads back."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def run_table(
+    options: RunOptions,
+    *,
+    task: str | None = None,
+    data: str | None = None,
+    kind: str | None = None,
+    target: str | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """The ``[run]`` table of a config ``regdial run`` reads back: what to train on (a
+    built-in ``task``, or a ``data`` file with its ``kind`` and ``target`` column), the
+    ``model``'s name, and the options that were set (those given to ``RunOptions.parse``
+    or filled in by ``resolved``; unset ones are left to their defaults).
+
+    A run's ``config.toml`` and a search's ``best.toml`` both write it.
+    """
+    table: dict[str, Any] = {}
+    if task is not None:
+        table["task"] = task
+    elif data is not None:
+        table.update({"data": data, "kind": kind} | ({"target": target} if target else {}))
+    if model is not None:
+        table["model"] = model
+    return table | options.model_dump(exclude_unset=True, exclude_none=True)

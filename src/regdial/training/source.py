@@ -167,7 +167,10 @@ class LoaderSource(Source):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         generator = self._generator()
         if generator is not None and "generator" in state:
-            generator.set_state(state["generator"].to("cpu", torch.uint8))
+            saved = state["generator"]
+            if not isinstance(saved, torch.Tensor):
+                raise TypeError(f"generator must be a tensor of bytes, got a {type(saved).__name__}")
+            generator.set_state(saved.to("cpu", torch.uint8))
 
     def batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any, float]]:
         sampler = getattr(self.train, "sampler", None)
