@@ -48,55 +48,33 @@ from regdial.blocks.stopping import EarlyStopping
 from regdial.setting import Regularization
 
 if TYPE_CHECKING:
-    from regdial.api import tune
-    from regdial.diagnosis import Diagnosis, diagnose
-    from regdial.dial.budget import Budget
-    from regdial.dial.online import OnlineController
-    from regdial.dial.result import TuneResult
-    from regdial.dial.space import Space
-    from regdial.dial.trial import Trial
-    from regdial.reports import report
-    from regdial.training.data import load_data
-    from regdial.training.fit import fit
-    from regdial.training.history import History
-    from regdial.training.metrics import evaluate
-    from regdial.training.models import build_model
-    from regdial.training.options import RunOptions
-    from regdial.training.tasks import Dataset, load_task
+    from regdial.api import tune as tune
+    from regdial.diagnosis import Diagnosis as Diagnosis
+    from regdial.diagnosis import diagnose as diagnose
+    from regdial.dial.budget import Budget as Budget
+    from regdial.dial.online import OnlineController as OnlineController
+    from regdial.dial.result import TuneResult as TuneResult
+    from regdial.dial.space import Space as Space
+    from regdial.dial.trial import Trial as Trial
+    from regdial.reports import report as report
+    from regdial.training.data import load_data as load_data
+    from regdial.training.fit import fit as fit
+    from regdial.training.history import History as History
+    from regdial.training.metrics import evaluate as evaluate
+    from regdial.training.models import build_model as build_model
+    from regdial.training.options import RunOptions as RunOptions
+    from regdial.training.tasks import Dataset as Dataset
+    from regdial.training.tasks import load_task as load_task
 
 __version__ = "0.2.0"  # the one place: pyproject.toml reads it (hatch's dynamic version)
 
-__all__ = [  # noqa: RUF022 - the building blocks, then the lazily imported layers
-    "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "CutMix", "DropBlock1d", "DropBlock2d",
-    "DropConnect", "DropPath", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout",
-    "GaussianNoise", "GroupLasso", "ImageAugment", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty",
-    "Regularization", "SignalAugment", "TabularAugment", "TokenAugment", "__version__",
-    "attach_prox", "augmentation", "drop_block", "drop_path", "drop_path_rates", "max_norm_", "param_groups",
-    "recompute_batchnorm", "schedules", "set_drop_path", "set_dropout", "smooth_targets", "soft_cross_entropy",
-    "fit", "evaluate", "History", "Dataset", "load_data", "load_task", "build_model", "RunOptions",
-    "diagnose", "Diagnosis", "report",
-    "tune", "Trial", "TuneResult", "Space", "Budget", "OnlineController",
+__getattr__, __dir__, LAZY = lazy(globals())
+__all__ = [
+    "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "CutMix", "DropBlock1d", "DropBlock2d", "DropConnect",
+    "DropPath", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout", "GaussianNoise",
+    "GroupLasso", "ImageAugment", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty", "Regularization",
+    "SignalAugment", "TabularAugment", "TokenAugment", "__version__", "attach_prox", "augmentation",
+    "drop_block", "drop_path", "drop_path_rates", "max_norm_", "param_groups", "recompute_batchnorm",
+    "schedules", "set_drop_path", "set_dropout", "smooth_targets", "soft_cross_entropy",
+    *LAZY,
 ]  # fmt: skip
-
-__getattr__, __dir__ = lazy(
-    globals(),
-    {
-        "fit": "regdial.training.fit",
-        "evaluate": "regdial.training.metrics",
-        "History": "regdial.training.history",
-        "Dataset": "regdial.training.tasks",
-        "load_task": "regdial.training.tasks",
-        "load_data": "regdial.training.data",
-        "build_model": "regdial.training.models",
-        "RunOptions": "regdial.training.options",
-        "diagnose": "regdial.diagnosis",
-        "Diagnosis": "regdial.diagnosis",
-        "report": "regdial.reports",
-        "tune": "regdial.api",
-        "Trial": "regdial.dial.trial",
-        "TuneResult": "regdial.dial.result",
-        "Space": "regdial.dial.space",
-        "Budget": "regdial.dial.budget",
-        "OnlineController": "regdial.dial.online",
-    },
-)

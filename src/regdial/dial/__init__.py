@@ -30,40 +30,16 @@ from typing import TYPE_CHECKING
 from regdial._lazy import lazy
 
 if TYPE_CHECKING:
-    from regdial.dial.budget import Budget
-    from regdial.dial.objective import FitObjective, UserObjective
-    from regdial.dial.online import OnlineController
-    from regdial.dial.options import STRATEGIES
-    from regdial.dial.result import TuneResult
-    from regdial.dial.search import Search
-    from regdial.dial.space import Range, Space
-    from regdial.dial.trial import Trial
+    from regdial.dial.budget import Budget as Budget
+    from regdial.dial.objective import FitObjective as FitObjective
+    from regdial.dial.objective import UserObjective as UserObjective
+    from regdial.dial.online import OnlineController as OnlineController
+    from regdial.dial.options import STRATEGIES as STRATEGIES
+    from regdial.dial.result import TuneResult as TuneResult
+    from regdial.dial.search import Search as Search
+    from regdial.dial.space import Range as Range
+    from regdial.dial.space import Space as Space
+    from regdial.dial.trial import Trial as Trial
 
-__all__ = [
-    "STRATEGIES",
-    "Budget",
-    "FitObjective",
-    "OnlineController",
-    "Range",
-    "Search",
-    "Space",
-    "Trial",
-    "TuneResult",
-    "UserObjective",
-]
-
-__getattr__, __dir__ = lazy(
-    globals(),
-    {
-        "Budget": "regdial.dial.budget",
-        "FitObjective": "regdial.dial.objective",
-        "UserObjective": "regdial.dial.objective",
-        "OnlineController": "regdial.dial.online",
-        "TuneResult": "regdial.dial.result",
-        "STRATEGIES": "regdial.dial.options",
-        "Search": "regdial.dial.search",
-        "Range": "regdial.dial.space",
-        "Space": "regdial.dial.space",
-        "Trial": "regdial.dial.trial",
-    },
-)
+__getattr__, __dir__, LAZY = lazy(globals())
+__all__ = [*LAZY]

@@ -29,37 +29,15 @@ from typing import TYPE_CHECKING
 from regdial._lazy import lazy
 
 if TYPE_CHECKING:
-    from regdial.training.data import load_data
-    from regdial.training.fit import fit
-    from regdial.training.history import History
-    from regdial.training.metrics import evaluate
-    from regdial.training.models import build_model
-    from regdial.training.options import RunOptions
-    from regdial.training.tasks import TASKS, Dataset, load_task
+    from regdial.training.data import load_data as load_data
+    from regdial.training.fit import fit as fit
+    from regdial.training.history import History as History
+    from regdial.training.metrics import evaluate as evaluate
+    from regdial.training.models import build_model as build_model
+    from regdial.training.options import RunOptions as RunOptions
+    from regdial.training.tasks import TASKS as TASKS
+    from regdial.training.tasks import Dataset as Dataset
+    from regdial.training.tasks import load_task as load_task
 
-__all__ = [
-    "TASKS",
-    "Dataset",
-    "History",
-    "RunOptions",
-    "build_model",
-    "evaluate",
-    "fit",
-    "load_data",
-    "load_task",
-]
-
-__getattr__, __dir__ = lazy(
-    globals(),
-    {
-        "fit": "regdial.training.fit",
-        "History": "regdial.training.history",
-        "evaluate": "regdial.training.metrics",
-        "build_model": "regdial.training.models",
-        "RunOptions": "regdial.training.options",
-        "TASKS": "regdial.training.tasks",
-        "Dataset": "regdial.training.tasks",
-        "load_task": "regdial.training.tasks",
-        "load_data": "regdial.training.data",
-    },
-)
+__getattr__, __dir__, LAZY = lazy(globals())
+__all__ = [*LAZY]
