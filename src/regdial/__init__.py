@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from regdial import schedules
+from regdial._checks import InputError
 from regdial._lazy import lazy
 from regdial.applied import Applied
 from regdial.blocks.augment import (
@@ -72,7 +73,7 @@ __getattr__, __dir__, LAZY = lazy(globals())
 __all__ = [
     "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "CutMix", "DropBlock1d", "DropBlock2d", "DropConnect",
     "DropPath", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout", "GaussianNoise",
-    "GroupLasso", "ImageAugment", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty", "Regularization",
+    "GroupLasso", "ImageAugment", "InputError", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty", "Regularization",
     "SignalAugment", "TabularAugment", "TokenAugment", "__version__", "attach_prox", "augmentation",
     "drop_block", "drop_path", "drop_path_rates", "max_norm_", "param_groups", "recompute_batchnorm",
     "schedules", "set_drop_path", "set_dropout", "smooth_targets", "soft_cross_entropy",
