@@ -269,8 +269,6 @@ def optimizer_step_sizes(optimizer: Optimizer) -> StepSizes | None:
     return None
 
 
-# attach_prox's signature and docstring are 34 of its lines; its body (65) is one hook that
-# must read the optimizer's state in order (step sizes, warm-up, groups) each step.
 def attach_prox(
     optimizer: Optimizer,
     penalty: Prox,
@@ -320,31 +318,7 @@ def attach_prox(
         )
     if warmup is not None:
         warmup = check_int("warmup", warmup, low=0)
-    names: dict[int, str] = {}
-    if model is not None:
-        from regdial.blocks.groups import param_groups
-
-        if not isinstance(model, nn.Module):
-            fail("model", "the nn.Module being trained", model)
-        names = {id(p): name for name, p in model.named_parameters()}
-        if params is None:
-            params = [p for g in param_groups(model, 0.0) if g["regularize"] for p in g["params"]]
-    selected: set[int] | None = None
-    if params is None and not any("regularize" in g for g in optimizer.param_groups):
-        logger.warning(
-            "attach_prox: the optimizer's groups do not say which parameters are weights, so %s acts on all of "
-            "them, biases and normalization layers included; pass model= to spare them",
-            type(penalty).__name__,
-        )
-    if params is not None:
-        selected = {id(p) for p in tensor_list(params)}
-        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = len(selected - known)
-        if missing:
-            fail(
-                "params", "parameters the optimizer updates", Described(f"{missing} tensors it does not hold")
-            )
-
+    selected, names = _selection(optimizer, penalty, params, model)
     _refuse_sharded(penalty, optimizer)
     zeroed: set[int] = set()
     calls = [0]
@@ -370,6 +344,39 @@ def attach_prox(
                 _report_zeroed(ps, zeroed, names, penalty)
 
     return optimizer.register_step_post_hook(hook)
+
+
+def _selection(
+    optimizer: Optimizer, penalty: Prox, params: Tensor | Iterable[Tensor] | None, model: nn.Module | None
+) -> tuple[set[int] | None, dict[int, str]]:
+    """The ids of the parameters the prox acts on (None: every group not marked
+    ``"regularize": False``), and the model's parameter names by id for the log."""
+    names: dict[int, str] = {}
+    if model is not None:
+        from regdial.blocks.groups import param_groups
+
+        if not isinstance(model, nn.Module):
+            fail("model", "the nn.Module being trained", model)
+        names = {id(p): name for name, p in model.named_parameters()}
+        if params is None:
+            params = [p for g in param_groups(model, 0.0) if g["regularize"] for p in g["params"]]
+    selected: set[int] | None = None
+    if params is None and not any("regularize" in g for g in optimizer.param_groups):
+        logger.warning(
+            "attach_prox: the optimizer's groups do not say which parameters are weights, so %s acts on all of "
+            "them, biases and normalization layers included; pass model= to spare them",
+            type(penalty).__name__,
+        )
+    if params is not None:
+        selected = {id(p) for p in tensor_list(params)}
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = len(selected - known)
+        if missing:
+            fail(
+                "params", "parameters the optimizer updates", Described(f"{missing} tensors it does not hold")
+            )
+
+    return selected, names
 
 
 def _refuse_sharded(penalty: Prox, optimizer: Optimizer) -> None:
