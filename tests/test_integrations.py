@@ -171,7 +171,10 @@ def test_batch_knobs_are_refused_for_token_ids_and_conflicts_are_named(tmp_path:
 def test_hp_space_gives_hugging_face_regdials_ranges() -> None:
     import optuna
 
-    suggest = hf.hp_space(Space({"weight_decay": (1e-4, 1e-1), "label_smoothing": (0.0, 0.2)}))
+    space = Space({"weight_decay": (1e-4, 1e-1), "label_smoothing": (0.0, 0.2)})
+    with pytest.raises(ValueError, match=r"^tune.space.label_smoothing must be searched with the callback"):
+        hf.hp_space(space)  # the Trainer reads label_smoothing_factor only when it is built
+    suggest = hf.hp_space(space, hf.HuggingFaceCallback(Regularization()))
     trial = optuna.create_study().ask()
     values = suggest(trial)
     assert set(values) == {"weight_decay", "label_smoothing_factor"}

@@ -44,7 +44,7 @@ from regdial.blocks.averaging import EMA
 from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
 from regdial.blocks.mixing import MixupOrCutMix
-from regdial.blocks.noise import GaussianNoise, set_drop_path, set_dropout
+from regdial.blocks.noise import GaussianNoise, dropout_sites, set_drop_path, set_dropout
 from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, Penalty
 from regdial.blocks.proximal import MaxNorm, attach_prox
 from regdial.blocks.schedules import Schedule, Strength, resolve
@@ -226,7 +226,7 @@ class Applied:
                 progress == 0.0
                 and resolve(s.dropout, 0.0) > 0
                 and not changed
-                and not _has_dropout(self.model)
+                and not dropout_sites(self.model)
             ):
                 logger.warning("dropout=%s: the model has no dropout layers to set", s.dropout)
         if s.drop_path is not None:
@@ -402,7 +402,3 @@ def _is_linear(model: nn.Module) -> bool:
     """Whether the model's only parameters are those of one ``nn.Linear`` (a convex problem)."""
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     return len(owners) == 1 and isinstance(owners[0], nn.Linear)
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())

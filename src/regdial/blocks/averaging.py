@@ -18,6 +18,8 @@ BatchNorm statistics of an average are not the average of statistics: call
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -69,6 +71,10 @@ class EMA(_Averaged):
     The first update copies the model. With ``warmup`` the decay used at update ``t`` is
     ``min(decay, (1 + t) / (10 + t))``, so the average forgets its random start quickly
     (as in timm and TensorFlow's ExponentialMovingAverage).
+
+    Frozen parameters (``requires_grad=False`` when the average is made: a LoRA model's
+    base, a frozen backbone) are shared with the model, not copied: their average is
+    themselves, and a copy would double the memory of a model that trains adapters only.
     """
 
     def __init__(
@@ -86,12 +92,40 @@ class EMA(_Averaged):
             now = min(decay, (1 + updates[0]) / (10 + updates[0])) if warmup else decay
             torch._foreach_lerp_(averaged, current, 1.0 - now)
 
-        super().__init__(model, device=device, multi_avg_fn=_floats_only(ema), use_buffers=True)
+        frozen: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
+        if frozen and device is None:
+            super().__init__(nn.Module(), multi_avg_fn=_floats_only(ema), use_buffers=True)
+            self.module = copy.deepcopy(model, frozen)  # the frozen parameters stay the model's own
+        else:
+            super().__init__(model, device=device, multi_avg_fn=_floats_only(ema), use_buffers=True)
+        self.shares = bool(frozen) and device is None
         self.decay, self.warmup, self._updates = decay, bool(warmup), updates
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        super().update_parameters(model)
+        if not self.shares:
+            super().update_parameters(model)
+        else:  # torch's update, over the tensors that are not shared (a pass over a frozen base costs its size)
+            pairs = [
+                (a.detach(), c.detach())
+                for a, c in zip(
+                    itertools.chain(self.module.parameters(), self.module.buffers()),
+                    itertools.chain(model.parameters(), model.buffers()),
+                    strict=True,
+                )
+                if a is not c
+            ]
+            by_kind: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+            for a, c in pairs:
+                averaged, current = by_kind.setdefault((a.device, a.dtype), ([], []))
+                averaged.append(a)
+                current.append(c.to(a.device))
+            for averaged, current in by_kind.values():
+                if self.n_averaged == 0:
+                    torch._foreach_copy_(averaged, current)
+                elif self.multi_avg_fn is not None:
+                    self.multi_avg_fn(averaged, current, self.n_averaged)
+            self.n_averaged += 1
         self._updates[0] += 1
 
     def load_state_dict(

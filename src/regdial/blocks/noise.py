@@ -38,8 +38,10 @@ __all__ = [
     "drop_block",
     "drop_path",
     "drop_path_rates",
+    "dropout_sites",
     "set_drop_path",
     "set_dropout",
+    "unturned_rates",
 ]
 
 logger = logging.getLogger(__name__)
@@ -250,10 +252,11 @@ class GaussianDropout(nn.Module):
         return f"p={self.p}"
 
 
-# Float attributes through which models apply functional dropout: torch's
-# MultiheadAttention (``dropout``) and Hugging Face attention classes
-# (``attention_dropout``, e.g. LlamaAttention, which passes it to scaled_dot_product).
-_ATTENTION_RATES = ("attention_dropout",)
+# Float attributes through which models apply functional dropout, read at each forward:
+# torch's MultiheadAttention and RNNs (``dropout``), Hugging Face attention classes
+# (LlamaAttention's ``attention_dropout``, passed to scaled_dot_product_attention; T5's and
+# BART's ``dropout``), nanoGPT's CausalSelfAttention (``dropout``, passed as ``dropout_p``).
+_ATTENTION_RATES = ("attention_dropout", "dropout", "attn_dropout", "dropout_p", "dropout_rate")
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -275,8 +278,11 @@ def set_dropout(
     """Set the rate of ``model``'s own dropout, in place; return how many modules changed.
 
     Turned: every ``nn.Dropout``/``Dropout1d/2d/3d``/``AlphaDropout`` and regdial's
-    ``GaussianDropout``/``DropConnect`` (their ``p``), ``nn.MultiheadAttention``'s
-    ``dropout``, and the float ``attention_dropout`` of Hugging Face attention modules.
+    ``GaussianDropout``/``DropConnect`` (their ``p``), and the float rates a module keeps
+    for functional dropout: ``dropout`` (``nn.MultiheadAttention``, RNNs, nanoGPT's and
+    T5's attention), ``attention_dropout`` (Hugging Face's Llama-style attention),
+    ``attn_dropout``, ``dropout_p``, ``dropout_rate``. Other float attributes whose name
+    says dropout are not turned: ``unturned_rates`` names them.
     ``p`` may be a schedule: the rate set is its value at ``progress`` (call again as
     training goes). ``modules`` restricts the change to module names matching the
     fnmatch patterns (``"classifier.*"``).
@@ -293,14 +299,36 @@ def set_dropout(
         if isinstance(module, nn.modules.dropout._DropoutNd | GaussianDropout | DropConnect):
             changed += module.p != rate
             module.p = rate
-        elif isinstance(module, nn.MultiheadAttention):
-            changed += module.dropout != rate
-            module.dropout = rate
         for attribute in _ATTENTION_RATES:
             if isinstance(getattr(module, attribute, None), float):
                 changed += getattr(module, attribute) != rate
                 setattr(module, attribute, rate)
     return int(changed)
+
+
+def dropout_sites(model: nn.Module) -> int:
+    """How many dropout modules and float rates ``set_dropout`` would turn in ``model``."""
+    sites = 0
+    for module in model.modules():
+        sites += isinstance(module, nn.modules.dropout._DropoutNd | GaussianDropout | DropConnect)
+        sites += sum(isinstance(getattr(module, a, None), float) for a in _ATTENTION_RATES)
+    return sites
+
+
+def unturned_rates(model: nn.Module) -> list[str]:
+    """Float attributes named like a dropout rate (``*drop*``) that ``set_dropout`` leaves alone."""
+    found = []
+    for name, module in model.named_modules():
+        for attribute, value in vars(module).items():
+            if (
+                isinstance(value, float)
+                and "drop" in attribute.lower()
+                and "path" not in attribute.lower()
+                and attribute not in _ATTENTION_RATES
+                and not (isinstance(module, nn.modules.dropout._DropoutNd) and attribute == "p")
+            ):
+                found.append(f"{name}.{attribute}" if name else attribute)
+    return found
 
 
 def _is_drop_path(module: nn.Module) -> bool:

@@ -371,7 +371,8 @@ class L2SP(Penalty):
 
     Parameters with no anchor of the same name and shape (a new classification head) are
     left alone by ``value`` and ``prox_``; give them an ``L2`` of their own. The anchor is
-    copied, so it costs one more copy of the anchored weights in memory. Its proximal step
+    copied, so it costs one more copy of the anchored weights in memory; frozen parameters
+    (``requires_grad=False``, a LoRA model's base) are not anchored. Its proximal step
     has no warm-up: at the start the weights are the anchor, so a large early step can only
     hold them there.
     """
@@ -401,6 +402,10 @@ class L2SP(Penalty):
         self._anchors: dict[int, tuple[Tensor, Tensor]] = {}
         unanchored = []
         for name, param in model.named_parameters():
+            if (
+                not param.requires_grad
+            ):  # frozen (a LoRA base): it never moves, and a copy would cost its size
+                continue
             source = reference.get(name)
             if not isinstance(source, Tensor) or source.shape != param.shape:
                 unanchored.append(name)

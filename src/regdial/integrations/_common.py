@@ -27,13 +27,22 @@ from regdial.dial.trial import Trial
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 
-__all__ = ["CONFIG_DROPOUT", "Session", "regroup", "set_config_dropout", "unwrap"]
+__all__ = [
+    "CONFIG_DROPOUT",
+    "Session",
+    "check_dropout",
+    "regroup",
+    "set_config_dropout",
+    "sets_weight_decay",
+    "unwrap",
+]
 
 logger = logging.getLogger("regdial.integrations")
 
 CONFIG_DROPOUT = (
     "hidden_dropout_prob", "attention_probs_dropout_prob", "hidden_dropout", "attention_dropout", "dropout",
     "activation_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout", "summary_first_dropout",
+    "dropout_rate",
 )  # fmt: skip
 """Configuration fields through which Hugging Face models read their dropout rates."""
 
@@ -73,37 +82,53 @@ def regroup(
 ) -> None:
     """Rebuild ``optimizer``'s groups along ``param_groups``' split, in place, before any step.
 
-    Each new group keeps the hyperparameters (lr, betas, eps, initial_lr...) of the group
-    its parameters came from; the weights get the setting's weight decay, the rest none.
-    Learning-rate schedulers already built on the old groups are given one entry per new
-    group (their base lr and, for ``LambdaLR``, their function).
+    Only when the setting sets ``weight_decay``: a setting that leaves it unset leaves the
+    optimizer's groups, and the decay the user or the trainer gave them, alone. Each new
+    group keeps the hyperparameters (lr, betas, eps, initial_lr...) of the group its
+    parameters came from; the weights get the setting's weight decay, the rest none, and
+    where that replaces a decay the optimizer had, one warning says so. Learning-rate
+    schedulers already built on the old groups are given one entry per new group (their
+    base lr and, for ``LambdaLR``, their function).
     """
+    if not sets_weight_decay(setting):
+        return
     if any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
         fail("optimizer", "one that has not stepped yet (regdial regroups it at the start of training)",
              Described("an optimizer with state"))  # fmt: skip
     decay = resolve_float(setting.weight_decay)
     split = param_groups(model, decay, exclude=setting.exclude, include=setting.include)
     weights = {id(p) for g in split if g["regularize"] for p in g["params"]}
+    own = sorted({float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups} - {0.0, decay})
+    if own:
+        logger.warning("regdial: weight_decay=%s replaces the optimizer's own (%s) on the weights; biases, "
+                       "normalization layers and embeddings get none", setting.weight_decay,
+                       ", ".join(f"{v:g}" for v in own))  # fmt: skip
     rebuilt: list[dict[str, Any]] = []
-    for is_weight in (True, False):
-        for template in optimizer.param_groups:
+    positions: list[int] = []  # which old group each new one came from, by identity (a dict of tensors
+    for is_weight in (True, False):  # compared with == compares the tensors)
+        for position, template in enumerate(optimizer.param_groups):
             params = [p for p in template["params"] if (id(p) in weights) == is_weight]
             if params:
                 group = {k: v for k, v in template.items() if k != "params"}
                 group.update(params=params, weight_decay=decay if is_weight else 0.0, regularize=is_weight)
                 rebuilt.append(group)
-    sources = [template for is_weight in (True, False) for template in optimizer.param_groups
-               if any((id(p) in weights) == is_weight for p in template["params"])]  # fmt: skip
-    old = list(optimizer.param_groups)
+                positions.append(position)
+    count = len(optimizer.param_groups)
     optimizer.param_groups.clear()
     optimizer.param_groups.extend(rebuilt)
     for wrapped in schedulers:
         scheduler = getattr(wrapped, "scheduler", wrapped)  # accelerate's AcceleratedScheduler holds it
-        positions = [old.index(template) for template in sources]
-        for name in ("base_lrs", "lr_lambdas", "_last_lr"):
+        for name in ("base_lrs", "lr_lambdas", "_last_lr", "min_lrs"):
             values = getattr(scheduler, name, None)
-            if isinstance(values, list) and len(values) == len(old):
+            if isinstance(values, list) and len(values) == count:
                 setattr(scheduler, name, [values[i] for i in positions])
+
+
+def sets_weight_decay(setting: Regularization) -> bool:
+    """Whether the setting sets weight decay (a schedule, or a strength above 0)."""
+    from regdial.blocks.schedules import Schedule
+
+    return isinstance(setting.weight_decay, Schedule) or bool(setting.weight_decay)
 
 
 def resolve_float(value: object) -> float:
@@ -125,6 +150,10 @@ class Session:
     def __init__(self, setting: Regularization, trial: Trial | None, monitor: str) -> None:
         if not isinstance(setting, Regularization):
             fail("setting", "a regdial.Regularization", setting)
+        if trial is not None and not isinstance(trial, Trial):
+            fail("trial", "a regdial.Trial (the objective form of regdial.tune) or None", trial)
+        if not isinstance(monitor, str) or not monitor:
+            fail("monitor", "the name of a logged evaluation value (eval_loss, val_loss...)", monitor)
         self.setting, self.trial, self.monitor = setting, trial, monitor
         self.applied: Applied | None = None
         self.history = History(None, setting=setting.to_dict(),
@@ -137,6 +166,10 @@ class Session:
         self._train_loss = [0.0, 0]
         self.pruned = False
 
+    def fresh(self, setting: Regularization | None = None) -> Session:
+        """A new session for the next run (a search's next trial): nothing carries over."""
+        return Session(self.setting if setting is None else setting, self.trial, self.monitor)
+
     def start(
         self,
         model: nn.Module,
@@ -146,10 +179,16 @@ class Session:
         schedulers: Any = (),
     ) -> Applied:
         optimizer = unwrap(optimizer)
+        check_dropout(model, self.setting)
         regroup(optimizer, model, self.setting, [s for s in schedulers if s is not None])
         self.applied = Applied(self.setting, model, optimizer, num_classes=num_classes, data_kind=data_kind)
         if self.setting.dropout is not None:
             set_config_dropout(model, resolve_float(self.setting.dropout))
+        if self.setting.l2sp and any(not p.requires_grad for p in model.parameters()):
+            logger.warning("regdial: l2sp=%s on a model with frozen weights pulls the trainable ones (adapters, "
+                           "a head) toward their values at the start; an adapter that starts at zero (LoRA's "
+                           "lora_B) is then under plain L2, and the frozen weights are untouched",
+                           self.setting.l2sp)  # fmt: skip
         return self.applied
 
     # -- the evaluated weights ----------------------------------------------------------
@@ -158,13 +197,14 @@ class Session:
         """Evaluate the EMA weights: put them in the model, keeping the live ones aside."""
         if self.applied is None or self.applied.ema is None or self._live is not None:
             return
-        self._live = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.applied.ema.module.state_dict())
+        averaged = _averaged(model, self.applied.ema.module)
+        self._live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in averaged}
+        model.load_state_dict(averaged, strict=False)
 
     def use_live(self, model: nn.Module) -> None:
         """Back to the weights being trained."""
         if self._live is not None:
-            model.load_state_dict(self._live)
+            model.load_state_dict(self._live, strict=False)
             self._live = None
 
     # -- the record -----------------------------------------------------------------------
@@ -187,6 +227,9 @@ class Session:
         row = {"epoch": float(len(self.history) + 1), "train_loss": train, "val_loss": val_loss,
                **{k: v for k, v in values.items() if k != "val_loss"}, "epoch_fraction": float(epoch)}  # fmt: skip
         self.history.append(row)
+        if self.setting.early_stopping > 0 and self.monitor not in values:
+            fail("monitor", "a value the evaluation logs (" + ", ".join(sorted(values)) + ") for early stopping",
+                 self.monitor)  # fmt: skip
         watched = values.get(self.monitor, math.nan)
         evaluated = self.applied.eval_model if self.applied is not None else model
         stop = self.stopper.step(watched, evaluated) if math.isfinite(watched) else False
@@ -217,7 +260,7 @@ class Session:
             if self.setting.early_stopping > 0 and self.stopper.best_state is not None:
                 self.applied.eval_model.load_state_dict(self.stopper.best_state)
             if self.applied.ema is not None:
-                model.load_state_dict(self.applied.ema.module.state_dict())
+                model.load_state_dict(_averaged(model, self.applied.ema.module), strict=False)
             self.applied.remove()
         if len(self.history) == 0:
             return
@@ -229,6 +272,28 @@ class Session:
         self.history.meta.update(status="completed", diagnosis=reading.message)
         if output_dir is not None and self.trial is None:  # a search records its own trials
             write_record(Path(output_dir), self.history, self.setting)
+
+
+def _averaged(model: nn.Module, average: nn.Module) -> dict[str, Tensor]:
+    """The average's tensors that are not the model's own (frozen weights are shared, see ``EMA``)."""
+    live = model.state_dict()
+    return {k: v for k, v in average.state_dict().items() if k in live and v.data_ptr() != live[k].data_ptr()}
+
+
+def check_dropout(model: nn.Module, setting: Regularization) -> None:
+    """Refuse a dropout rate that nothing in the model would take; name rates it does not turn."""
+    from regdial.blocks.noise import dropout_sites, unturned_rates
+    from regdial.blocks.schedules import Schedule
+
+    if setting.dropout is None or (not isinstance(setting.dropout, Schedule) and not setting.dropout):
+        return
+    if not dropout_sites(model):
+        fail("regularization.dropout", "unset for a model with no dropout (nn.Dropout modules or attention "
+             "dropout rates) to set", setting.dropout)  # fmt: skip
+    unturned = unturned_rates(model)
+    if unturned:
+        logger.warning("regdial: dropout=%s does not turn these float attributes, which look like rates: %s",
+                       setting.dropout, ", ".join(unturned[:5]) + (" ..." if len(unturned) > 5 else ""))  # fmt: skip
 
 
 def write_record(directory: Path, history: History, setting: Regularization) -> None:

@@ -14,21 +14,39 @@ Every knob of the setting is applied, or refused with one line (never silently i
 ===============  ==============================================================================
 knob             how it reaches the Trainer
 ===============  ==============================================================================
-dropout          the model's dropout modules and its ``config`` (a saved model reloads with it)
+dropout          the model's dropout modules, the float rates its attention passes to
+                 ``scaled_dot_product_attention`` (``attention_dropout``, ``dropout``), and its
+                 ``config`` (a saved model reloads with it); refused for a model with none
 weight_decay     the Trainer's optimizer, regrouped along ``param_groups`` (biases, norms and
-                 embeddings spared) before its first step
+                 embeddings spared) before its first step; a warning where it replaces
+                 ``TrainingArguments.weight_decay``. Unset (0), the Trainer's own decay stays
 l1 ... l2sp      proximal steps after every optimizer step, on the weights only (``attach_prox``
                  with ``model=``); max_norm likewise
-label_smoothing  transformers' own ``LabelSmoother`` on the model's output in training (the
-                 Trainer's ``label_smoothing_factor`` must then be 0: one place decides)
+label_smoothing  transformers' own ``LabelSmoother`` on the model's output in training, with
+                 the labels shifted exactly for the models the Trainer's own smoother shifts
+                 (its ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``; seq2seq models and classifiers
+                 are not shifted); ``causal_lm=`` says it for a model transformers does not
+                 know. The Trainer's ``label_smoothing_factor`` must then be 0: one place decides
 embedding_noise  NEFTune noise on the input embeddings (the Trainer's ``neftune_noise_alpha``
                  must then be unset)
-noise, mixup,    on float inputs (``pixel_values``, ``input_values``, ``inputs_embeds``), in a
-cutmix, augment  hook on the model's forward; refused for token ids
+noise, mixup,    on the float input the batch passes (``pixel_values``, ``input_values``,
+cutmix, augment  ``inputs_embeds``, ``input_features``), in a hook on the model's forward;
+                 refused for token ids
 ema              the average is evaluated at each evaluation and is the final model
 early_stopping   on the evaluation's ``monitor`` (``eval_loss``); the best weights are restored
 schedules        every strength follows ``global_step / max_steps``
 ===============  ==============================================================================
+
+A LoRA (``peft``) model works as any other: the frozen base gets no decay, no proximal
+step, no L2-SP anchor and no averaged copy (the EMA shares it); the dropout knob sets the
+adapters' ``lora_dropout`` with the base's dropout (peft builds no dropout module when
+``lora_dropout=0``: then only the base's follow); L2-SP pulls the adapters toward where
+they started, which for ``lora_B`` (zero at the start) is plain L2.
+
+Each ``train()`` starts afresh: under ``Trainer.hyperparameter_search`` every trial gets a
+new record and early-stopping counter, and the trial's ``label_smoothing_factor`` and
+``neftune_noise_alpha`` (which the Trainer reads only when it is built) are applied by the
+callback as that trial's label smoothing and embedding noise; see ``hp_space``.
 
 At each evaluation the callback records a ``History`` row (the training loss is the mean
 of the training batches' losses since the previous evaluation), and at the end it logs
@@ -48,7 +66,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from regdial._checks import Described, fail
+from regdial._checks import Described, check_int, fail
 from regdial.blocks.mixing import soft_cross_entropy
 from regdial.dial.space import Space
 from regdial.dial.trial import Trial
@@ -70,6 +88,25 @@ FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features
 
 BATCH_KNOBS = ("noise", "mixup", "cutmix", "augment")
 
+BUILT_ARGUMENTS = ("label_smoothing_factor", "neftune_noise_alpha")
+"""The TrainingArguments that the Trainer reads only when it is built (its label smoother, NEFTune)."""
+
+
+def shifts_labels(model: nn.Module) -> bool | None:
+    """Whether transformers' Trainer shifts the labels when it smooths this model's loss:
+    its class is in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (a peft model is asked of its base,
+    as the Trainer does). None for a model that is not transformers'."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    if not isinstance(base, PreTrainedModel):
+        return None
+    if getattr(base.config, "is_encoder_decoder", False):
+        return False  # seq2seq: the decoder's inputs are already shifted right
+    return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # what _get_name() returns
+
 
 class HuggingFaceCallback(TrainerCallback):
     """Apply a ``Regularization`` to a Hugging Face ``Trainer`` run (see the module docstring).
@@ -82,6 +119,9 @@ class HuggingFaceCallback(TrainerCallback):
             ``eval_accuracy`` and the like).
         num_classes: for mixing and label smoothing of a classifier (default: the
             config's ``num_labels``).
+        causal_lm: whether label smoothing shifts the labels by one (a causal language
+            model). None: as transformers' Trainer decides (its causal-LM mapping); give it
+            for a model transformers does not know that returns token-level logits.
     """
 
     def __init__(
@@ -91,13 +131,22 @@ class HuggingFaceCallback(TrainerCallback):
         *,
         monitor: str = "eval_loss",
         num_classes: int | None = None,
+        causal_lm: bool | None = None,
     ) -> None:
+        if not isinstance(monitor, str):
+            fail("monitor", "the name of an evaluation metric (eval_loss, eval_accuracy...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
         self.setting = setting
-        self.num_classes = num_classes
+        self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=2)
+        if causal_lm is not None and not isinstance(causal_lm, bool):
+            fail("causal_lm", "True, False or None (ask transformers)", causal_lm)
+        self.causal_lm = causal_lm
         self._hooks: list[RemovableHandle] = []
         self._soft: Tensor | None = None
         self._max_steps = 1
+        self._built: dict[str, Any] = {}  # the TrainingArguments the Trainer read when it was built
+        self._shift: bool | None = None
+        self._checked_inputs = False
 
     # -- before training ----------------------------------------------------------------
 
@@ -111,9 +160,7 @@ class HuggingFaceCallback(TrainerCallback):
         if s.embedding_noise and getattr(args, "neftune_noise_alpha", None):
             fail("regularization.embedding_noise", "0 when TrainingArguments.neftune_noise_alpha is set",
                  s.embedding_noise)  # fmt: skip
-        if getattr(args, "weight_decay", 0.0) and s.weight_decay and args.weight_decay != s.weight_decay:
-            fail("regularization.weight_decay", f"the TrainingArguments' ({args.weight_decay}) or 0 (the setting's "
-                 "decay replaces the Trainer's)", s.weight_decay)  # fmt: skip
+        self._built = {name: getattr(args, name, None) for name in BUILT_ARGUMENTS}
         if model is not None and s.dropout is not None:
             from regdial.blocks.noise import set_dropout
             from regdial.integrations._common import resolve_float, set_config_dropout
@@ -132,25 +179,52 @@ class HuggingFaceCallback(TrainerCallback):
     ) -> None:
         if model is None or optimizer is None:
             fail("trainer", "a Trainer that passes its model and optimizer to callbacks", Described("none"))
+        other = getattr(model, "_regdial_callback", None)
+        if other is not None and other is not self:
+            fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
+                 Described("two on the same model"))  # fmt: skip
+        object.__setattr__(model, "_regdial_callback", self)
+        # A new run (a search's next trial): its own setting, record and early stopping.
+        self.session = self.session.fresh(self._trial_setting(args))
+        setting = self.session.setting
         config = getattr(model, "config", None)
         num_classes = self.num_classes or getattr(config, "num_labels", None)
         num_classes = num_classes if isinstance(num_classes, int) and num_classes > 1 else None
-        main_input = getattr(model, "main_input_name", "input_ids")
-        active = [k for k in BATCH_KNOBS if getattr(self.setting, k)]
-        if active and main_input not in FLOAT_INPUTS:
-            fail(f"regularization.{active[0]}", f"0 for a model whose inputs are {main_input} (token ids: there is "
-                 "nothing to add noise to or mix; use embedding_noise)", getattr(self.setting, active[0]))  # fmt: skip
-        if (self.setting.mixup or self.setting.cutmix) and num_classes is None:
+        if (setting.mixup or setting.cutmix) and num_classes is None:
             fail(
                 "num_classes", "the number of classes for mixing (HuggingFaceCallback(num_classes=...))", None
             )
-        kind = {"pixel_values": "image", "input_values": "signal"}.get(main_input)
+        self._main_input = getattr(model, "main_input_name", "input_ids")
+        kind = {"pixel_values": "image", "input_values": "signal"}.get(self._main_input)
         self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")])
         self._max_steps = max(1, int(getattr(state, "max_steps", 0) or 1))
         self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
-        self._main_input = main_input
-        self._causal = type(model).__name__.endswith("ForCausalLM")
+        self._shift = self.causal_lm if self.causal_lm is not None else shifts_labels(model)
+        self._checked_inputs = False
+
+    def _trial_setting(self, args: Any) -> Regularization:
+        """The setting for this run: the callback's, with what a search trial set in the
+        TrainingArguments that the Trainer read only when it was built."""
+        setting = self.setting
+        for field, knob in (
+            ("label_smoothing_factor", "label_smoothing"),
+            ("neftune_noise_alpha", "embedding_noise"),
+        ):
+            built, now = self._built.get(field), getattr(args, field, None)
+            if now == built or (not now and not built):
+                continue
+            if built:
+                fail(f"TrainingArguments.{field}", f"{built} in every trial, as when the Trainer was built (it reads "
+                     "it once); build it with 0 for the callback to apply each trial's", now)  # fmt: skip
+            if getattr(setting, knob):
+                fail(
+                    f"regularization.{knob}",
+                    f"0 when a search trial sets TrainingArguments.{field}",
+                    getattr(setting, knob),
+                )
+            setting = setting.replace(**{knob: float(now or 0.0)})
+        return setting
 
     # -- the model's forward, in training -------------------------------------------------
 
@@ -158,16 +232,21 @@ class HuggingFaceCallback(TrainerCallback):
         applied = self.session.applied
         if applied is None or not module.training:
             return None
-        x = kwargs.get(self._main_input)
+        active = [k for k in BATCH_KNOBS if getattr(self.session.setting, k)]
+        if not active:
+            return None
+        name = next((k for k in FLOAT_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+        if name is None or not kwargs[name].is_floating_point():
+            given = name or next(
+                (k for k, v in kwargs.items() if isinstance(v, Tensor) and k != "labels"), self._main_input
+            )
+            fail(f"regularization.{active[0]}", f"0 for a model whose inputs are {given} (token ids: there is "
+                 "nothing to add noise to or mix; use embedding_noise)", getattr(self.session.setting, active[0]))  # fmt: skip
+        x = kwargs[name]
         labels = kwargs.get("labels")
-        if (
-            isinstance(x, Tensor)
-            and x.is_floating_point()
-            and isinstance(labels, Tensor)
-            and any(getattr(self.setting, k) for k in BATCH_KNOBS)
-        ):
+        if isinstance(labels, Tensor):
             mixed, targets = applied.batch(x, labels)
-            kwargs[self._main_input] = mixed
+            kwargs[name] = mixed
             self._soft = targets if targets.is_floating_point() and targets.dim() == 2 else None
             return args, kwargs
         return None
@@ -178,7 +257,7 @@ class HuggingFaceCallback(TrainerCallback):
         if not module.training or self.session.applied is None:
             return output
         labels, logits = kwargs.get("labels"), getattr(output, "logits", None)
-        smoothing = float(self.setting.label_smoothing)
+        smoothing = float(self.session.setting.label_smoothing)
         if (
             isinstance(logits, Tensor)
             and isinstance(labels, Tensor)
@@ -190,7 +269,15 @@ class HuggingFaceCallback(TrainerCallback):
             elif not labels.is_floating_point():
                 from transformers.trainer_pt_utils import LabelSmoother
 
-                output["loss"] = LabelSmoother(epsilon=smoothing)(output, labels, shift_labels=self._causal)
+                if self._shift is None and logits.dim() > 2:
+                    fail("causal_lm", "True or False for a model transformers does not know (token-level logits: "
+                         "shift the labels by one for label smoothing, or not?)", None)  # fmt: skip
+                output["loss"] = LabelSmoother(epsilon=smoothing)(
+                    output,
+                    labels,
+                    shift_labels=bool(self._shift),
+                    num_items_in_batch=kwargs.get("num_items_in_batch"),
+                )
         loss = output.get("loss") if hasattr(output, "get") else None
         if isinstance(loss, Tensor):
             self.session.add_train_loss(loss.detach())
@@ -241,6 +328,8 @@ class HuggingFaceCallback(TrainerCallback):
             handle.remove()
         self._hooks.clear()
         if model is not None:
+            if getattr(model, "_regdial_callback", None) is self:
+                object.__delattr__(model, "_regdial_callback")
             self.session.finish(model, getattr(args, "output_dir", None))
 
     @property
@@ -256,20 +345,35 @@ TRAINING_ARGUMENTS = {"weight_decay": "weight_decay", "label_smoothing": "label_
 """The knobs that a ``TrainingArguments`` field holds, and that field."""
 
 
-def hp_space(space: Space) -> Callable[[Any], dict[str, float]]:
+def hp_space(space: Space, callback: HuggingFaceCallback | None = None) -> Callable[[Any], dict[str, float]]:
     """The ``hp_space`` function ``Trainer.hyperparameter_search(backend="optuna")`` expects,
-    with regdial's ranges.
+    with regdial's ranges::
+
+        callback = HuggingFaceCallback(Regularization())
+        trainer = Trainer(model_init=make_model, args=args, ..., callbacks=[callback])
+        trainer.hyperparameter_search(backend="optuna", n_trials=20,
+                                      hp_space=hp_space(Space({"weight_decay": ..., "label_smoothing": ...}), callback))
 
     Only knobs with a ``TrainingArguments`` field can be searched this way (weight decay,
     label smoothing, NEFTune noise); another knob in the space is refused with one line:
-    tune it with ``regdial.tune`` and an objective around your Trainer instead.
+    tune it with ``regdial.tune`` and an objective around your Trainer instead. The Trainer
+    reads ``weight_decay`` at each trial (it builds a new optimizer), but
+    ``label_smoothing_factor`` and ``neftune_noise_alpha`` only when it is built: a trial's
+    values of those reach training only through ``callback`` (on that Trainer, its setting
+    leaving both knobs unset), which applies them and starts each trial afresh. Without
+    it, searching them is refused rather than searched and never applied.
     """
     if not isinstance(space, Space):
         fail("space", "a regdial.Space", space)
+    if callback is not None and not isinstance(callback, HuggingFaceCallback):
+        fail("callback", "the HuggingFaceCallback on the Trainer, or None", callback)
     for name in space.knobs:
         if name not in TRAINING_ARGUMENTS:
             fail(f"tune.space.{name}", "a knob with a TrainingArguments field (" + ", ".join(TRAINING_ARGUMENTS)
                  + "); search the others with regdial.tune(objective)", Described("not one"))  # fmt: skip
+        if callback is None and TRAINING_ARGUMENTS[name] in BUILT_ARGUMENTS:
+            fail(f"tune.space.{name}", "searched with the callback, hp_space(space, callback) (the Trainer reads "
+                 f"{TRAINING_ARGUMENTS[name]} only when it is built, not at each trial)", Described("no callback"))  # fmt: skip
 
     def suggest(trial: Any) -> dict[str, float]:
         values: dict[str, float] = {}

@@ -7,8 +7,11 @@
     trainer = lightning.Trainer(callbacks=[LightningCallback(Regularization(dropout=0.2, weight_decay=0.05,
                                                                           ema=0.99, early_stopping=5))])
 
-What the callback applies itself: dropout rates, weight decay (the module's optimizer is
-regrouped along ``param_groups`` before its first step), the penalties as proximal steps
+What the callback applies itself: dropout rates (modules and the float rates attention
+passes to ``scaled_dot_product_attention``; refused for a module with none), weight decay
+(the module's optimizer is regrouped along ``param_groups`` before its first step, with a
+warning where that replaces the decay ``configure_optimizers`` gave; a setting without
+weight decay leaves the module's groups as they are), the penalties as proximal steps
 on the weights, max-norm, NEFTune noise on an input embedding, the weight average (used
 for validation, and the final weights), early stopping on ``monitor`` with the best
 weights restored, and every schedule over ``global_step / estimated_stepping_batches``.
@@ -39,7 +42,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from regdial._checks import fail
+from regdial._checks import Described, check_int, fail
 from regdial.dial.trial import Trial
 from regdial.integrations._common import Session
 from regdial.setting import Regularization
@@ -81,7 +84,10 @@ class LightningCallback(pl.Callback):
         data_kind: str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(monitor, str):
+            fail("monitor", "the name of a logged validation value (val_loss, val_acc...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
+        num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=2)
         self.setting, self.num_classes, self.data_kind = setting, num_classes, data_kind
         self._checked = False
 
@@ -94,6 +100,12 @@ class LightningCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             fail("trainer", "one optimizer (regdial regroups it)", len(trainer.optimizers))
+        if sum(isinstance(c, LightningCallback) for c in getattr(trainer, "callbacks", ())) > 1:
+            fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
+                 Described("two"))  # fmt: skip
+        if self.session.applied is not None:  # fitted before: a new run, its own record and early stopping
+            self.session = self.session.fresh()
+            self._checked = False
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         applied = self.session.start(
             pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
