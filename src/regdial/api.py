@@ -143,6 +143,9 @@ def tune(
         seed=seed if sampler_seed is None else sampler_seed, run_dir=run_dir, study_name=study_name,
         grid_points=grid_points, retrain=retrain, progress=progress, identity=identity, kind=kind_of, epochs=full,
         reference_epochs=reference, patience=patience,
+        # Your data, without epochs given: the trials' length is the dial's to learn (a
+        # built-in task's length is known: it is the task's own).
+        learn_length=isinstance(objective, FitObjective) and epochs is None and objective.task is None,
     )  # fmt: skip
     result = search.run()
     if report and result.run_dir is not None:

@@ -47,6 +47,7 @@ from regdial.dial.result import TuneResult
 from regdial.dial.space import Space
 from regdial.dial.strategies import search_online, search_path, search_study
 from regdial.dial.study import open_storage
+from regdial.dial.timescale import TimeScale, recipe
 from regdial.knobs import retunable
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ if TYPE_CHECKING:
 __all__ = ["STRATEGIES", "Search"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_RUNS = 12
+"""Without a ``budget``: this many full trials' worth of epochs (of the learned length, when
+the length is the dial's to learn)."""
 
 
 class Search:
@@ -86,6 +91,11 @@ class Search:
         patience: early stopping inside trials of regdial's trainer (on the validation
             metric, keeping the best epoch), unless the space's base already sets it or
             the space searches it; the budget counts the epochs actually trained.
+        learn_length: the trials' length is the dial's to choose (regdial's trainer only):
+            before the budget is spent, the practitioner's recipe trains once for up to
+            eight times ``epochs`` and its curve sets the trials' length, their patience
+            and, without a ``budget``, a budget of ``DEFAULT_RUNS`` runs of that length
+            (``regdial.dial.timescale``); the recipe is the first trial.
 
     Neither ``objective`` nor ``space`` is changed: the search keeps its own (``self.space``
     is ``space`` with the patience, ``self.objective`` a copy on the one device given).
@@ -112,6 +122,7 @@ class Search:
         epochs: int = 30,
         reference_epochs: int | None = None,
         patience: int | None = None,
+        learn_length: bool = False,
     ) -> None:
         if not isinstance(space, Space):
             fail("space", "a regdial.Space", space)
@@ -128,12 +139,16 @@ class Search:
             if reference_epochs is None
             else check_int("reference_epochs", reference_epochs, low=1)
         )
+        self.given_space = space
         self.space = self._with_patience(space, patience)
         self._refuse_for_fixed_cost(budget, options.grid_points)
+        self.learn_length = bool(learn_length) and isinstance(objective, FitObjective)
+        self.budget_given = budget is not None
+        self.time_scale: TimeScale | None = None
         self.grid_points = options.grid_points or 4
         if self.strategy == "grid":
             self.space.grid(self.grid_points)  # refuse an oversized grid now
-        self.budget = Budget.parse(budget if budget is not None else 12 * self.reference)
+        self.budget = Budget.parse(budget if budget is not None else DEFAULT_RUNS * self.reference)
         self.run_dir = None if run_dir is None else Path(run_dir)
         if self.workers > 1 and self.run_dir is None and storage is None:
             fail("workers", "1 without a run directory or a storage URL to share", workers)
@@ -208,8 +223,48 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # regdial reports trials itself
         self.started = time.monotonic()  # a budget in minutes includes the path
         self._check_directory()
+        if self.learn_length:
+            self._learn_length()
         strategy = {"online": search_online, "path": search_path}.get(self.strategy, search_study)
         return finish(self, strategy(self))
+
+    def _learn_length(self) -> None:
+        """Probe the task's time scale (or read it back: a rerun resumes the same search),
+        then size the trials, their patience and the default budget by it."""
+        from regdial._io import read_json, write_json
+
+        saved = None if self.run_dir is None else self.run_dir / "timescale.json"
+        if saved is not None and saved.is_file():
+            scale = TimeScale(**read_json(saved, "the time scale regdial tune measured"))
+        else:
+            scale = self._probe()
+            if saved is not None:
+                write_json(saved, scale.to_dict())
+        self.time_scale = scale
+        self.epochs = self.reference = scale.epochs
+        self.space = self._with_patience(self.given_space, scale.patience)
+        if not self.budget_given:
+            self.budget = Budget.parse(DEFAULT_RUNS * scale.epochs)
+        runs = self.budget.amount / scale.epochs if self.budget.unit == "epochs" else None
+        minutes = self.budget.amount * scale.seconds_per_epoch / 60 if self.budget.unit == "epochs" else None
+        self.say(f"time scale: the practitioner's recipe validated best at epoch {scale.best_epoch} of "
+                 f"{scale.probe_epochs} (noise {scale.noise:.3g}, late slope {scale.slope:.3g} per epoch): trials "
+                 f"train up to {scale.epochs} epochs, stopping after {scale.patience} without a better score")  # fmt: skip
+        if runs is not None and minutes is not None:
+            self.say(f"budget: about {runs:.0f} runs of ~{scale.epochs} epochs ({self.budget.amount:,.0f} epochs): "
+                     f"~{max(1, round(minutes))} minutes on this machine, after the probe's {scale.probe_epochs}")  # fmt: skip
+
+    def _probe(self) -> TimeScale:
+        """Train the practitioner's recipe once, up to eight times the usual length."""
+        objective = self.objective
+        assert isinstance(objective, FitObjective)
+        cap = 8 * self.reference
+        setting = recipe(self.given_space)
+        if not setting.early_stopping:
+            setting = setting.replace(early_stopping=max(10, cap // 6))
+        self.say(f"probing the time scale: {_described(setting)} for up to {cap} epochs")
+        history = objective.fit(setting, epochs=cap, monitor=objective.metric, restore_best=True)
+        return TimeScale.read(history, objective.metric, reference=self.reference, cap=cap)
 
     def _check_directory(self) -> None:
         """A directory holds one search: never a run's, never two searches' files mixed."""
@@ -288,3 +343,11 @@ class Search:
         if fresh:
             shutil.rmtree(staging, ignore_errors=True)
         return staging
+
+
+def _described(setting: Any) -> str:
+    active = setting.active()
+    return (
+        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in active.items())
+        or "no regularization"
+    )

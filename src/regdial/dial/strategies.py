@@ -39,6 +39,7 @@ from regdial.dial.online import OnlineController
 from regdial.dial.path import regularization_path
 from regdial.dial.result import TuneResult
 from regdial.dial.study import open_storage, path_claim, pruner, sampler, search_trials
+from regdial.dial.timescale import recipe_params
 from regdial.dial.workers import Worker, spawn
 from regdial.setting import Regularization
 from regdial.training.history import higher_is_better
@@ -121,6 +122,8 @@ def search_study(search: Search) -> TuneResult:
         pruner=pruner(search.strategy, search.reference),
     )  # fmt: skip
     search.check_identity(study)
+    if search.time_scale is not None and search.strategy != "grid":  # the probe's recipe: the first trial
+        study.enqueue_trial(recipe_params(search.space), skip_if_exists=True)
     if search.strategy == "auto":
         _warm_start(search, study, storage)
     search.say(f"searching {', '.join(search.space.knobs)} with budget {search.budget} "
