@@ -236,10 +236,10 @@ def judge(expectation: str, call: Callable[[], object], words: str = "") -> tupl
     """(verdict, what came back). Verdicts: right, silent, not one line, misworded (one line
     that blames something else), refused, reworded."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                call()
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+        with quiet[0], quiet[1], warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
     except Exception as error:
         text = f"{type(error).__name__}: {error}"
         one_line = isinstance(error, InputError) and "\n" not in str(error)

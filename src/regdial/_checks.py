@@ -24,6 +24,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_range",
+    "check_real",
     "fail",
     "shorten",
     "unknown_key",
@@ -120,6 +121,14 @@ def _is_real_scalar(value: object) -> bool:
     except (TypeError, ValueError, RuntimeError):
         return False
     return True
+
+
+def check_real(field: str, value: object) -> float:
+    """Return ``value`` as a float if it is a real number (NaN and infinities included: a
+    diverged loss is a value to record). Strings, booleans and None are refused."""
+    if not _is_real_scalar(value):
+        fail(field, "a number", value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_int(field: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
