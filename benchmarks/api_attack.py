@@ -26,7 +26,7 @@ import math
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,13 +232,20 @@ WORDS = {
 }
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Prints, logging and warnings of a call swallowed (the verdict is what it raises)."""
+    out, err = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with out, err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def judge(expectation: str, call: Callable[[], object], words: str = "") -> tuple[str, str]:
     """(verdict, what came back). Verdicts: right, silent, not one line, misworded (one line
     that blames something else), refused, reworded."""
     try:
-        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-        with quiet[0], quiet[1], warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             call()
     except Exception as error:
         text = f"{type(error).__name__}: {error}"

@@ -137,7 +137,10 @@ def check_int(field: str, value: object, *, low: int | None = None, high: int | 
     index = getattr(value, "__index__", None)
     if isinstance(value, bool) or index is None:
         fail(field, allowed, value)
-    number: int = index()
+    try:
+        number: int = index()
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several elements, a float tensor
+        fail(field, allowed, value)
     if (low is not None and number < low) or (high is not None and number > high):
         fail(field, allowed, value)
     return number

@@ -118,7 +118,8 @@ def tune(
     strategy = check_choice("strategy", strategy, STRATEGIES)
     _check_arguments(space=space, num_classes=num_classes, kind=kind, model_options=model_options, loss_fn=loss_fn,
                      metrics=metrics, metric=metric, epochs=epochs, lr=lr, batch_size=batch_size, base=base,
-                     progress=progress, output=output, run_dir=run_dir)  # fmt: skip
+                     progress=progress, output=output, run_dir=run_dir, seed=seed, sampler_seed=sampler_seed,
+                     flags={"deterministic": deterministic, "retrain": retrain, "report": report})  # fmt: skip
     objective, name = _objective(
         task, train=train, val=val, test=test, data=data, num_classes=num_classes, kind=kind, target=target,
         model=model, model_options=model_options, loss_fn=loss_fn, metrics=metrics, metric=metric, epochs=epochs,
@@ -165,7 +166,7 @@ def tune(
 def _check_arguments(
     *, space: object, num_classes: object, kind: object, model_options: object, loss_fn: object, metrics: object,
     metric: object, epochs: object, lr: object, batch_size: object, base: object, progress: object, output: object,
-    run_dir: object,
+    run_dir: object, seed: object, sampler_seed: object, flags: Mapping[str, object],
 ) -> None:  # fmt: skip
     """The arguments every form of ``tune`` shares, checked before anything trains."""
     from regdial.training.fit import check_metrics, check_options
@@ -175,6 +176,12 @@ def _check_arguments(
     if base is not None and not isinstance(base, Regularization):
         fail("base", "a regdial.Regularization", base)
     check_choice("kind", kind, ("auto", "classification", "regression"))
+    check_int("seed", seed, low=0, high=2**32 - 1)  # it seeds the sampler too (numpy: below 2**32)
+    if sampler_seed is not None:
+        check_int("sampler_seed", sampler_seed, low=0, high=2**32 - 1)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            fail(name, "true or false", flag)
     if num_classes is not None:
         check_int("num_classes", num_classes, low=2, high=10**7)
     if epochs is not None:
