@@ -220,6 +220,10 @@ class History:
         if "history" not in path.stem and logs.looks_like_lightning(header):
             kind, table, meta = logs.from_lightning_rows(rows, header, str(path))
             return cls(kind, table, **meta)
+        counter = logs.step_column(header)
+        if counter is not None:  # a loop that logs steps: losses on rows of their own, read by step
+            kind, table, meta = logs.from_step_rows(rows, header, counter, str(path))
+            return cls(kind, table, **meta)
         kind = (
             "regression" if "val_rmse" in header else "classification" if "val_accuracy" in header else None
         )

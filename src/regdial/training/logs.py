@@ -28,7 +28,19 @@ from typing import Any
 from regdial._checks import shorten
 from regdial._io import damaged, read_text
 
-__all__ = ["from_lightning_rows", "from_trainer_state", "looks_like_lightning", "normalize", "read_csv"]
+__all__ = [
+    "STEP_COLUMNS",
+    "from_lightning_rows",
+    "from_step_rows",
+    "from_trainer_state",
+    "looks_like_lightning",
+    "normalize",
+    "read_csv",
+    "step_column",
+]
+
+STEP_COLUMNS = ("step", "global_step", "iteration", "iter", "steps")
+"""The x columns of a log counted in optimizer steps (most language-model loops log these)."""
 
 
 def normalize(name: str) -> str:
@@ -65,6 +77,13 @@ def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
 def looks_like_lightning(header: list[str]) -> bool:
     """Lightning's CSVLogger writes a ``step`` column beside ``epoch``."""
     return "step" in header and "epoch" in header
+
+
+def step_column(header: list[str]) -> str | None:
+    """The step column of a CSV log without an ``epoch`` column, if it has one."""
+    if "epoch" in header:
+        return None
+    return next((name for name in header if name.strip().lower() in STEP_COLUMNS), None)
 
 
 Table = tuple[str | None, list[dict[str, float]], dict[str, Any]]
@@ -108,6 +127,35 @@ def from_lightning_rows(rows: list[dict[str, str]], header: list[str], where: st
             if math.isfinite(value) or key in ("train_loss", "val_loss"):
                 row[key] = value
     return _table([by_epoch[e] for e in sorted(by_epoch)], where, source="lightning", log=where)
+
+
+def from_step_rows(rows: list[dict[str, str]], header: list[str], counter: str, where: str) -> Table:
+    """A log by step as one row per evaluation: each row with a validation loss, its step as
+    the row's ``epoch`` (``epoch_unit`` "step"), and the training loss of that step or, when
+    training losses sit on rows of their own, their mean since the previous evaluation."""
+    table: list[dict[str, float]] = []
+    pending: list[float] = []
+    for line, record in enumerate(rows, start=2):
+        values: dict[str, float] = {}
+        for name, text in record.items():
+            if not name or text in ("", None):
+                continue
+            try:
+                values[normalize(name) if name != counter else "epoch"] = float(text)
+            except ValueError:
+                damaged(where, "numbers in every cell", f"{shorten(str(text), 20)!r} at line {line}")
+        if "epoch" not in values:
+            continue
+        if "train_loss" in values and "val_loss" not in values:
+            pending.append(values["train_loss"])
+            continue
+        if "val_loss" in values:
+            if "train_loss" not in values and pending:
+                values["train_loss"] = sum(pending) / len(pending)
+            pending = []
+            if "train_loss" in values:
+                table.append(values)
+    return _table(table, where, source="csv", log=where, epoch_unit="step")
 
 
 def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:
