@@ -8,6 +8,7 @@ by step and the diagnosis words its answer in steps.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 from collections.abc import Callable
@@ -73,3 +74,51 @@ def test_a_loss_only_log_that_stays_high_is_underfitting(tmp_path: Path) -> None
     result = diagnose(History.load(log))
     assert result.state == "underfitting", result.message
     assert "records no setting" in result.message and "already off" not in result.message
+
+
+def _overfitting_rows() -> list[dict[str, float]]:
+    return [{"epoch": float(e), "train_loss": 2.0 * math.exp(-e / 4), "val_loss": 1.0 + 0.02 * (e - 8) ** 2}
+            for e in range(1, 17)]  # fmt: skip
+
+
+def test_a_lightning_log_directory_prefers_regdials_own_history(tmp_path: Path) -> None:
+    """metrics.csv beside the callback's regdial_history.json: the one that records the setting wins."""
+    from regdial.cli import main
+
+    directory = tmp_path / "lightning_logs" / "version_0"
+    directory.mkdir(parents=True)
+    rows = _overfitting_rows()
+    with (directory / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", "train_loss", "val_loss"])
+        for row in rows:
+            writer.writerow(
+                [int(row["epoch"]) - 1, int(row["epoch"]) * 10, row["train_loss"], row["val_loss"]]
+            )
+    History(None, rows, setting={"weight_decay": 0.05}).save(tmp_path / "scratch")
+    (tmp_path / "scratch" / "history.json").rename(directory / "regdial_history.json")
+    history = History.load(directory)
+    assert history.meta["setting"] == {"weight_decay": 0.05}
+    result = diagnose(history)
+    assert result.setting_known and result.moves["weight_decay"] > 0.05  # turned up from 0.05, not from off
+    main(["diagnose", str(directory)])  # returns on success
+
+
+def test_a_trainer_output_directory_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Hugging Face output directory: regdial_history.json if the callback wrote it, else the
+    newest checkpoint-N/trainer_state.json."""
+    from regdial.cli import main
+
+    log = [entry for row in _overfitting_rows() for entry in (
+        {"epoch": row["epoch"], "loss": row["train_loss"]}, {"epoch": row["epoch"], "eval_loss": row["val_loss"]})]  # fmt: skip
+    for step in (8, 16):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        state = {"log_history": log[: 2 * step]}
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    history = History.load(tmp_path)
+    assert history.meta["source"] == "huggingface" and len(history) == 16  # the newest checkpoint's
+    main(["diagnose", str(tmp_path)])
+    assert capsys.readouterr().out.startswith("overfitting")
+    History(None, _overfitting_rows(), setting={"dropout": 0.2}).save(tmp_path / "scratch")
+    (tmp_path / "scratch" / "history.json").rename(tmp_path / "regdial_history.json")
+    assert History.load(tmp_path).meta["setting"] == {"dropout": 0.2}
