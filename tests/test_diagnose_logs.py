@@ -122,3 +122,25 @@ def test_a_trainer_output_directory_is_read(tmp_path: Path, capsys: pytest.Captu
     History(None, _overfitting_rows(), setting={"dropout": 0.2}).save(tmp_path / "scratch")
     (tmp_path / "scratch" / "history.json").rename(tmp_path / "regdial_history.json")
     assert History.load(tmp_path).meta["setting"] == {"dropout": 0.2}
+
+
+def test_a_tensorboard_log_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Event files written by torch's SummaryWriter under Hugging Face's tag names, read by
+    TensorBoard's own reader: the language model's overfitting, by step."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from regdial.cli import main
+
+    writer = SummaryWriter(str(tmp_path / "runs"))
+    train = falling(2.48, 0.56)
+    for i in range(1, EVALUATIONS + 1):
+        for k in range(5):
+            writer.add_scalar("train/loss", train(i), i * 250 - 200 + k * 50)
+        writer.add_scalar("eval/loss", language_model_validation(i), i * 250)
+    writer.close()
+    history = History.load(tmp_path / "runs")
+    assert history.meta["source"] == "tensorboard" and len(history) == EVALUATIONS
+    assert diagnose(history).state == "overfitting"
+    main(["diagnose", str(tmp_path / "runs")])
+    assert capsys.readouterr().out.startswith("overfitting since step")

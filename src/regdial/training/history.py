@@ -218,6 +218,9 @@ class History:
         from regdial.training import logs
 
         path = Path(path)
+        if path.is_dir() and log_in(path) is None and logs.is_tensorboard(path):
+            kind, table, meta = logs.from_tensorboard(path)
+            return cls(kind, table, **meta)
         if path.is_dir():
             found = log_in(path)
             if found is None:

@@ -32,7 +32,9 @@ __all__ = [
     "STEP_COLUMNS",
     "from_lightning_rows",
     "from_step_rows",
+    "from_tensorboard",
     "from_trainer_state",
+    "is_tensorboard",
     "looks_like_lightning",
     "normalize",
     "read_csv",
@@ -156,6 +158,46 @@ def from_step_rows(rows: list[dict[str, str]], header: list[str], counter: str, 
             if "train_loss" in values:
                 table.append(values)
     return _table(table, where, source="csv", log=where, epoch_unit="step")
+
+
+TENSORBOARD_TAGS = {"train_loss": "train_loss", "loss": "train_loss", "loss_train": "train_loss",
+                    "training_loss": "train_loss", "val_loss": "val_loss", "loss_val": "val_loss",
+                    "validation_loss": "val_loss", "test_loss": "test_loss"}  # fmt: skip
+"""Tag names (normalized: ``/`` as ``_``) that mean the losses, as trainers write them:
+``train/loss``, ``eval/loss`` (Hugging Face), ``val_loss`` (Lightning), ``Loss/train``."""
+
+
+def is_tensorboard(directory: Path) -> bool:
+    """Whether ``directory`` (or a folder in it) holds TensorBoard event files."""
+    return any(directory.glob("events.out.tfevents.*")) or any(directory.glob("*/events.out.tfevents.*"))
+
+
+def from_tensorboard(directory: Path) -> Table:
+    """A TensorBoard log directory's scalars, read by TensorBoard's own reader, as a log by step."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # type: ignore[import-untyped]
+    except ImportError:
+        from regdial._checks import Described, fail
+
+        fail("history", "a log regdial can read without TensorBoard (pip install 'regdial[tensorboard]')",
+             Described(f"{directory}, TensorBoard event files"))  # fmt: skip
+    runs = sorted({p.parent for p in directory.glob("**/events.out.tfevents.*")})
+    by_step: dict[float, dict[str, float]] = {}
+    for run in runs:  # Lightning and Hugging Face may split train and eval into sub-folders
+        accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        prefix = "" if run == directory else run.name.lower()
+        for tag in accumulator.Tags().get("scalars", []):
+            name = normalize(tag)
+            if prefix in ("train", "eval", "validation", "val") and name in ("loss", "train_loss"):
+                name = "train_loss" if prefix == "train" else "val_loss"
+            name = TENSORBOARD_TAGS.get(name.lower(), name)
+            for event in accumulator.Scalars(tag):
+                by_step.setdefault(float(event.step), {"step": float(event.step)})[name] = float(event.value)
+    rows = [{k: str(v) for k, v in by_step[step].items()} for step in sorted(by_step)]
+    header = sorted({k for row in rows for k in row})
+    kind, table, meta = from_step_rows(rows, header, "step", str(directory))
+    return kind, table, meta | {"source": "tensorboard"}
 
 
 def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:
