@@ -165,7 +165,8 @@ def test_an_objective_is_tuned_and_pruned() -> None:
     result = tune(train, space=space, metric="val_accuracy", epochs=8, budget="10 trials")
     pruned = [t for t in result.trials if t["state"] == "pruned"]
     assert pruned and all(t["epochs"] < 8 for t in pruned)
-    assert result.path and result.retrain["baseline"]["final"]["val_accuracy"] > 0
+    assert not result.path  # it never calls trial.save_weights: no warm-started path, TPE from the start
+    assert result.retrain["baseline"]["final"]["val_accuracy"] > 0
     assert math.isfinite(result.best_value)
 
 

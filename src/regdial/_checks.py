@@ -24,6 +24,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_range",
+    "check_real",
     "fail",
     "shorten",
     "unknown_key",
@@ -122,13 +123,24 @@ def _is_real_scalar(value: object) -> bool:
     return True
 
 
+def check_real(field: str, value: object) -> float:
+    """Return ``value`` as a float if it is a real number (NaN and infinities included: a
+    diverged loss is a value to record). Strings, booleans and None are refused."""
+    if not _is_real_scalar(value):
+        fail(field, "a number", value)
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_int(field: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
     """Return ``value`` if it is an integer (not a bool, not a float) in ``[low, high]``."""
     allowed = "an integer " + _interval(low, high, False, False)
     index = getattr(value, "__index__", None)
     if isinstance(value, bool) or index is None:
         fail(field, allowed, value)
-    number: int = index()
+    try:
+        number: int = index()
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several elements, a float tensor
+        fail(field, allowed, value)
     if (low is not None and number < low) or (high is not None and number > high):
         fail(field, allowed, value)
     return number

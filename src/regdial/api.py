@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from regdial._checks import Described, InputError, check_choice, fail
+from regdial._checks import Described, InputError, check_choice, check_int, check_range, fail
 from regdial.dial.objective import FitObjective, UserObjective, import_name, import_string
 from regdial.dial.options import STRATEGIES
 from regdial.dial.result import TuneResult
@@ -81,6 +81,7 @@ def tune(
     report: bool = True,
     progress: Callable[[str], None] | None = None,
     base: Regularization | None = None,
+    output: Callable[[Any], Any] | None = None,
 ) -> TuneResult:
     """Search ``space`` (default: the knobs that apply) for the setting that generalizes best.
 
@@ -111,13 +112,20 @@ def tune(
         report: write ``report.html`` (and the tuned run's own) into ``run_dir``.
         progress: called with each line of progress (None: logging only).
         base: the fixed knobs of the default space (ignored when ``space`` is given).
+        output: for your own model, ``output(model_output) -> logits`` (see ``fit``).
+
+    Every argument is checked here, before anything trains: a bad one is one line naming it.
     """
     strategy = check_choice("strategy", strategy, STRATEGIES)
+    _check_arguments(space=space, num_classes=num_classes, kind=kind, model_options=model_options, loss_fn=loss_fn,
+                     metrics=metrics, metric=metric, epochs=epochs, lr=lr, batch_size=batch_size, base=base,
+                     progress=progress, output=output, run_dir=run_dir, seed=seed, sampler_seed=sampler_seed,
+                     flags={"deterministic": deterministic, "retrain": retrain, "report": report})  # fmt: skip
     objective, name = _objective(
         task, train=train, val=val, test=test, data=data, num_classes=num_classes, kind=kind, target=target,
         model=model, model_options=model_options, loss_fn=loss_fn, metrics=metrics, metric=metric, epochs=epochs,
         lr=lr, batch_size=batch_size, optimizer=optimizer, device=device, precision=precision, seed=seed,
-        deterministic=deterministic,
+        deterministic=deterministic, output=output,
     )  # fmt: skip
     patience = None
     reference = None
@@ -159,17 +167,62 @@ def tune(
     return result
 
 
+def _check_arguments(
+    *, space: object, num_classes: object, kind: object, model_options: object, loss_fn: object, metrics: object,
+    metric: object, epochs: object, lr: object, batch_size: object, base: object, progress: object, output: object,
+    run_dir: object, seed: object, sampler_seed: object, flags: Mapping[str, object],
+) -> None:  # fmt: skip
+    """The arguments every form of ``tune`` shares, checked before anything trains."""
+    from regdial.training.fit import check_metrics, check_options
+
+    if space is not None and not isinstance(space, Space):
+        fail("space", "a regdial.Space (Space(weight_decay=(1e-5, 1e-1), dropout=(0, 0.5)))", space)
+    if base is not None and not isinstance(base, Regularization):
+        fail("base", "a regdial.Regularization", base)
+    check_choice("kind", kind, ("auto", "classification", "regression"))
+    check_int("seed", seed, low=0, high=2**32 - 1)  # it seeds the sampler too (numpy: below 2**32)
+    if sampler_seed is not None:
+        check_int("sampler_seed", sampler_seed, low=0, high=2**32 - 1)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            fail(name, "true or false", flag)
+    if num_classes is not None:
+        check_int("num_classes", num_classes, low=2, high=10**7)
+    if epochs is not None:
+        check_int("epochs", epochs, low=1, high=10**6)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, low=1)
+    if lr is not None:
+        check_range("lr", lr, low=0, low_open=True)
+    if metric is not None and not (isinstance(metric, str) and metric):
+        fail(
+            "metric",
+            "the name of the score to optimize (accuracy, rmse, val_loss, or one you report)",
+            metric,
+        )
+    check_options("model_options", model_options)
+    check_metrics("metrics", metrics)
+    for name, value in (("loss_fn", loss_fn), ("progress", progress), ("output", output)):
+        if value is not None and not callable(value):
+            fail(name, "a function (or None)", value)
+    if run_dir is not None and (not isinstance(run_dir, str | Path) or not str(run_dir)):
+        fail("run_dir", "a directory path (or None to keep the study in memory)", run_dir)
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        fail("run_dir", "a directory (or a path to create one at)", Described(f"{str(run_dir)!r}, a file"))
+
+
 def _objective(
     task: object, *, train: Any, val: Any, test: Any, data: Any, num_classes: int | None, kind: str,
     target: str | None, model: str | None, model_options: Mapping[str, Any] | None, loss_fn: Any, metrics: Any,
     metric: str | None, epochs: int | None, lr: float | None, batch_size: int | None, optimizer: str, device: str,
-    precision: str, seed: int, deterministic: bool = False,
+    precision: str, seed: int, deterministic: bool = False, output: Any = None,
 ) -> tuple[FitObjective | UserObjective, str]:  # fmt: skip
     """The objective ``tune`` was given, and the search's name for it."""
     common: dict[str, Any] = {
         "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "device": device,
         "precision": precision, "model_options": dict(model_options or {}), "loss_fn": loss_fn, "metrics": metrics,
         "metric_name": metric, "num_classes": num_classes, "kind": kind, "deterministic": deterministic,
+        "output": output,
     }  # fmt: skip
     has_data = train is not None or val is not None or data is not None
     for name, value in (("model", model), ("data", data)):
@@ -206,7 +259,7 @@ def _objective(
             return _factory_objective(None, task, train, val, test, data, common), getattr(
                 task, "__name__", "model"
             )
-        for name in ("loss_fn", "metrics", "lr", "batch_size", "num_classes"):
+        for name in ("loss_fn", "metrics", "lr", "batch_size", "num_classes", "output"):
             if common.get(name) is not None:
                 fail(name, "unset for your own training code (your objective trains; it reports to the trial)",
                      Described("given"))  # fmt: skip

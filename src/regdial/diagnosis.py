@@ -7,14 +7,17 @@ around the smooth curve. A change counts only when it beats both a relative thre
 and ``2 * sigma``. In this order:
 
 1. **diverged**: a loss is NaN or infinite (or the run says it diverged).
-2. **overfitting**: the smoothed validation loss rose above its minimum by more than
-   ``RISE`` (5%) of that minimum, while the training loss kept falling; or the model has
-   memorized its training data: for classification, train accuracy >= 99%, at least
-   ``MEMORIZED_GAP`` (5 points) above validation, and a training loss under a tenth of
-   the validation loss; for regression, train R^2 at least ``MEMORIZED_GAP`` above
-   validation R^2 and a training loss under half the validation loss. Overfitting began
-   at the smoothed minimum (or, for memorization, where the smoothed gap first passed half
-   its final size).
+2. **overfitting**: the smoothed validation loss rose above its minimum beyond its noise
+   (``2 * sigma``, and at least ``RISE_FLOOR``, 1%, of that minimum), while the training
+   loss kept falling: whatever the metric columns, a loss-only log included (a language
+   model's train 2.48 -> 0.56 while validation rose from 2.635 to 2.767 is overfitting). Or
+   the model has memorized its training data while validation no longer improves: for
+   classification, train accuracy >= 99%, at least ``MEMORIZED_GAP`` (5 points) above
+   validation, and a training loss under a tenth of the validation loss; for regression,
+   train R^2 at least ``MEMORIZED_GAP`` above validation R^2 and a training loss under
+   half the validation loss (a steady gap while validation still improves is not
+   overfitting yet). Overfitting began at the smoothed minimum (or, for memorization,
+   where the smoothed validation loss reached its final plateau).
 3. **underfitting**: the final smoothed training loss is more than ``UNDERFIT`` (40%) of
    an untrained model's: ``ln C`` for C classes, or ``1 - R^2`` above 0.4 in regression.
    The model cannot fit even its training data. Above 100% (worse than untrained) the
@@ -30,10 +33,12 @@ applies it. The setting is the run's own (``history.meta["setting"]``, which ``f
 records) unless one is given.
 
 Only ``epoch``, ``train_loss`` and ``val_loss`` are needed, so any tool's log can be read
-(``History.load`` takes Lightning's ``metrics.csv`` and Hugging Face's
-``trainer_state.json``); the memorization test needs train and validation accuracy (or
-R^2), and the underfitting test the number of classes (else the first epoch's training
-loss stands in for an untrained model's).
+(``History.load`` takes Lightning's ``metrics.csv``, Hugging Face's ``trainer_state.json``,
+TensorBoard event files, and CSVs by epoch or by step); the memorization test needs train
+and validation accuracy (or R^2), and the underfitting test the number of classes (else
+the first row's training loss stands in for an untrained model's). A log counted in steps
+is read and worded in steps. A log that records no setting gets advice that says so: it
+cannot tell which knobs are already on.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = ["Diagnosis", "State", "diagnose", "smooth"]
 State = Literal["diverged", "overfitting", "underfitting", "still improving", "good fit"]
 
 RISE = 0.05
+RISE_FLOOR = 0.01
 MEMORIZED_GAP = 0.05
 UNDERFIT = 0.4
 IMPROVING = 0.02
@@ -88,6 +94,7 @@ class Diagnosis:
     direction: int = 0  # +1: regularize more; -1: less; 0: leave the strengths
     moves: dict[str, Any] = field(default_factory=dict)
     details: dict[str, float] = field(default_factory=dict)
+    setting_known: bool = True
 
     def suggest(self, setting: Regularization) -> Regularization:
         """``setting`` with this diagnosis's moves applied."""
@@ -168,9 +175,15 @@ def diagnose(
     advice concrete."""
     if not isinstance(history, History):
         fail("history", "a regdial History", history)
+    known = setting is not None
     if setting is None:
-        recorded = history.meta.get("setting") or history.meta.get("summary", {}).get("setting")
+        summary = history.meta.get("summary")
+        recorded = history.meta.get("setting") or (
+            summary.get("setting") if isinstance(summary, dict) else None
+        )
+        known = isinstance(recorded, dict)
         setting = Regularization.from_dict(recorded) if isinstance(recorded, dict) else Regularization()
+    unit = str(history.meta.get("epoch_unit") or "epoch")
     n = len(history)
     if n == 0:
         fail("history", "at least one epoch", 0)
@@ -186,11 +199,12 @@ def diagnose(
             ),
             None,
         )
-        where = f"at epoch {bad}" if bad is not None else f"after epoch {epochs[-1]}"
+        where = f"at {unit} {bad}" if bad is not None else f"after {unit} {epochs[-1]}"
         return Diagnosis(
             "diverged",
             f"diverged {where}: the loss became non-finite; lower the learning rate, then look again",
             best,
+            setting_known=known,
         )
     smooth_train, _ = smooth(train)
     smooth_val, sigma = smooth(val)
@@ -205,20 +219,25 @@ def diagnose(
         moves = _moves(setting, direction, history.kind)
         advice = _describe(moves, setting)
         text = message + (f": {advice}" if advice else "")
+        if advice and not known:
+            text += " (the log records no setting: the advice starts from every knob off)"
         if direction > 0 and early is not None:
-            text += f"; early stopping (patience {stopper.patience}) would have stopped at {early}"
-        return Diagnosis(state, text, best, overfit_epoch, gap, early, direction, moves, details)
+            text += f"; early stopping (patience {stopper.patience}) would have stopped at {'' if unit == 'epoch' else unit + ' '}{early}"
+        return Diagnosis(state, text, best, overfit_epoch, gap, early, direction, moves, details, known)
 
     if n < 3:
-        return make("still improving", f"only {n} epoch{'s' * (n > 1)}: too few to judge; train longer", 0)
+        return make("still improving", f"only {n} {unit}{'s' * (n > 1)}: too few to judge; train longer", 0)
 
     rise = smooth_val[-1] - smooth_val[low]
     train_fell = (
         smooth_train[-1] < smooth_train[low] - 2 * sigma or smooth_train[-1] < smooth_train[low] * 0.95
     )
-    if low < n - 1 and rise > max(RISE * smooth_val[low], 2 * sigma) and train_fell:
+    if low < n - 1 and rise > max(RISE_FLOOR * smooth_val[low], 2 * sigma) and train_fell:
         details["rise"] = rise
-        return make("overfitting", f"overfitting since epoch {epochs[low]}, gap {gap:.3g}", +1, epochs[low])
+        return make("overfitting", f"overfitting since {unit} {epochs[low]}, gap {gap:.3g}", +1, epochs[low])
+    quarter = max(1, n // 4)
+    fall = smooth_val[-1 - quarter] - smooth_val[-1]
+    improving = fall > max(IMPROVING * smooth_val[-1], 2 * sigma)
     columns = history.columns
     memorized, measure, train_fit, val_fit = False, "", math.nan, math.nan
     if {"train_accuracy", "val_accuracy"} <= set(columns):
@@ -229,12 +248,14 @@ def diagnose(
         train_fit, val_fit = history.column("train_r2")[-1], history.column("val_r2")[-1]
         memorized = train_fit - val_fit >= MEMORIZED_GAP and smooth_train[-1] < 0.5 * smooth_val[-1]
         measure = "R^2"
-    if memorized:
-        since = next((epochs[i] for i in range(n) if gaps[i] >= 0.5 * gap), epochs[-1])
+    if memorized and not improving:
+        # Since validation stopped improving: before that the gap was the price of learning.
+        plateau = smooth_val[-1] + max(IMPROVING * smooth_val[-1], 2 * sigma)
+        since = next((epochs[i] for i in range(n) if smooth_val[i] <= plateau), epochs[-1])
         details["fit_gap"] = train_fit - val_fit
         style = ".1%" if measure == "accuracy" else ".3f"
         message = (
-            f"overfitting since epoch {since}: the training data is memorized "
+            f"overfitting since {unit} {since}: the training data is memorized "
             f"(train {measure} {train_fit:{style}}, validation {val_fit:{style}}), gap {gap:.3g}"
         )
         return make("overfitting", message, +1, since)
@@ -260,24 +281,33 @@ def diagnose(
             f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g})"
         )
         moves = _moves(setting, -1, history.kind)
-        if not moves:
+        if not known:
+            message += (
+                "; the log records no setting, so which regularization is on is unknown: loosen any that is, "
+                "else use a bigger model, a higher learning rate or more epochs"
+            )
+        elif not moves:
             message += (
                 "; regularization is already off: use a bigger model, a higher learning rate or more epochs"
             )
         return make("underfitting", message, -1)
 
-    quarter = max(1, n // 4)
-    fall = smooth_val[-1 - quarter] - smooth_val[-1]
-    if fall > max(IMPROVING * smooth_val[-1], 2 * sigma):
+    if improving:
         details["recent_fall"] = fall
         return make(
             "still improving",
-            f"still improving at epoch {epochs[-1]} (validation loss fell {fall:.3g} over the last {quarter} epochs): "
+            f"still improving at {unit} {epochs[-1]} (validation loss fell {fall:.3g} over the last {quarter} "
+            f"{unit}s): "
             "train longer before turning the dial",
             0,
         )
     return make(
         "good fit",
-        f"good fit: best epoch {best}, gap {gap:.3g}; the strengths are close to right",
+        f"good fit: best {unit} {best}, gap {gap:.3g}"
+        + (
+            "; the strengths are close to right"
+            if known
+            else "; whatever the log's setting was, it is close to right"
+        ),
         0,
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regdial._checks import check_choice, check_range, fail, unknown_key
+from regdial._checks import Described, check_choice, check_range, fail, unknown_key
 from regdial._io import read_toml
 from regdial.blocks.schedules import Schedule, Strength, check_strength, schedule_from_dict
 from regdial.knobs import GROUP_LAYOUTS, KNOBS, PENALTIES_IN
@@ -173,3 +173,25 @@ class Regularization:
         document = read_toml(source)
         table = document.get("regularization", document)
         return cls.from_dict(table)
+
+
+def _keywords_checked(generated: Any) -> Any:
+    """The dataclass's ``__init__`` behind a check that words an unknown or extra argument
+    as the one-line error a TOML key gets, not Python's ``TypeError``."""
+    import functools
+
+    @functools.wraps(generated)
+    def checked_init(self: Regularization, *args: Any, **kwargs: Any) -> None:
+        known = Regularization.names()
+        for key in kwargs:
+            if key not in known:
+                raise unknown_key("regularization", key, known)
+        if args:
+            fail("Regularization", "given its knobs by name (Regularization(dropout=0.1))",
+                 Described(f"{len(args)} positional value{'s' * (len(args) > 1)}"))  # fmt: skip
+        generated(self, **kwargs)
+
+    return checked_init
+
+
+setattr(Regularization, "__init__", _keywords_checked(Regularization.__init__))  # noqa: B010 - mypy keeps the dataclass's signature

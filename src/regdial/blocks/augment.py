@@ -45,6 +45,7 @@ __all__ = [
     "TabularAugment",
     "TokenAugment",
     "augmentation",
+    "option_names",
 ]
 
 
@@ -294,6 +295,18 @@ KINDS: dict[str, type[Augment]] = {
     "tokens": TokenAugment,
     "embeddings": EmbeddingNoise,
 }
+
+
+def option_names() -> set[str]:
+    """Every option a preset takes (``augment_options``' keys), across the kinds of data."""
+    import inspect
+
+    return {
+        name
+        for preset in KINDS.values()
+        for name, parameter in inspect.signature(preset).parameters.items()
+        if parameter.kind == parameter.KEYWORD_ONLY
+    }
 
 
 def augmentation(kind: str, strength: Strength = 0.5, **options: Any) -> Augment:

@@ -45,7 +45,8 @@ def diagnose_command(
     path: Annotated[
         Path,
         typer.Argument(
-            help="A run directory, a history.csv/.json, a Lightning metrics.csv or a trainer_state.json."
+            help="A run directory (or a search's: its chosen run), a Hugging Face Trainer's output directory, a "
+            "Lightning log directory, or a history.csv/.json, metrics.csv, trainer_state.json or step-by-step CSV."
         ),
     ],
 ) -> None:
@@ -56,8 +57,12 @@ def diagnose_command(
     from regdial.training.history import History
 
     if path.is_dir() and (path / "result.json").is_file() and not (path / "history.csv").is_file():
-        fail("history", f"a run directory; {path} is a search's, whose chosen setting's run is {path / 'best'}",
-             str(path))  # fmt: skip
+        best = path / "best"
+        if not (best / "history.json").is_file():
+            fail("history", "a run directory; this is a search's, and its chosen setting was not trained again "
+                 "into best/ (run the search with retrain, or diagnose a run)", str(path))  # fmt: skip
+        make_console().print(f"the search's chosen setting, trained again: {best}")
+        path = best
     history = History.load(path)
     setting = None
     summary = (path if path.is_dir() else path.parent) / "summary.json"

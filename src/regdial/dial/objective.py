@@ -126,6 +126,7 @@ class FitObjective:
     loaders: tuple[Any, Any, Any] | None = field(default=None, repr=False, compare=False)
     loss_fn: Any = field(default=None, repr=False, compare=False)
     metrics: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    output: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
     metric_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -245,7 +246,7 @@ class FitObjective:
             "epochs": self.full_epochs, "seed": self.seed, "lr": self.lr, "batch_size": self.batch_size,
             "optimizer": self.optimizer, "device": self.device, "precision": self.precision, "progress": False,
             "deterministic": self.deterministic,
-            "loss_fn": self.loss_fn, "metrics": self.metrics, "metric": self.metric_name,
+            "loss_fn": self.loss_fn, "metrics": self.metrics, "metric": self.metric_name, "output": self.output,
         }  # fmt: skip
         options.update(kwargs)
         data = self.dataset
@@ -289,7 +290,13 @@ class FitObjective:
     def to_dict(self) -> dict[str, Any]:
         """The plain fields another process rebuilds this objective from."""
         factory_unnamed = self.model_factory is not None and not (self.model and ":" in self.model)
-        if factory_unnamed or self.loaders is not None or self.loss_fn is not None or self.metrics:
+        if (
+            factory_unnamed
+            or self.loaders is not None
+            or self.loss_fn is not None
+            or self.metrics
+            or self.output
+        ):
             fail("workers", "1 when the model, data, loss or metrics are Python objects (give "
                  "'package.module:function' strings to share them with other processes)", Described("more"))  # fmt: skip
         names = ("task", "data_path", "target", "kind", "model", "model_options", "data", "num_classes", "epochs",
@@ -324,9 +331,18 @@ class UserObjective:
 
     def __call__(self, setting: Regularization, trial: Trial) -> object:
         returned = self.fn(setting, trial)
+        if returned is None:
+            return None
         is_number = isinstance(returned, int | float) and not isinstance(returned, bool)
-        if not trial.history.rows and is_number and math.isfinite(float(returned)):  # type: ignore[arg-type]
-            trial.report(1, train_loss=math.nan, val_loss=math.nan, **{trial.metric: float(returned)})  # type: ignore[arg-type]
+        if not is_number:
+            fail(f"the objective's return value (trial {trial.number})",
+                 "its score (a number) or None (it reported to the trial)", returned)  # fmt: skip
+        score = float(returned)  # type: ignore[arg-type]
+        if not math.isfinite(score):
+            trial.history.meta["no_score"] = f"the objective returned {score}"
+        elif not trial.history.rows:
+            row = {"train_loss": math.nan, "val_loss": math.nan} | {trial.metric: score}
+            trial.report(trial.epochs, **row)
         return returned
 
     def to_dict(self) -> dict[str, Any]:

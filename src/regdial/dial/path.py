@@ -8,7 +8,9 @@ search starts (``auto``).
 
 Any objective can be swept: regdial's trainer always warm-starts; a user's own objective
 does when it loads ``trial.initial_weights`` and calls ``trial.save_weights`` (its
-points end after ``trial.epochs`` epochs either way).
+points end after ``trial.epochs`` epochs either way). With ``warm_only`` the path stops
+after its first point when that point saved no weights: without warm starts its points
+are short runs from scratch that differ by noise, not a path.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def regularization_path(
     epochs_per_point: int,
     kind: str | None = None,
     say: Callable[[str], None] | None = None,
+    warm_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Sweep ``knob`` (default: the space's first log-scale knob) from strong to weak.
 
@@ -66,4 +69,6 @@ def regularization_path(
         })  # fmt: skip
         if say is not None:
             say(f"path {knob}={value:.3g}: {metric} {rows[-1][metric]:.4f} after {trial.epochs_run} epochs")
+        if warm_only and weights is None:
+            break
     return rows

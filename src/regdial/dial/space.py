@@ -131,9 +131,17 @@ class Space:
 
     def __init__(
         self,
-        knobs: Mapping[str, Range | Mapping[str, Any] | tuple[float, float]],
+        knobs: Mapping[str, Range | Mapping[str, Any] | tuple[float, float]] | None = None,
         base: Regularization | None = None,
+        **ranges: Range | Mapping[str, Any] | tuple[float, float],
     ) -> None:
+        """``Space({"dropout": (0, 0.5)})`` or ``Space(dropout=(0, 0.5))``: the same space."""
+        if knobs is None and ranges:
+            knobs = ranges
+        elif ranges:
+            if not isinstance(knobs, Mapping):
+                fail("tune.space", "a table of knobs or knobs as keywords, not both", knobs)
+            knobs = {**knobs, **ranges}
         if not isinstance(knobs, Mapping) or not knobs:
             fail("tune.space", "a table of at least one knob to search, like {dropout = [0, 0.5]}", knobs)
         self.knobs: dict[str, Range] = {name: _range(name, spec) for name, spec in knobs.items()}

@@ -54,10 +54,10 @@ __all__ = ["PATH_POINTS", "search_online", "search_path", "search_study"]
 PATH_POINTS = 6
 
 
-def _path_rows(search: Search) -> list[dict[str, Any]]:
+def _path_rows(search: Search, warm_only: bool = False) -> list[dict[str, Any]]:
     return regularization_path(
         search.objective, search.space, points=PATH_POINTS, epochs_per_point=max(2, search.reference // 4),
-        kind=search.kind, say=search.say if search.verbose else None,
+        kind=search.kind, say=search.say if search.verbose else None, warm_only=warm_only,
     )  # fmt: skip
 
 
@@ -152,8 +152,20 @@ def _warm_start(search: Search, study: optuna.Study, storage: Any) -> None:
     with path_claim(study, storage, os.getpid()) as mine:
         if not mine:
             return
-        search.say(f"regularization path over {search.space.path_knob} (warm-started)")
-        rows = _path_rows(search)
+        knob = search.space.path_knob
+        if isinstance(search.objective, FitObjective):
+            search.say(f"regularization path over {knob} (warm-started)")
+            rows = _path_rows(search)
+        else:  # the user's code warm-starts only if it saves its weights: its first point tells
+            search.say(
+                f"regularization path over {knob}, warm-started if the objective calls trial.save_weights"
+            )
+            rows = _path_rows(search, warm_only=True)
+            if len(rows) < PATH_POINTS:
+                search.say("no warm-started path: the objective saved no weights (trial.save_weights); "
+                           "TPE from the start")  # fmt: skip
+                study.set_user_attr("path_epochs", sum(r["epochs"] for r in rows))
+                return
         for params in seeds(search.space, best_row(rows, search.objective.metric)["value"]):
             study.enqueue_trial(params, skip_if_exists=True)
         study.set_user_attr("path_epochs", sum(r["epochs"] for r in rows))
@@ -169,6 +181,12 @@ def _from_study(search: Search, study: optuna.Study) -> TuneResult:
     trials = search_trials(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
+        reasons = [(t.number, t.user_attrs["no_score"]) for t in trials if t.user_attrs.get("no_score")]
+        if reasons and len(reasons) == len(trials):
+            number, reason = reasons[0]
+            fail("the objective's score", f"a finite {search.objective.metric} in at least one trial (return it, or "
+                 "report it with trial.report)", Described(f"none in {len(trials)} trial"
+                 f"{'s' * (len(trials) > 1)} (trial {number}: {reason})"))  # fmt: skip
         fail("budget", "enough to complete at least one trial", Described("no trial completed"))
     metric = search.objective.metric
     maximize = higher_is_better(metric)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from regdial._checks import Described, check_int, fail
+from regdial._checks import Described, check_int, check_real, fail
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 
@@ -76,9 +76,12 @@ class Trial:
 
         ``train_loss`` and ``val_loss`` are required (the diagnosis reads them); the main
         metric (``self.metric``, e.g. ``val_accuracy``) must be among ``metrics`` unless it
-        is ``val_loss``. Add ``val_<metric>_se`` to give its standard error.
+        is ``val_loss``. Add ``val_<metric>_se`` to give its standard error. Epochs count
+        from 0 or 1 as the loop does (``for epoch in range(trial.epochs)``, as Optuna's
+        ``report`` takes step 0); each must be above the last. Every value is a number
+        (NaN and infinities included: a diverged run records them).
         """
-        epoch = check_int("trial.report epoch", epoch, low=1)
+        epoch = check_int("trial.report epoch", epoch, low=0)
         if self.history.rows and epoch <= int(self.history.rows[-1]["epoch"]):
             fail(
                 "trial.report epoch",
@@ -86,6 +89,7 @@ class Trial:
                 epoch,
             )
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **metrics}
+        row = {name: check_real(f"trial.report {name}", value) for name, value in row.items()}
         if self.metric not in row:
             fail("trial.report", f"the main metric {self.metric!r} among the values",
                  Described(", ".join(sorted(metrics)) or "only the losses"))  # fmt: skip
@@ -93,9 +97,9 @@ class Trial:
         value = float(self.history.rows[-1][self.metric])
         if self._optuna is not None and math.isfinite(value):
             self._optuna.report(value, epoch)
-        if epoch >= self.epochs:
+        if epoch >= self.epochs or len(self.history) >= self.epochs:
             return  # a finished result is never thrown away
-        if self._prune_after is not None and epoch >= self._prune_after:
+        if self._prune_after is not None and len(self.history) >= self._prune_after:
             self.pruned = True
             raise _pruned(f"the path's point ends after {epoch} epochs")
         if self._optuna is not None and self._optuna.should_prune():

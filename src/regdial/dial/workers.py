@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from regdial._checks import InputError
 from regdial.dial.budget import Budget
 from regdial.dial.choice import extend_ranges
 from regdial.dial.objective import FitObjective, Objective, UserObjective
@@ -126,11 +127,21 @@ class Worker:
         )
         try:
             self.objective(setting, trial)  # a pruned trial raises optuna.TrialPruned: Optuna records it
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as error:  # the user's own code: its type kept, labelled with the trial
+            if not isinstance(error, InputError):
+                error.add_note(f"regdial: raised in trial {ot.number} of the search, setting {setting!r}")
+            raise
         finally:
             for key, value in trial_summary(trial).items():
                 ot.set_user_attr(key, value)
         value, _ = trial.score()
         if not math.isfinite(value):
+            reason = trial.history.meta.get("no_score") or (
+                f"no finite {metric} reported" if trial.history.rows else "nothing reported to the trial"
+            )
+            ot.set_user_attr("no_score", reason)
             raise optuna.TrialPruned(f"no finite validation score ({trial.history.meta.get('status')})")
         return value
 

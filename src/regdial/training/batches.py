@@ -8,8 +8,16 @@
 - anything else, through a ``batch_to_inputs(batch) -> (inputs, targets)`` adapter the
   user gives, where ``inputs`` is a tensor or a dict of keyword arguments.
 
-A model's output may be a tensor, an object with ``.logits`` (Hugging Face's
-``ModelOutput``) or a tuple whose first item is the logits.
+A dict of inputs goes to the model the way its ``forward`` takes it (asked of
+``inspect.signature``, never guessed from names): as keyword arguments when ``forward``
+names them all or takes ``**kwargs``, else whole, as its one positional argument
+(``forward(self, batch)``).
+
+A model's output may be a tensor, an object or dict with ``logits`` (Hugging Face's
+``ModelOutput``), or a tuple or list whose first item is the logits (nanoGPT's
+``(logits, loss)``, ``(logits, aux)``); the first time a run reads a tuple or a dict it says
+so in one line. ``output=`` (a function of the model's output returning the logits)
+chooses for any other form.
 
 ``check_reiterable`` refuses a one-time iterator (a generator, ``iter(loader)``): ``fit``
 walks the training data once per epoch and the validation data after each, so a source
@@ -18,6 +26,8 @@ that is empty the second time would silently train on nothing.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,13 +39,17 @@ from regdial._checks import Described, fail
 __all__ = [
     "Adapter",
     "Inputs",
+    "OutputFn",
     "check_reiterable",
     "first_batch",
     "forward",
     "rebuild",
     "split",
+    "takes_whole_dict",
     "to_device",
 ]
+
+logger = logging.getLogger(__name__)
 
 Inputs = Tensor | dict[str, Any]
 Adapter = Callable[[Any], tuple[Inputs, Tensor]]
@@ -102,18 +116,65 @@ def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> A
     return value
 
 
-def forward(model: nn.Module, inputs: Inputs) -> Tensor:
-    """The model's logits (or predictions) for ``inputs``."""
-    output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    logits = getattr(output, "logits", None)
+OutputFn = Callable[[Any], Tensor]
+"""``output(model_output) -> Tensor``: the logits (or predictions) in the user's model's output."""
+
+_WHOLE: dict[tuple[type, frozenset[str]], bool] = {}
+_SAID: set[tuple[type, str]] = set()
+
+
+def takes_whole_dict(model: nn.Module, keys: Iterable[str]) -> bool:
+    """Whether ``model``'s forward takes a dict batch whole (``forward(self, batch)``) rather
+    than as keyword arguments: its signature names not every key, has no ``**kwargs``, and
+    has a positional parameter to take it."""
+    inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    names = frozenset(keys)
+    key = (type(inner), names)
+    if key not in _WHOLE:
+        try:
+            parameters = list(inspect.signature(inner.forward).parameters.values())
+        except (TypeError, ValueError):  # no signature to ask: keyword arguments, as before
+            parameters = []
+        keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        var_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters)
+        positional = [
+            p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+        _WHOLE[key] = bool(parameters) and not var_keyword and not names <= keywords and bool(positional)
+    return _WHOLE[key]
+
+
+def forward(model: nn.Module, inputs: Inputs, output: OutputFn | None = None) -> Tensor:
+    """The model's logits (or predictions) for ``inputs`` (see the module docstring)."""
+    if isinstance(inputs, dict):
+        raw = model(inputs) if takes_whole_dict(model, inputs) else model(**inputs)
+    else:
+        raw = model(inputs)
+    if output is not None:
+        picked = output(raw)
+        if not isinstance(picked, Tensor):
+            fail("output", "a function returning the logits (a tensor) from the model's output",
+                 Described(f"one returning {type(picked).__name__}"))  # fmt: skip
+        return picked
+    if isinstance(raw, Tensor):
+        return raw
+    logits = raw.get("logits") if isinstance(raw, Mapping) else getattr(raw, "logits", None)
     if isinstance(logits, Tensor):
+        _say_once(model, f"a {type(raw).__name__}: regdial reads its logits (give output= to choose another)")
         return logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if not isinstance(output, Tensor):
-        fail("model output", "a tensor, an object with .logits, or a tuple starting with one",
-             Described(type(output).__name__))  # fmt: skip
-    return output
+    if isinstance(raw, tuple | list) and raw and isinstance(raw[0], Tensor):
+        _say_once(model, f"a {type(raw).__name__} of {len(raw)}: regdial reads its first item as the logits "
+                  "(give output= to choose another)")  # fmt: skip
+        return raw[0]
+    fail("model output", "a tensor, a ModelOutput or dict with logits, or a tuple starting with the logits "
+         "(or give output= to pick them)", Described(type(raw).__name__))  # fmt: skip
+
+
+def _say_once(model: nn.Module, what: str) -> None:
+    key = (type(model), what)
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.warning("%s returns %s", type(model).__name__, what)
 
 
 def first_batch(

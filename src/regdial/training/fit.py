@@ -33,11 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from regdial._checks import Described, check_choice, check_int, fail
+from regdial._checks import Described, check_choice, check_int, fail, unknown_key
 from regdial._io import remove_orphans, write_text
 from regdial.applied import OptimizerSpec
+from regdial.blocks.augment import option_names
 from regdial.setting import Regularization
-from regdial.training.batches import Adapter, first_batch
+from regdial.training.batches import Adapter, OutputFn, first_batch
 from regdial.training.devices import resolve_device, use_deterministic
 from regdial.training.distributed import Distributed
 from regdial.training.history import History
@@ -50,7 +51,7 @@ from regdial.training.resume import restore
 from regdial.training.source import LoaderSource, Source, TensorSource
 from regdial.training.tasks import TASKS, Dataset, load_task
 
-__all__ = ["Controller", "default_epochs", "default_model", "fit"]
+__all__ = ["Controller", "check_metrics", "check_options", "default_epochs", "default_model", "fit"]
 
 DEFAULT_MODELS = {"image": "cnn", "signal": "cnn1d", "tabular": "mlp"}
 
@@ -159,6 +160,7 @@ def fit(
     monitor: str = "val_loss",
     restore_best: bool = False,
     batch_to_inputs: Adapter | None = None,
+    output: OutputFn | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
@@ -177,7 +179,9 @@ def fit(
     Args:
         task: a built-in task's name, a ``Dataset``, or the user's own ``nn.Module`` (then
             ``train`` and ``val`` are its batches: DataLoaders or any re-iterables of
-            ``(x, y)`` tuples, dicts with ``labels``, or what ``batch_to_inputs`` reads).
+            ``(x, y)`` tuples, dicts with ``labels``, or what ``batch_to_inputs`` reads;
+            a dict goes to the model as its ``forward`` takes it, see
+            ``regdial.training.batches``).
         num_classes, kind: for your own model: a classifier needs ``num_classes``;
             ``kind="regression"`` (or float targets) means mean squared error.
         model: a built-in model's name for a task or dataset (default: the task's).
@@ -192,6 +196,8 @@ def fit(
             ``metric`` names the main one (default accuracy or RMSE) for tuning.
         monitor: what early stopping and the best weights follow (``"val_loss"``, or
             ``"val_" + metric``); higher is better for accuracy-like names.
+        output: ``output(model_output) -> logits`` for a model whose output is not a
+            tensor, a ``ModelOutput``/dict with ``logits`` or a tuple starting with them.
         restore_best: end with the best epoch's weights even without early stopping
             (early stopping always restores them).
         run_dir: where to write the run; None keeps everything in memory.
@@ -204,6 +210,10 @@ def fit(
     setting = Regularization() if setting is None else setting
     if not isinstance(setting, Regularization):
         fail("setting", "a regdial.Regularization", setting)
+    _check_arguments(model=model, model_options=model_options, loss_fn=loss_fn, metrics=metrics, metric=metric,
+                     batch_to_inputs=batch_to_inputs, output=output, run_dir=run_dir,
+                     augment_options=augment_options, initial_weights=initial_weights, on_epoch=on_epoch,
+                     controller=controller)  # fmt: skip
     if isinstance(task, str) and task not in TASKS:
         check_choice("task", task, TASKS)
     spec = TASKS.get(task) if isinstance(task, str) else None
@@ -239,7 +249,7 @@ def fit(
             net=net, source=source, setting=setting, options=options, factory=factory, device=target,
             augment=augment, run_dir=directory, on_epoch=on_epoch, controller=controller, loss_fn=loss_fn,
             metrics=metrics, metric=metric, monitor=monitor, adapter=batch_to_inputs, distributed=distributed,
-            restore_best=restore_best,
+            restore_best=restore_best, output_fn=output,
         )  # fmt: skip
         if directory is not None and run.is_main:
             remove_orphans(directory)
@@ -252,6 +262,58 @@ def fit(
             restore(run)
         with ProgressBar(progress if run.is_main else False, options.epochs or 1, source.name) as bar:
             return run.train(bar)
+
+
+def _check_arguments(
+    *, model: object, model_options: object, loss_fn: object, metrics: object, metric: object,
+    batch_to_inputs: object, output: object, run_dir: object, augment_options: object, initial_weights: object,
+    on_epoch: object, controller: object,
+) -> None:  # fmt: skip
+    """Every argument of ``fit`` that its options table does not check, where it enters."""
+    if model is not None and not isinstance(model, str | nn.Module):
+        fail("model", "a built-in model's name or an nn.Module", model)
+    check_options("model_options", model_options)
+    check_metrics("metrics", metrics)
+    if metric is not None and not isinstance(metric, str):
+        fail("metric", "a metric's name (accuracy, rmse, r2, loss or one of your metrics)", metric)
+    for name, value in (("loss_fn", loss_fn), ("batch_to_inputs", batch_to_inputs), ("output", output),
+                        ("on_epoch", on_epoch), ("controller", controller)):  # fmt: skip
+        if value is not None and not callable(value):
+            fail(name, "a function (or None)", value)
+    if run_dir is not None:
+        if not isinstance(run_dir, str | Path) or not str(run_dir):
+            fail("run_dir", "a directory path", run_dir)
+        if Path(run_dir).exists() and not Path(run_dir).is_dir():
+            fail(
+                "run_dir", "a directory (or a path to create one at)", Described(f"{str(run_dir)!r}, a file")
+            )
+    if augment_options is not None:
+        check_options("augment_options", augment_options)
+        known = option_names()
+        for key in augment_options:  # type: ignore[attr-defined]
+            if key not in known:
+                raise unknown_key("augment_options", str(key), known)
+    if initial_weights is not None and not (
+        isinstance(initial_weights, Mapping) and all(isinstance(v, Tensor) for v in initial_weights.values())
+    ):
+        fail("initial_weights", "a state dict (names to tensors)", initial_weights)
+
+
+def check_options(field: str, value: object) -> None:
+    """``value`` is None or a table of keyword options with string keys."""
+    if value is not None and not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        fail(field, "a dict of options by name", value)
+
+
+def check_metrics(field: str, metrics: object) -> None:
+    """``metrics`` is None or ``{name: fn(outputs, targets) -> float}``."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, Mapping):
+        fail(field, "a dict {name: fn(outputs, targets) -> float}", metrics)
+    for name, fn in metrics.items():
+        if not isinstance(name, str) or not name or not callable(fn):
+            fail(f"{field}[{name!r}]", "a function fn(outputs, targets) -> float", fn)
 
 
 def _devices(options: RunOptions) -> tuple[torch.device, Distributed | None]:

@@ -30,7 +30,7 @@ from typing import Any
 from regdial._checks import Described, fail
 from regdial._io import damaged, read_json, write_json, write_text
 
-__all__ = ["KINDS", "REQUIRED", "History", "higher_is_better", "metric_columns"]
+__all__ = ["KINDS", "REQUIRED", "History", "higher_is_better", "log_in", "metric_columns"]
 
 KINDS = ("classification", "regression")
 REQUIRED = ("epoch", "train_loss", "val_loss")
@@ -59,6 +59,26 @@ def _number(field: str, value: object) -> float:
         except (TypeError, ValueError):
             fail(field, "a number", value)
     return float(value)
+
+
+# regdial's own histories first: the callbacks' regdial_history.json records the setting,
+# which a trainer's own log beside it (metrics.csv, trainer_state.json) does not.
+OWN_LOGS = ("history.json", "history.csv", "regdial_history.json")
+OTHER_LOGS = ("trainer_state.json", "metrics.csv")
+
+
+def log_in(directory: Path) -> Path | None:
+    """The history file a directory holds: regdial's own, else a trainer's (a Hugging Face
+    output directory keeps ``trainer_state.json`` in its newest ``checkpoint-N/``)."""
+    for name in (*OWN_LOGS, *OTHER_LOGS):
+        if (directory / name).is_file():
+            return directory / name
+    checkpoints = [
+        p for p in directory.glob("checkpoint-*/trainer_state.json") if p.parent.name[11:].isdigit()
+    ]
+    if checkpoints:
+        return max(checkpoints, key=lambda p: int(p.parent.name[11:]))
+    return None
 
 
 class History:
@@ -198,15 +218,14 @@ class History:
         from regdial.training import logs
 
         path = Path(path)
+        if path.is_dir() and log_in(path) is None and logs.is_tensorboard(path):
+            kind, table, meta = logs.from_tensorboard(path)
+            return cls(kind, table, **meta)
         if path.is_dir():
-            found = next(
-                (path / name for name in ("history.json", "history.csv", "trainer_state.json", "metrics.csv")
-                 if (path / name).is_file()),
-                None,
-            )  # fmt: skip
+            found = log_in(path)
             if found is None:
-                fail("history", "a run directory or a history file (history.csv/.json, metrics.csv, "
-                     "trainer_state.json)", str(path))  # fmt: skip
+                fail("history", "a run directory, a Trainer's output or Lightning log directory, or a history file "
+                     "(history.csv/.json, regdial_history.json, metrics.csv, trainer_state.json)", str(path))  # fmt: skip
             path = found
         if not path.exists():
             fail("history", "a run directory or a history.csv/.json file", str(path))
@@ -219,6 +238,10 @@ class History:
         rows, header = logs.read_csv(path)
         if "history" not in path.stem and logs.looks_like_lightning(header):
             kind, table, meta = logs.from_lightning_rows(rows, header, str(path))
+            return cls(kind, table, **meta)
+        counter = logs.step_column(header)
+        if counter is not None:  # a loop that logs steps: losses on rows of their own, read by step
+            kind, table, meta = logs.from_step_rows(rows, header, counter, str(path))
             return cls(kind, table, **meta)
         kind = (
             "regression" if "val_rmse" in header else "classification" if "val_accuracy" in header else None

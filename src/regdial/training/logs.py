@@ -28,7 +28,21 @@ from typing import Any
 from regdial._checks import shorten
 from regdial._io import damaged, read_text
 
-__all__ = ["from_lightning_rows", "from_trainer_state", "looks_like_lightning", "normalize", "read_csv"]
+__all__ = [
+    "STEP_COLUMNS",
+    "from_lightning_rows",
+    "from_step_rows",
+    "from_tensorboard",
+    "from_trainer_state",
+    "is_tensorboard",
+    "looks_like_lightning",
+    "normalize",
+    "read_csv",
+    "step_column",
+]
+
+STEP_COLUMNS = ("step", "global_step", "iteration", "iter", "steps")
+"""The x columns of a log counted in optimizer steps (most language-model loops log these)."""
 
 
 def normalize(name: str) -> str:
@@ -65,6 +79,13 @@ def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
 def looks_like_lightning(header: list[str]) -> bool:
     """Lightning's CSVLogger writes a ``step`` column beside ``epoch``."""
     return "step" in header and "epoch" in header
+
+
+def step_column(header: list[str]) -> str | None:
+    """The step column of a CSV log without an ``epoch`` column, if it has one."""
+    if "epoch" in header:
+        return None
+    return next((name for name in header if name.strip().lower() in STEP_COLUMNS), None)
 
 
 Table = tuple[str | None, list[dict[str, float]], dict[str, Any]]
@@ -108,6 +129,75 @@ def from_lightning_rows(rows: list[dict[str, str]], header: list[str], where: st
             if math.isfinite(value) or key in ("train_loss", "val_loss"):
                 row[key] = value
     return _table([by_epoch[e] for e in sorted(by_epoch)], where, source="lightning", log=where)
+
+
+def from_step_rows(rows: list[dict[str, str]], header: list[str], counter: str, where: str) -> Table:
+    """A log by step as one row per evaluation: each row with a validation loss, its step as
+    the row's ``epoch`` (``epoch_unit`` "step"), and the training loss of that step or, when
+    training losses sit on rows of their own, their mean since the previous evaluation."""
+    table: list[dict[str, float]] = []
+    pending: list[float] = []
+    for line, record in enumerate(rows, start=2):
+        values: dict[str, float] = {}
+        for name, text in record.items():
+            if not name or text in ("", None):
+                continue
+            try:
+                values[normalize(name) if name != counter else "epoch"] = float(text)
+            except ValueError:
+                damaged(where, "numbers in every cell", f"{shorten(str(text), 20)!r} at line {line}")
+        if "epoch" not in values:
+            continue
+        if "train_loss" in values and "val_loss" not in values:
+            pending.append(values["train_loss"])
+            continue
+        if "val_loss" in values:
+            if "train_loss" not in values and pending:
+                values["train_loss"] = sum(pending) / len(pending)
+            pending = []
+            if "train_loss" in values:
+                table.append(values)
+    return _table(table, where, source="csv", log=where, epoch_unit="step")
+
+
+TENSORBOARD_TAGS = {"train_loss": "train_loss", "loss": "train_loss", "loss_train": "train_loss",
+                    "training_loss": "train_loss", "val_loss": "val_loss", "loss_val": "val_loss",
+                    "validation_loss": "val_loss", "test_loss": "test_loss"}  # fmt: skip
+"""Tag names (normalized: ``/`` as ``_``) that mean the losses, as trainers write them:
+``train/loss``, ``eval/loss`` (Hugging Face), ``val_loss`` (Lightning), ``Loss/train``."""
+
+
+def is_tensorboard(directory: Path) -> bool:
+    """Whether ``directory`` (or a folder in it) holds TensorBoard event files."""
+    return any(directory.glob("events.out.tfevents.*")) or any(directory.glob("*/events.out.tfevents.*"))
+
+
+def from_tensorboard(directory: Path) -> Table:
+    """A TensorBoard log directory's scalars, read by TensorBoard's own reader, as a log by step."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # type: ignore[import-untyped]
+    except ImportError:
+        from regdial._checks import Described, fail
+
+        fail("history", "a log regdial can read without TensorBoard (pip install 'regdial[tensorboard]')",
+             Described(f"{directory}, TensorBoard event files"))  # fmt: skip
+    runs = sorted({p.parent for p in directory.glob("**/events.out.tfevents.*")})
+    by_step: dict[float, dict[str, float]] = {}
+    for run in runs:  # Lightning and Hugging Face may split train and eval into sub-folders
+        accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        prefix = "" if run == directory else run.name.lower()
+        for tag in accumulator.Tags().get("scalars", []):
+            name = normalize(tag)
+            if prefix in ("train", "eval", "validation", "val") and name in ("loss", "train_loss"):
+                name = "train_loss" if prefix == "train" else "val_loss"
+            name = TENSORBOARD_TAGS.get(name.lower(), name)
+            for event in accumulator.Scalars(tag):
+                by_step.setdefault(float(event.step), {"step": float(event.step)})[name] = float(event.value)
+    rows = [{k: str(v) for k, v in by_step[step].items()} for step in sorted(by_step)]
+    header = sorted({k for row in rows for k in row})
+    kind, table, meta = from_step_rows(rows, header, "step", str(directory))
+    return kind, table, meta | {"source": "tensorboard"}
 
 
 def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:

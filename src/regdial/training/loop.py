@@ -27,13 +27,21 @@ from regdial.applied import Applied, OptimizerSpec
 from regdial.blocks.stopping import EarlyStopping
 from regdial.setting import Regularization
 from regdial.training import resume
-from regdial.training.batches import Adapter, forward, rebuild, split, to_device
+from regdial.training.batches import Adapter, OutputFn, forward, rebuild, split, to_device
 from regdial.training.checkpoint import save_weights
 from regdial.training.devices import Precision
 from regdial.training.distributed import Distributed
 from regdial.training.history import History, higher_is_better
 from regdial.training.loop_state import FINISHED, LoopState
-from regdial.training.metrics import LossFn, MetricFn, evaluate, main_metric
+from regdial.training.metrics import (
+    LossFn,
+    MetricFn,
+    check_labels,
+    check_logits,
+    checked_loss,
+    evaluate,
+    main_metric,
+)
 from regdial.training.options import RunOptions
 from regdial.training.progress import Interrupt, ProgressBar
 from regdial.training.source import Source
@@ -73,8 +81,10 @@ class Run:
         adapter: Adapter | None,
         distributed: Distributed | None,
         restore_best: bool = False,
+        output_fn: OutputFn | None = None,
     ) -> None:
         self.restore_best = restore_best
+        self.output_fn = output_fn
         self.net, self.source, self.setting, self.options, self.device = net, source, setting, options, device
         self.run_dir, self.on_epoch, self.controller = run_dir, on_epoch, controller
         self.loss_fn, self.metrics, self.adapter, self.distributed = (
@@ -172,6 +182,9 @@ class Run:
         for group in self.applied.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor
         inputs, targets = split(batch, self.adapter)
+        num_classes = self.source.num_classes
+        if num_classes is not None and self.loop.step == 0 and self.loss_fn is None:
+            check_labels(targets, num_classes)  # once, on the host: the first batch's labels
         inputs, targets = to_device(inputs, self.device, True), targets.to(self.device, non_blocking=True)
         if isinstance(inputs, Tensor):
             inputs, targets = self.applied.batch(inputs, targets)
@@ -180,9 +193,11 @@ class Run:
                  Described(", ".join(k for k in ("noise", "mixup", "cutmix", "augment")
                                      if getattr(self.setting, k))))  # fmt: skip
         with self.precision.autocast():
-            output = forward(self.model, inputs)
+            output = forward(self.model, inputs, self.output_fn)
+            if num_classes is not None and self.loss_fn is None and not targets.is_floating_point():
+                check_logits(output, targets, num_classes)  # soft targets (mixing) are the setting's own
             if self.loss_fn is not None:
-                loss = self.loss_fn(output, rebuild(batch, inputs, targets))
+                loss = checked_loss(self.loss_fn(output, rebuild(batch, inputs, targets)))
             else:
                 loss = self.applied.loss(output.float(), targets)
             if self.setting.penalties_in == "loss":
@@ -223,7 +238,8 @@ class Run:
             reducer = lambda values: distributed.sum(values, device)  # noqa: E731
         return evaluate(
             model, batches, self.source.num_classes, self.device, loss_fn=self.loss_fn, metrics=self.metrics,
-            adapter=self.adapter, autocast=self.precision.autocast, limit=limit, reducer=reducer,
+            adapter=self.adapter, output_fn=self.output_fn, autocast=self.precision.autocast, limit=limit,
+            reducer=reducer,
         )  # fmt: skip
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, float]:

@@ -31,9 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdial._checks import Described, fail
-from regdial.training.batches import Adapter, forward, split, to_device
+from regdial.training.batches import Adapter, OutputFn, forward, split, to_device
 
-__all__ = ["Direction", "LossFn", "MetricFn", "Tally", "evaluate", "main_metric"]
+__all__ = [
+    "Direction",
+    "LossFn",
+    "MetricFn",
+    "Tally",
+    "check_labels",
+    "check_logits",
+    "checked_loss",
+    "evaluate",
+    "main_metric",
+]
 
 Direction = Literal["maximize", "minimize"]
 LossFn = Callable[[Tensor, Any], Tensor]
@@ -51,6 +61,40 @@ def main_metric(kind: str | None) -> tuple[str, Direction]:
     if kind == "regression":
         return "rmse", "minimize"
     return "loss", "minimize"
+
+
+def check_logits(output: Tensor, targets: Tensor, num_classes: int, field: str = "model output") -> None:
+    """Refuse, in one line, logits that do not fit ``num_classes`` and the targets' shape
+    (a shape check: nothing is read from the device)."""
+    if targets.dim() >= 2 and targets.shape == output.shape:
+        fail(field.replace("model output", "batch") + " targets", "class indices, one per sample (not one row "
+             "of C per sample: give labels.argmax(-1))", Described(f"shape {tuple(targets.shape)}, the logits' shape"))  # fmt: skip
+    flat_out, flat_y = _flat(output, targets)
+    width = flat_out.shape[-1] if flat_out.dim() >= 1 else 0
+    if flat_out.dim() != 2 or flat_out.shape[0] != flat_y.shape[0] or flat_y.dim() != 1:
+        wanted = f"(N, {num_classes})" if targets.dim() <= 1 else f"{(*targets.shape, num_classes)}"
+        fail(field, f"logits of shape {wanted} for targets of shape {tuple(targets.shape)} (give output= to "
+             "pick them from what the model returns)", Described(f"shape {tuple(output.shape)}"))  # fmt: skip
+    if width != num_classes:
+        fail("num_classes", f"the model's number of outputs ({width})", num_classes)
+
+
+def check_labels(targets: Tensor, num_classes: int, field: str = "train batch targets") -> None:
+    """Refuse, in one line, targets that are not class indices in ``[0, num_classes)``
+    (-100, Hugging Face's padding, allowed): float, one-hot or out-of-range labels."""
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        fail(field, f"class indices (integers in [0, {num_classes})) for num_classes={num_classes}",
+             Described(f"{targets.dtype} values (for regression, give kind='regression' and no num_classes)"))  # fmt: skip
+    real = targets[targets != IGNORE]
+    if real.numel() == 0:
+        return
+    low, high = int(real.min()), int(real.max())
+    if low < 0 or high >= num_classes:
+        one_hot = targets.dim() >= 2 and targets.shape[-1] == num_classes and low >= 0 and high <= 1
+        what = (
+            "one-hot rows (give the class index: labels.argmax(-1))" if one_hot else f"labels {low} to {high}"
+        )
+        fail(field, f"class indices in [0, {num_classes}) for num_classes={num_classes}", Described(what))
 
 
 def _flat(output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,6 +156,7 @@ def evaluate(
     loss_fn: LossFn | None = None,
     metrics: Mapping[str, MetricFn] | None = None,
     adapter: Adapter | None = None,
+    output_fn: OutputFn | None = None,
     autocast: Callable[[], Any] | None = None,
     limit: int | None = None,
     reducer: Callable[[list[float]], list[float]] | None = None,
@@ -133,14 +178,14 @@ def evaluate(
             inputs, targets = split(batch, adapter, "val batch")
             inputs, targets = to_device(inputs, device), targets.to(device)
             with autocast() if autocast is not None else nullcontext():
-                output = forward(model, inputs)
+                output = forward(model, inputs, output_fn)
             output = output.float()
             if metrics:
                 kept[0].append(output.cpu())
                 kept[1].append(targets.cpu())
             n, batch_loss = _tally(tally, output, targets, num_classes)
             if loss_fn is not None:  # the user's loss replaces the built-in one in the sum
-                tally.loss += float(loss_fn(output, batch)) * n - batch_loss
+                tally.loss += float(checked_loss(loss_fn(output, batch))) * n - batch_loss
             if limit is not None and tally.count >= limit:
                 break
     finally:
@@ -151,6 +196,15 @@ def evaluate(
     for name, fn in (metrics or {}).items():
         scores[name] = float(fn(torch.cat(kept[0]), torch.cat(kept[1])))
     return scores
+
+
+def checked_loss(loss: object) -> Tensor:
+    """The user's ``loss_fn`` result if it is a one-element tensor (the batch's loss)."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        fail("loss_fn", "a function returning the batch's loss as a one-element tensor (to backpropagate)",
+             Described(f"one returning {shape}"))  # fmt: skip
+    return loss
 
 
 def _tally(tally: Tally, output: Tensor, targets: Tensor, num_classes: int | None) -> tuple[int, float]:
@@ -168,10 +222,9 @@ def _tally(tally: Tally, output: Tensor, targets: Tensor, num_classes: int | Non
         tally.target_sq += float(y.double().square().sum())
         n = y.numel()
     else:
+        check_labels(targets, num_classes, "val batch targets")
+        check_logits(output, targets, num_classes)
         flat_out, flat_y = _flat(output, targets)
-        if flat_out.dim() != 2 or flat_out.shape[0] != flat_y.shape[0]:
-            fail("model output", f"logits of shape (N, {num_classes}) for N targets",
-                 Described(f"shape {tuple(output.shape)} for targets {tuple(targets.shape)}"))  # fmt: skip
         mask = flat_y != IGNORE
         n = int(mask.sum())
         batch_loss = float(F.cross_entropy(flat_out, flat_y.long(), reduction="sum", ignore_index=IGNORE))

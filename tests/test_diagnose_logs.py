@@ -1,0 +1,146 @@
+"""The diagnosis of logs people have: losses only, counted in steps (a language model's loop).
+
+Each log is a CSV with an ``iter`` column (no ``epoch``), training losses on rows of their
+own every 50 steps and a validation loss every 250, written here; ``History.load`` reads it
+by step and the diagnosis words its answer in steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from regdial.diagnosis import diagnose
+from regdial.training.history import History
+
+EVALUATIONS = 40
+
+
+def write_log(
+    path: Path, train: Callable[[int], float], val: Callable[[int], float], counter: str = "iter"
+) -> Path:
+    """A step log: five training rows, then one validation row, per evaluation."""
+    rng = random.Random(0)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([counter, "train_loss", "val_loss"])
+        for i in range(1, EVALUATIONS + 1):
+            for k in range(5):
+                writer.writerow([i * 250 - 200 + k * 50, train(i) + rng.gauss(0, 0.02), ""])
+            writer.writerow([i * 250, "", val(i) + rng.gauss(0, 0.008)])
+    return path
+
+
+def falling(start: float, end: float, scale: float = 8.0) -> Callable[[int], float]:
+    return lambda i: end + (start - end) * math.exp(-i / scale)
+
+
+def language_model_validation(i: int) -> float:
+    """Down to its minimum 2.635 at evaluation 13, then up to 2.74: a 4% rise, under the 5% the
+    diagnosis once asked for whatever the noise (the issue's log, 2.635 to 2.767, read as good fit)."""
+    if i <= 13:
+        return 2.635 + (3.6 - 2.635) * ((13 - i) / 12) ** 2
+    return 2.635 + (2.74 - 2.635) * (i - 13) / (EVALUATIONS - 13)
+
+
+@pytest.mark.parametrize("counter", ["iter", "step", "global_step", "iteration"])
+def test_a_loss_only_language_model_log_by_step_is_overfitting(tmp_path: Path, counter: str) -> None:
+    log = write_log(tmp_path / "log.csv", falling(2.48, 0.56), language_model_validation, counter)
+    history = History.load(log)
+    assert len(history) == EVALUATIONS and history.meta["epoch_unit"] == "step"
+    assert history.rows[0]["epoch"] == 250  # the evaluation's step, the training rows before it averaged
+    result = diagnose(history)
+    assert result.state == "overfitting"
+    assert 2750 <= (result.overfit_epoch or 0) <= 4250  # the minimum is at step 3250
+    assert result.message.startswith(f"overfitting since step {result.overfit_epoch}")
+    assert "records no setting" in result.message
+
+
+def test_a_loss_only_log_that_settles_is_a_good_fit(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "log.csv", falling(2.48, 0.6, 4.0), falling(2.6, 0.7, 4.0))
+    result = diagnose(History.load(log))
+    assert result.state == "good fit", result.message
+    assert "best step" in result.message and "already off" not in result.message
+
+
+def test_a_loss_only_log_that_stays_high_is_underfitting(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "log.csv", falling(2.48, 2.3, 4.0), falling(2.5, 2.35, 4.0))
+    result = diagnose(History.load(log))
+    assert result.state == "underfitting", result.message
+    assert "records no setting" in result.message and "already off" not in result.message
+
+
+def _overfitting_rows() -> list[dict[str, float]]:
+    return [{"epoch": float(e), "train_loss": 2.0 * math.exp(-e / 4), "val_loss": 1.0 + 0.02 * (e - 8) ** 2}
+            for e in range(1, 17)]  # fmt: skip
+
+
+def test_a_lightning_log_directory_prefers_regdials_own_history(tmp_path: Path) -> None:
+    """metrics.csv beside the callback's regdial_history.json: the one that records the setting wins."""
+    from regdial.cli import main
+
+    directory = tmp_path / "lightning_logs" / "version_0"
+    directory.mkdir(parents=True)
+    rows = _overfitting_rows()
+    with (directory / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", "train_loss", "val_loss"])
+        for row in rows:
+            writer.writerow(
+                [int(row["epoch"]) - 1, int(row["epoch"]) * 10, row["train_loss"], row["val_loss"]]
+            )
+    History(None, rows, setting={"weight_decay": 0.05}).save(tmp_path / "scratch")
+    (tmp_path / "scratch" / "history.json").rename(directory / "regdial_history.json")
+    history = History.load(directory)
+    assert history.meta["setting"] == {"weight_decay": 0.05}
+    result = diagnose(history)
+    assert result.setting_known and result.moves["weight_decay"] > 0.05  # turned up from 0.05, not from off
+    main(["diagnose", str(directory)])  # returns on success
+
+
+def test_a_trainer_output_directory_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Hugging Face output directory: regdial_history.json if the callback wrote it, else the
+    newest checkpoint-N/trainer_state.json."""
+    from regdial.cli import main
+
+    log = [entry for row in _overfitting_rows() for entry in (
+        {"epoch": row["epoch"], "loss": row["train_loss"]}, {"epoch": row["epoch"], "eval_loss": row["val_loss"]})]  # fmt: skip
+    for step in (8, 16):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        state = {"log_history": log[: 2 * step]}
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    history = History.load(tmp_path)
+    assert history.meta["source"] == "huggingface" and len(history) == 16  # the newest checkpoint's
+    main(["diagnose", str(tmp_path)])
+    assert capsys.readouterr().out.startswith("overfitting")
+    History(None, _overfitting_rows(), setting={"dropout": 0.2}).save(tmp_path / "scratch")
+    (tmp_path / "scratch" / "history.json").rename(tmp_path / "regdial_history.json")
+    assert History.load(tmp_path).meta["setting"] == {"dropout": 0.2}
+
+
+def test_a_tensorboard_log_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Event files written by torch's SummaryWriter under Hugging Face's tag names, read by
+    TensorBoard's own reader: the language model's overfitting, by step."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from regdial.cli import main
+
+    writer = SummaryWriter(str(tmp_path / "runs"))
+    train = falling(2.48, 0.56)
+    for i in range(1, EVALUATIONS + 1):
+        for k in range(5):
+            writer.add_scalar("train/loss", train(i), i * 250 - 200 + k * 50)
+        writer.add_scalar("eval/loss", language_model_validation(i), i * 250)
+    writer.close()
+    history = History.load(tmp_path / "runs")
+    assert history.meta["source"] == "tensorboard" and len(history) == EVALUATIONS
+    assert diagnose(history).state == "overfitting"
+    main(["diagnose", str(tmp_path / "runs")])
+    assert capsys.readouterr().out.startswith("overfitting since step")
