@@ -190,22 +190,9 @@ def diagnose(
     epochs = [int(e) for e in history.column("epoch")]
     train, val = history.column("train_loss"), history.column("val_loss")
     best = history.best_epoch("val_loss")
-    if history.meta.get("status") == "diverged" or not all(math.isfinite(v) for v in train + val):
-        bad = next(
-            (
-                e
-                for e, t, v in zip(epochs, train, val, strict=True)
-                if not (math.isfinite(t) and math.isfinite(v))
-            ),
-            None,
-        )
-        where = f"at {unit} {bad}" if bad is not None else f"after {unit} {epochs[-1]}"
-        return Diagnosis(
-            "diverged",
-            f"diverged {where}: the loss became non-finite; lower the learning rate, then look again",
-            best,
-            setting_known=known,
-        )
+    diverged = _divergence(history, epochs, train, val, unit)
+    if diverged is not None:
+        return Diagnosis("diverged", diverged, best, setting_known=known)
     smooth_train, _ = smooth(train)
     smooth_val, sigma = smooth(val)
     gaps, _ = smooth([v - t for v, t in zip(val, train, strict=True)])
@@ -238,59 +225,15 @@ def diagnose(
     quarter = max(1, n // 4)
     fall = smooth_val[-1 - quarter] - smooth_val[-1]
     improving = fall > max(IMPROVING * smooth_val[-1], 2 * sigma)
-    columns = history.columns
-    memorized, measure, train_fit, val_fit = False, "", math.nan, math.nan
-    if {"train_accuracy", "val_accuracy"} <= set(columns):
-        train_fit, val_fit = history.column("train_accuracy")[-1], history.column("val_accuracy")[-1]
-        memorized = train_fit >= 0.99 and train_fit - val_fit >= MEMORIZED_GAP and train[-1] < 0.1 * val[-1]
-        measure = "accuracy"
-    elif {"train_r2", "val_r2"} <= set(columns):
-        train_fit, val_fit = history.column("train_r2")[-1], history.column("val_r2")[-1]
-        memorized = train_fit - val_fit >= MEMORIZED_GAP and smooth_train[-1] < 0.5 * smooth_val[-1]
-        measure = "R^2"
-    if memorized and not improving:
-        # Since validation stopped improving: before that the gap was the price of learning.
-        plateau = smooth_val[-1] + max(IMPROVING * smooth_val[-1], 2 * sigma)
-        since = next((epochs[i] for i in range(n) if smooth_val[i] <= plateau), epochs[-1])
-        details["fit_gap"] = train_fit - val_fit
-        style = ".1%" if measure == "accuracy" else ".3f"
-        message = (
-            f"overfitting since {unit} {since}: the training data is memorized "
-            f"(train {measure} {train_fit:{style}}, validation {val_fit:{style}}), gap {gap:.3g}"
-        )
+    memorized = _memorized(history, train, val, smooth_train, smooth_val, sigma, improving, unit, gap)
+    if memorized is not None:
+        message, since, fit_gap = memorized
+        details["fit_gap"] = fit_gap
         return make("overfitting", message, +1, since)
 
-    classes = num_classes or history.meta.get("num_classes")
-    if "train_r2" in columns and math.isfinite(history.column("train_r2")[-1]):
-        untrained_share = 1.0 - history.column("train_r2")[-1]
-    else:
-        reference = math.log(classes) if classes else train[0]
-        untrained_share = smooth_train[-1] / reference if reference > 0 else 0.0
-    details["untrained_share"] = untrained_share
-    if untrained_share > 1.0:  # worse than not training at all: an optimization problem
-        return make(
-            "underfitting",
-            f"underfitting: the training loss is {untrained_share:.3g} times an untrained model's "
-            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g}): training is unstable; "
-            "lower the learning rate before turning the dial",
-            0,
-        )
-    if untrained_share > UNDERFIT:
-        message = (
-            f"underfitting: the training loss is still {untrained_share:.0%} of an untrained model's "
-            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g})"
-        )
-        moves = _moves(setting, -1, history.kind)
-        if not known:
-            message += (
-                "; the log records no setting, so which regularization is on is unknown: loosen any that is, "
-                "else use a bigger model, a higher learning rate or more epochs"
-            )
-        elif not moves:
-            message += (
-                "; regularization is already off: use a bigger model, a higher learning rate or more epochs"
-            )
-        return make("underfitting", message, -1)
+    underfit = _underfit(history, smooth_train, smooth_val, train, num_classes, details, known, setting)
+    if underfit is not None:
+        return make("underfitting", *underfit)
 
     if improving:
         details["recent_fall"] = fall
@@ -311,3 +254,92 @@ def diagnose(
         ),
         0,
     )
+
+
+def _divergence(
+    history: History, epochs: list[int], train: list[float], val: list[float], unit: str
+) -> str | None:
+    """The message of a run whose loss became non-finite, or None."""
+    if history.meta.get("status") != "diverged" and all(math.isfinite(v) for v in train + val):
+        return None
+    bad = next(
+        (
+            e
+            for e, t, v in zip(epochs, train, val, strict=True)
+            if not (math.isfinite(t) and math.isfinite(v))
+        ),
+        None,
+    )
+    where = f"at {unit} {bad}" if bad is not None else f"after {unit} {epochs[-1]}"
+    return f"diverged {where}: the loss became non-finite; lower the learning rate, then look again"
+
+
+def _memorized(
+    history: History, train: list[float], val: list[float], smooth_train: list[float], smooth_val: list[float],
+    sigma: float, improving: bool, unit: str, gap: float,
+) -> tuple[str, int, float] | None:  # fmt: skip
+    """(message, since when, the train/validation fit gap) when the training data is
+    memorized and validation no longer improves; None otherwise."""
+    columns = history.columns
+    epochs = [int(e) for e in history.column("epoch")]
+    n = len(epochs)
+    if {"train_accuracy", "val_accuracy"} <= set(columns):
+        train_fit, val_fit = history.column("train_accuracy")[-1], history.column("val_accuracy")[-1]
+        memorized = train_fit >= 0.99 and train_fit - val_fit >= MEMORIZED_GAP and train[-1] < 0.1 * val[-1]
+        measure = "accuracy"
+    elif {"train_r2", "val_r2"} <= set(columns):
+        train_fit, val_fit = history.column("train_r2")[-1], history.column("val_r2")[-1]
+        memorized = train_fit - val_fit >= MEMORIZED_GAP and smooth_train[-1] < 0.5 * smooth_val[-1]
+        measure = "R^2"
+    else:
+        return None
+    if not memorized or improving:
+        return None
+    # Since validation stopped improving: before that the gap was the price of learning.
+    plateau = smooth_val[-1] + max(IMPROVING * smooth_val[-1], 2 * sigma)
+    since = next((epochs[i] for i in range(n) if smooth_val[i] <= plateau), epochs[-1])
+    style = ".1%" if measure == "accuracy" else ".3f"
+    message = (
+        f"overfitting since {unit} {since}: the training data is memorized "
+        f"(train {measure} {train_fit:{style}}, validation {val_fit:{style}}), gap {gap:.3g}"
+    )
+    return message, since, train_fit - val_fit
+
+
+def _underfit(
+    history: History, smooth_train: list[float], smooth_val: list[float], train: list[float],
+    num_classes: int | None, details: dict[str, float], known: bool, setting: Regularization,
+) -> tuple[str, int] | None:  # fmt: skip
+    """(message, direction) when the training loss is still a large share of an untrained
+    model's (or worse than one: an optimization problem, direction 0); None otherwise."""
+    classes = num_classes or history.meta.get("num_classes")
+    if "train_r2" in history.columns and math.isfinite(history.column("train_r2")[-1]):
+        untrained_share = 1.0 - history.column("train_r2")[-1]
+    else:
+        reference = math.log(classes) if classes else train[0]
+        untrained_share = smooth_train[-1] / reference if reference > 0 else 0.0
+    details["untrained_share"] = untrained_share
+    if untrained_share > 1.0:  # worse than not training at all: an optimization problem
+        return (
+            f"underfitting: the training loss is {untrained_share:.3g} times an untrained model's "
+            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g}): training is unstable; "
+            "lower the learning rate before turning the dial",
+            0,
+        )
+    if untrained_share > UNDERFIT:
+        message = (
+            f"underfitting: the training loss is still {untrained_share:.0%} of an untrained model's "
+            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g})"
+        )
+        moves = _moves(setting, -1, history.kind)
+        if not known:
+            message += (
+                "; the log records no setting, so which regularization is on is unknown: loosen any that is, "
+                "else use a bigger model, a higher learning rate or more epochs"
+            )
+        elif not moves:
+            message += (
+                "; regularization is already off: use a bigger model, a higher learning rate or more epochs"
+            )
+        return message, -1
+    return None
