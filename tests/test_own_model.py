@@ -313,3 +313,27 @@ def test_diagnose_uses_the_runs_own_setting() -> None:
     if advice.direction > 0:
         assert "0.05" in advice.message and "0 ->" not in advice.message
     assert history.meta["setting"]["weight_decay"] == 0.05
+
+
+def test_an_objective_searchs_trials_keep_their_histories_and_diagnose_reads_the_chosen_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from regdial.cli import main
+
+    def train(setting: Regularization, trial: Trial) -> None:
+        for epoch in range(trial.epochs):  # a curve that overfits: validation turns up after epoch 3
+            trial.report(
+                epoch, train_loss=1.0 / (epoch + 1), val_loss=abs(epoch - 3) * 0.1 + 0.5 + setting.dropout
+            )
+
+    space = Space({"weight_decay": (1e-4, 1e-1), "dropout": (0.0, 0.5)})
+    result = tune(train, space=space, epochs=12, budget="3 trials", strategy="random", run_dir=tmp_path)
+    for trial in result.trials:
+        saved = History.load(tmp_path / "trials" / str(trial["number"]))
+        assert len(saved) == 12 and saved.meta["setting"]["dropout"] == pytest.approx(trial["dropout"])
+    assert not (tmp_path / "best").exists()  # an objective's choice is not trained again into best/
+    capsys.readouterr()
+    main(["diagnose", str(tmp_path)])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"the search's chosen trial ({result.best_trial}), as it trained" in printed
+    assert "overfitting since epoch" in printed

@@ -57,12 +57,7 @@ def diagnose_command(
     from regdial.training.history import History
 
     if path.is_dir() and (path / "result.json").is_file() and not (path / "history.csv").is_file():
-        best = path / "best"
-        if not (best / "history.json").is_file():
-            fail("history", "a run directory; this is a search's, and its chosen setting was not trained again "
-                 "into best/ (run the search with retrain, or diagnose a run)", str(path))  # fmt: skip
-        make_console().print(f"the search's chosen setting, trained again: {best}")
-        path = best
+        path = _chosen_run(path)
     history = History.load(path)
     setting = None
     summary = (path if path.is_dir() else path.parent) / "summary.json"
@@ -84,3 +79,22 @@ def report_command(
 
     written = report(run_dir)
     make_console().print(f"report: {written}")
+
+
+def _chosen_run(search: Path) -> Path:
+    """The run ``regdial diagnose`` reads for a search's directory: the chosen setting
+    trained again (``best/``), else the chosen trial's own history (``trials/<number>/``)."""
+    from regdial._io import read_json
+
+    best = search / "best"
+    if (best / "history.json").is_file():
+        make_console().print(f"the search's chosen setting, trained again: {best}")
+        return best
+    result = read_json(search / "result.json", "a search result written by regdial tune")
+    number = result.get("best", {}).get("trial") if isinstance(result, dict) else None
+    trial = search / "trials" / str(number)
+    if number is None or not (trial / "history.json").is_file():
+        fail("history", "a run directory; this is a search's, with neither its chosen setting trained again "
+             "into best/ nor the chosen trial's history in trials/ (diagnose a run)", str(search))  # fmt: skip
+    make_console().print(f"the search's chosen trial ({number}), as it trained: {trial}")
+    return trial

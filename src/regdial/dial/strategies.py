@@ -134,7 +134,7 @@ def search_study(search: Search) -> TuneResult:
             Worker(
                 search.objective, search.space, search.strategy, search.budget, storage, search.study_name,
                 search.seed, search.grid_points, search.epochs, search.kind, started=search.started,
-                reference=search.reference, say=search.say if search.verbose else None,
+                reference=search.reference, say=search.say if search.verbose else None, run_dir=search.run_dir,
             ).run()  # fmt: skip
         else:
             processes = spawn([search.worker_arguments(i) for i in range(search.workers)])

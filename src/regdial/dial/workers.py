@@ -61,6 +61,7 @@ class Worker:
     started: float
     reference: int
     say: Callable[[str], None] | None = None
+    run_dir: Path | None = None  # each trial's history goes to run_dir/trials/<number>/
 
     def run(self) -> None:
         """Run trials until the budget is spent, the grid is done, or Ctrl-C."""
@@ -136,6 +137,8 @@ class Worker:
         finally:
             for key, value in trial_summary(trial).items():
                 ot.set_user_attr(key, value)
+            if self.run_dir is not None and trial.history.rows:  # the diagnosis of any trial reads it
+                trial.history.save(self.run_dir / "trials" / str(ot.number))
         value, _ = trial.score()
         if not math.isfinite(value):
             reason = trial.history.meta.get("no_score") or (
@@ -187,6 +190,7 @@ def _worker_process(arguments: dict[str, Any]) -> None:
             objective, space, arguments["strategy"], Budget(**arguments["budget"]), storage, arguments["study_name"],
             arguments["seed"], arguments["grid_points"], arguments["epochs"], arguments["kind"],
             started=arguments["started"], reference=arguments["reference"],
+            run_dir=Path(arguments["run_dir"]) if arguments["run_dir"] else None,
         ).run()  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: each stops quietly, the parent says so
         return
