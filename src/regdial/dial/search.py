@@ -252,7 +252,8 @@ class Search:
                  f"train up to {scale.epochs} epochs, stopping after {scale.patience} without a better score")  # fmt: skip
         if runs is not None and minutes is not None:
             self.say(f"budget: about {runs:.0f} runs of ~{scale.epochs} epochs ({self.budget.amount:,.0f} epochs): "
-                     f"~{max(1, round(minutes))} minutes on this machine, after the probe's {scale.probe_epochs}")  # fmt: skip
+                     f"~{max(1, round(minutes))} minute{'s' * (round(minutes) > 1)} on this machine, after the probe's "
+                     f"{scale.probe_epochs}")  # fmt: skip
 
     def _probe(self) -> TimeScale:
         """Train the practitioner's recipe once, up to eight times the usual length."""
