@@ -24,6 +24,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from regdial._checks import Described, fail
 from regdial.dial.choice import (
     best_row,
     choose,
@@ -175,8 +176,6 @@ def _warm_start(search: Search, study: optuna.Study, storage: Any) -> None:
 def _from_study(search: Search, study: optuna.Study) -> TuneResult:
     """The result of a study: the one-standard-error choice among its finished trials."""
     from optuna.trial import TrialState
-
-    from regdial._checks import Described, fail
 
     trials = search_trials(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

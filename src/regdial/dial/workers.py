@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,9 @@ class Worker:
     reference: int
     say: Callable[[str], None] | None = None
     run_dir: Path | None = None  # each trial's history goes to run_dir/trials/<number>/
+    # While it runs: the space trials sample from (the study's extensions), and its Ctrl-C.
+    current: Space = field(init=False)
+    interrupt: Interrupt = field(init=False)
 
     def run(self) -> None:
         """Run trials until the budget is spent, the grid is done, or Ctrl-C."""
