@@ -57,6 +57,7 @@ def test_your_cnn_and_loaders_through_tune(tmp_path: Path) -> None:
         "weight_decay",
         "dropout",
         "label_smoothing",
+        "ema",
     }
     assert {"result.json", "best.toml", "trials.csv", "study.db", "report.html", "best"} <= {
         p.name for p in run.iterdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -12,7 +13,7 @@ import pytest
 
 from regdial import tune
 from regdial.dial.space import Space
-from regdial.dial.timescale import RECIPE, TimeScale, noise_and_slope, patience_for, recipe
+from regdial.dial.timescale import RECIPE, TimeScale, noise_and_slope, patience_for, recipe, recipe_params
 from regdial.training.history import History
 
 
@@ -37,10 +38,10 @@ def test_the_trials_length_follows_the_best_epoch_within_the_usual_length_and_th
 
 def test_patience_grows_with_the_validation_noise() -> None:
     patiences = []
-    for noise in (0.01, 0.02, 0.04):  # a curve still rising 0.1 over 90 epochs: 2 * noise / slope decides
+    for noise in (0.01, 0.02, 0.04):  # a curve still rising 0.1 over 90 epochs: 3 * noise / slope decides
         scales = [TimeScale.read(curve(noise, seed=s, rise=0.1), "val_accuracy", reference=30, cap=240)
                   for s in range(5)]  # fmt: skip
-        assert all(max(5, t.epochs // 10) <= t.patience <= max(5, t.epochs // 2) for t in scales)
+        assert all(max(5, t.epochs // 4) <= t.patience <= max(5, t.epochs // 2) for t in scales)
         patiences.append(sorted(t.patience for t in scales)[2])  # the median over seeds
     assert patiences[0] < patiences[1] < patiences[2]
 
@@ -53,15 +54,20 @@ def test_the_noise_and_slope_of_known_curves() -> None:
     flat = list(rng.normal(0.5, 0.02, size=400))
     noise, slope = noise_and_slope(flat)
     assert noise == pytest.approx(0.02, rel=0.25)  # the five-epoch median takes a little of it
-    assert patience_for(0.02, 0.0, 100) == 50 and patience_for(0.0, 0.0, 100) == 10
-    assert patience_for(0.01, 0.001, 100) == 20  # 2 * noise / slope
+    assert patience_for(0.02, 0.0, 100) == 50 and patience_for(0.0, 0.0, 100) == 25
+    assert patience_for(0.01, 0.001, 100) == 30  # 3 * noise / slope
 
 
 def test_the_recipe_is_the_practitioners_within_the_space() -> None:
     space = Space({"weight_decay": (1e-4, 0.01), "dropout": (0.0, 0.5), "l1": (1e-6, 1e-3)})
     setting = recipe(space)
     assert setting.weight_decay == 0.01  # RECIPE's 0.05, kept inside the range
-    assert setting.dropout == RECIPE["dropout"] and setting.l1 == 0.0  # no recipe for l1: off
+    assert setting.dropout == RECIPE["dropout"]
+    assert setting.l1 == 1e-6  # no recipe for l1: its weakest value in range, as the recipe's trial takes it
+    assert space.setting(space.values_of(recipe_params(space))) == setting  # the probe is the recipe's trial
+    optional = Space({"weight_decay": (1e-4, 0.1), "l1": {"low": 1e-6, "high": 1e-3, "optional": True}})
+    assert recipe(optional).l1 == 0.0 and recipe_params(optional)["l1_on"] is False
+    assert optional.setting(optional.values_of(recipe_params(optional))) == recipe(optional)
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +83,20 @@ def long_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_search_on_your_data_learns_its_time_scale_and_spends_the_budget_it_printed(
     long_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        "regdial.dial.search.DEFAULT_RUNS", 3
-    )  # the default budget's runs: fewer, to be quick
+    # The default budget, 12 runs, on a task whose usual length is 4 epochs: quick.
+    monkeypatch.setattr(importlib.import_module("regdial.training.fit"), "default_epochs", lambda task: 4)
     said: list[str] = []
     result = tune(long_task, model="linear", budget=None, strategy="random", run_dir=tmp_path, retrain=False,
                   progress=said.append)  # fmt: skip
     scale = json.loads((tmp_path / "timescale.json").read_text())
     assert any(line.startswith("probing the time scale: ") for line in said)
-    budget_line = next(line for line in said if line.startswith("budget: about 3 runs of ~"))
-    assert f"({3 * scale['epochs']:,} epochs)" in budget_line
+    assert scale["probe_epochs"] in (4, 8, 16, 32)  # the probe's run doubled while it improved at its end
+    budget_line = next(line for line in said if line.startswith("budget: about 12 runs of ~"))
+    budget = 12 * scale["epochs"]
+    assert f"({budget:,} epochs)" in budget_line
     # what was spent is what was printed, within 10% (the last trial may run past it)
-    assert abs(result.epochs_spent - 3 * scale["epochs"]) <= 0.1 * 3 * scale["epochs"]
+    assert abs(result.epochs_spent - budget) <= 0.1 * budget
     assert max(int(t["epochs"]) for t in result.trials) <= scale["epochs"]
-    assert scale["probe_epochs"] > scale["best_epoch"]  # the probe ran past its best epoch, then stopped
     # the same command again resumes: the time scale is read back, not measured again
     said.clear()
     tune(long_task, model="linear", strategy="random", run_dir=tmp_path, retrain=False, progress=said.append)

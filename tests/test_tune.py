@@ -92,7 +92,11 @@ def test_space_basics() -> None:
         "dropout",
         "label_smoothing",
         "augment",
+        "ema",
     }
+    assert set(Space.default(load_task("waveforms"), "mlp").knobs) == {
+        "weight_decay", "dropout", "augment", "noise", "label_smoothing", "ema",
+    }  # fmt: skip
     assert set(Space.default(load_task("sparse-regression"), "linear").knobs) == {"l1", "l2"}
 
 

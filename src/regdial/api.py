@@ -34,6 +34,7 @@ from regdial.dial.options import STRATEGIES
 from regdial.dial.result import TuneResult
 from regdial.dial.search import Search
 from regdial.dial.space import Space
+from regdial.knobs import retunable
 from regdial.setting import Regularization
 
 __all__ = ["tune"]
@@ -137,7 +138,12 @@ def tune(
         # a chosen setting still improving at its end is trained again for twice as long.
         full = reference
         patience = max(5, reference // 4)
-        space = space if space is not None else objective.default_space(base)
+        if space is None:
+            space = objective.default_space(base)
+            if (
+                strategy == "online"
+            ):  # the knobs that cannot turn during the one run stay as the base has them
+                space = Space({n: r for n, r in space.knobs.items() if retunable(n)}, space.base)
         identity: dict[str, Any] = {"task": name, "model": objective.model, "seed": seed}
     else:
         kind_of = "classification" if num_classes is not None else None

@@ -49,7 +49,8 @@ def choose(complete: list[Any], space: Space, maximize: bool) -> tuple[Any, str]
     if not math.isfinite(se) or se <= 0:
         return best, "best validation score"
     within = [t for t in complete if (t.value >= best.value - se if maximize else t.value <= best.value + se)]
-    pick = max(within, key=lambda t: (space.strength(space.values_of(t.params)), -t.number))
+    sign = 1.0 if maximize else -1.0  # equal strengths (a trial and its continuation): the better score
+    pick = max(within, key=lambda t: (space.strength(space.values_of(t.params)), sign * t.value, -t.number))
     if pick.number == best.number:
         return (
             best,
@@ -76,14 +77,16 @@ def extended_space(study: optuna.Study, space: Space) -> Space:
     return space.narrow(**changed)
 
 
-def extend_ranges(study: optuna.Study, space: Space) -> Space:
+def extend_ranges(study: optuna.Study, space: Space, *, reserve: bool = False) -> Space:
     """Extend a range whose end binds, and return the space the next trial samples from.
 
     A knob's range is extended at an end when the best finished trial sits within
     ``EDGE`` of it and the three best trials all lie in that half of the range (the
     evidence that the knob matters, there): a log-scale range by a decade, a linear one by
     half its width, within the knob's hard limits (``Knob.limits``). It waits for
-    ``max(6, 2 * knobs)`` finished trials, and for three more after each extension.
+    ``max(6, 2 * knobs)`` finished trials, and for three more after each extension; in the
+    budget's reserve (``regdial.dial.continuation``), for 4 and 2: the budget left is what
+    the extension can still use.
     """
     from optuna.trial import TrialState
 
@@ -91,10 +94,8 @@ def extend_ranges(study: optuna.Study, space: Space) -> Space:
 
     current = extended_space(study, space)
     complete = [t for t in search_trials(study) if t.state == TrialState.COMPLETE and t.value is not None]
-    if (
-        len(complete) < max(6, 2 * len(space.knobs))
-        or len(complete) < int(study.user_attrs.get("extended_at", 0)) + 3
-    ):
+    needed, after = (4, 2) if reserve else (max(6, 2 * len(space.knobs)), 3)
+    if len(complete) < needed or len(complete) < int(study.user_attrs.get("extended_at", 0)) + after:
         return current
     maximize = study.direction.name == "MAXIMIZE"
     ranked = sorted(complete, key=lambda t: float(t.value or 0.0), reverse=maximize)[:3]
@@ -197,7 +198,8 @@ def trial_row(t: Any, space: Space) -> dict[str, Any]:
     value = t.value if t.value is not None else t.user_attrs.get("value")
     return {"number": t.number, "state": t.state.name.lower(), "value": value, "se": t.user_attrs.get("se"),
             "epochs": t.user_attrs.get("epochs", 0), **space.values_of(t.params), "seconds": seconds,
-            "device": t.user_attrs.get("device")}  # fmt: skip
+            "device": t.user_attrs.get("device"), "length": t.user_attrs.get("length"),
+            "continues": t.user_attrs.get("continues")}  # fmt: skip
 
 
 def importances(study: optuna.Study, complete: list[Any], space: Space) -> dict[str, float]:

@@ -1,9 +1,12 @@
 """The end of a search: retrain the chosen setting and the baseline, note, write the files.
 
 The test split is used here once: the chosen setting and the unregularized baseline are
-trained again (each in a run directory under ``run_dir/best``) and scored on it. A chosen
-run that reached the epoch cap still improving is trained twice as long and kept if it
-validates better: the training length is part of the dial.
+scored on it, each in a run directory under ``run_dir/best``. The chosen setting's run is
+the chosen trial's own when its checkpoint was kept (resumed, it trains no more: the
+model the search validated is the one scored), else it is trained again, to the trial's
+length. A chosen run that reached its length still improving is continued from its
+checkpoint to twice that length, keeping its best epoch: the training length is part of
+the dial, and no epoch is paid for twice.
 """
 
 from __future__ import annotations
@@ -67,10 +70,13 @@ def _retrain(search: Search, result: TuneResult) -> None:
         search.say(f"scoring the online run and training the unregularized baseline, scoring both on {split}")
         tuned = search.online_run
     else:
-        search.say(f"training the chosen setting and the unregularized baseline, scoring both on {split}")
-        tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric,
-                              restore_best=True, epochs=search.epochs)  # fmt: skip
-        longer = _train_longer(search, result, tuned, staging)
+        length = _chosen_length(search, result)
+        kept = _take_trial_run(search, result, staging)
+        search.say(f"{'scoring the chosen trial' if kept else 'training the chosen setting'} and training the "
+                   f"unregularized baseline, scoring both on {split}")  # fmt: skip
+        tuned = objective.fit(result.best, run_dir=staging, monitor=objective.metric, restore_best=True,
+                              epochs=length, resume=kept)  # fmt: skip
+        longer = _train_longer(search, result, tuned, staging, length)
         if longer is not None:
             tuned = longer
     base = objective.fit(Regularization.off(), run_dir=None if staging is None else staging / "baseline",
@@ -82,16 +88,37 @@ def _retrain(search: Search, result: TuneResult) -> None:
         os.replace(staging, final)
 
 
-def _train_longer(search: Search, result: TuneResult, tuned: Any, staging: Path | None) -> Any:
-    """The training length is part of the dial: a chosen run that ran to the epoch cap
-    while still improving (its diagnosis says so, it underfit, or its early stopping was
-    armed and never fired) is trained again for twice as long, and kept if it validates
-    better."""
+def _chosen_length(search: Search, result: TuneResult) -> int:
+    """The epochs the chosen trial trained to (a continued trial's are more than the search's)."""
+    row = next((r for r in result.trials if r.get("number") == result.best_trial), None)
+    return int((row or {}).get("length") or search.epochs)
+
+
+def _take_trial_run(search: Search, result: TuneResult, staging: Path | None) -> bool:
+    """Copy the chosen trial's run (checkpoint, history) to ``staging``, if it was kept."""
+    from regdial.dial.continuation import trial_dir
+
+    if staging is None or search.run_dir is None or result.best_trial is None:
+        return False
+    source = trial_dir(search.run_dir, result.best_trial)
+    if not (source / "checkpoints" / "last.json").is_file():
+        return False
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    return True
+
+
+def _train_longer(search: Search, result: TuneResult, tuned: Any, staging: Path | None, length: int) -> Any:
+    """The training length is part of the dial: a chosen run that ran to its length while
+    still improving (its diagnosis says so, it underfit, or its early stopping was armed
+    and never fired) is continued from its checkpoint to twice that length, its best epoch
+    kept (or, without a run directory, trained again for twice as long and kept if it
+    validates better)."""
     from regdial.diagnosis import diagnose
 
     summary = tuned.meta["summary"]
     reading = diagnose(tuned, result.best)
-    ran_out = summary.get("status") == "completed" and summary.get("epochs_run") == search.epochs
+    ran_out = summary.get("status") == "completed" and summary.get("epochs_run") == length
     if not ran_out:
         return None
     # Early stopping is the length dial: armed and never fired means the validation
@@ -108,31 +135,23 @@ def _train_longer(search: Search, result: TuneResult, tuned: Any, staging: Path 
         return None
     assert isinstance(search.objective, FitObjective)
     metric = search.objective.metric
-    search.say(
-        f"the chosen setting was {state} at epoch {search.epochs}: training it for {2 * search.epochs}"
-    )
-    longer = search.objective.fit(result.best, monitor=metric, restore_best=True, epochs=2 * search.epochs,
-                                run_dir=None if staging is None else staging.with_name(staging.name + "-longer"))  # fmt: skip
+    how = "continuing it from its checkpoint" if staging is not None else "training it again"
+    search.say(f"the chosen setting was {state} at epoch {length}: {how} to {2 * length}")
+    longer = search.objective.fit(result.best, monitor=metric, restore_best=True, epochs=2 * length,
+                                  run_dir=staging, resume=staging is not None)  # fmt: skip
     before = summary.get("best", summary.get("final", {})).get(metric, math.nan)
     after = longer.meta["summary"].get("best", longer.meta["summary"].get("final", {})).get(metric, math.nan)
     better = after > before if higher_is_better(metric) else after < before
-    if staging is not None:
-        spare = staging.with_name(staging.name + "-longer")
-        if better:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.replace(spare, staging)
-        else:
-            shutil.rmtree(spare, ignore_errors=True)
-    result.epochs_spent += len(longer)
+    result.epochs_spent += len(longer) - (length if staging is not None else 0)
     if better:
-        result.notes.append(f"the chosen setting was {state} after {search.epochs} epochs; trained for "
-                            f"{2 * search.epochs} it validates better ({metric} {after:.4f} vs {before:.4f}): the "
+        result.notes.append(f"the chosen setting was {state} after {length} epochs; trained on to "
+                            f"{2 * length} it validates better ({metric} {after:.4f} vs {before:.4f}): the "
                             "training length, not the regularization, was the limit")  # fmt: skip
         return longer
-    result.notes.append(f"the chosen setting was {state} after {search.epochs} epochs, but twice as long "
-                        f"did not validate better ({after:.4f} vs {before:.4f}): the model's capacity or the "
-                        "learning rate may be the limit")  # fmt: skip
-    return None
+    result.notes.append(f"the chosen setting was {state} after {length} epochs, but trained on to {2 * length} "
+                        f"it did not validate better ({after:.4f} vs {before:.4f}; its best epoch is kept): the "
+                        "model's capacity or the learning rate may be the limit")  # fmt: skip
+    return longer if staging is not None else None
 
 
 def _baseline_trial(search: Search, result: TuneResult) -> None:

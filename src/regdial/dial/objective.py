@@ -279,7 +279,7 @@ class FitObjective:
             return False
 
         history = self.fit(setting, model=net, epochs=trial.epochs, on_epoch=report, monitor=self.metric,
-                           restore_best=trial.role != "path")  # fmt: skip
+                           restore_best=trial.role != "path", run_dir=trial.run_dir, resume=trial.resume)  # fmt: skip
         trial.history.meta.update(status=history.meta.get("status"), summary=history.meta.get("summary"),
                                   device=history.meta.get("device"))  # fmt: skip
         trial.save_weights(net)

@@ -47,7 +47,7 @@ from regdial.dial.result import TuneResult
 from regdial.dial.space import Space
 from regdial.dial.strategies import search_online, search_path, search_study
 from regdial.dial.study import open_storage
-from regdial.dial.timescale import TimeScale, recipe
+from regdial.dial.timescale import TimeScale, improving_at_end, recipe
 from regdial.knobs import retunable
 
 if TYPE_CHECKING:
@@ -256,16 +256,31 @@ class Search:
                      f"{scale.probe_epochs}")  # fmt: skip
 
     def _probe(self) -> TimeScale:
-        """Train the practitioner's recipe once, up to eight times the usual length."""
+        """Train the practitioner's recipe for the usual length, then on from its checkpoint
+        to twice the length while it is still improving at its end, up to eight times it."""
+        import tempfile
+
         objective = self.objective
         assert isinstance(objective, FitObjective)
-        cap = 8 * self.reference
+        cap, length = 8 * self.reference, self.reference
         setting = recipe(self.given_space)
-        if not setting.early_stopping:
-            setting = setting.replace(early_stopping=max(10, cap // 6))
-        self.say(f"probing the time scale: {_described(setting)} for up to {cap} epochs")
-        history = objective.fit(setting, epochs=cap, monitor=objective.metric, restore_best=True)
-        return TimeScale.read(history, objective.metric, reference=self.reference, cap=cap)
+        metric = objective.metric
+        self.say(f"probing the time scale: {_described(setting)} for {length} epochs, doubling while it "
+                 f"improves at its end (up to {cap})")  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="regdial-probe-") as scratch:
+            directory = Path(scratch) if self.run_dir is None else self.run_dir / "probe"
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # a probe cut short starts over
+            history = objective.fit(
+                setting, epochs=length, monitor=metric, restore_best=True, run_dir=directory
+            )
+            while 2 * length <= cap and improving_at_end(history, metric, length):
+                length *= 2
+                self.say(f"probe: still improving at its end: on to {length} epochs")
+                history = objective.fit(setting, epochs=length, monitor=metric, restore_best=True,
+                                        run_dir=directory, resume=True)  # fmt: skip
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir / "probe" / "checkpoints", ignore_errors=True)  # its history stays
+        return TimeScale.read(history, metric, reference=self.reference, cap=cap)
 
     def _check_directory(self) -> None:
         """A directory holds one search: never a run's, never two searches' files mixed."""

@@ -16,12 +16,16 @@ is how a knob is fixed. In a TOML config::
 
 ``Space.default(data, model)`` gives the default space for a kind of task: weight decay,
 dropout, label smoothing and augmentation strength for image classifiers; weight decay,
-dropout and augmentation for signals; weight decay, dropout and input noise for tabular
-models; L1 and L2 for a linear model (a lasso / ridge / elastic-net search).
-``Space.for_model(model, kind)`` gives the knobs that apply to a user's own model: weight
-decay always, dropout only if the model has dropout layers to turn, drop path if it has
-``DropPath``-like modules, label smoothing for classifiers, NEFTune noise for a model
-with an input embedding. Default ranges are the knobs' own (``Knob.search``).
+dropout, augmentation, input noise and label smoothing for signals; weight decay, dropout
+and input noise (and label smoothing for classifiers) for tabular models; each with a
+weight average (EMA) for evaluation; L1 and L2 for a linear model (a lasso / ridge /
+elastic-net search). ``Space.for_model(model, kind)`` gives the knobs that apply to a
+user's own model: weight decay and an EMA always, dropout only if the model has dropout
+layers to turn, drop path if it has ``DropPath``-like modules, label smoothing for
+classifiers, augmentation for images and signals, input noise for tabular data and
+signals, NEFTune noise for a model with an input embedding. Default ranges are the
+knobs' own (``Knob.search``). The ``online`` strategy leaves out the knobs that cannot turn
+during a run (``ema``).
 """
 
 from __future__ import annotations
@@ -165,11 +169,12 @@ class Space:
         if model == "linear":
             return cls({"l1": (1e-3, 3.0), "l2": (1e-3, 3.0)}, base)
         names = ["weight_decay", "dropout"] + (["l2sp"] if fine_tuning else [])
-        names += {"image": ["label_smoothing", "augment"], "signal": ["augment"]}.get(
+        names += {"image": ["label_smoothing", "augment"], "signal": ["augment", "noise"]}.get(
             data.input_kind, ["noise"]
         )
-        if data.kind == "classification" and data.input_kind == "tabular":
+        if data.kind == "classification" and data.input_kind in ("tabular", "signal"):
             names.append("label_smoothing")
+        names.append("ema")  # a weight average for evaluation applies to every model
         return cls({name: _search(name) for name in names}, base)
 
     @classmethod
@@ -197,10 +202,11 @@ class Space:
             names.append("label_smoothing")
         if input_kind in ("image", "signal"):
             names.append("augment")
-        elif input_kind == "tabular":
+        if input_kind in ("tabular", "signal"):
             names.append("noise")
         elif input_kind is None and input_embedding(model) is not None:
             names.append("embedding_noise")
+        names.append("ema")  # a weight average for evaluation applies to every model
         return cls({name: _search(name) for name in names}, base)
 
     @classmethod

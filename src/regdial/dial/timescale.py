@@ -3,17 +3,22 @@
 Regularized models learn more slowly and end better (early epochs rank settings
 backwards, see ``docs/ARCHITECTURE.md``), so a trial length fixed in advance cuts exactly
 the trials that would win. Before it spends the budget, a search whose length is the
-dial's to choose trains the practitioner's recipe once (``recipe``: AdamW-style decay
-0.05, dropout 0.1, label smoothing 0.1, augmentation 0.5, input noise 0.1, drop path 0.1,
-an EMA of 0.99, NEFTune alpha 5: those of its knobs the space searches) with a long cap,
-and reads from its validation curve:
+dial's to choose trains the practitioner's recipe (``recipe``: AdamW-style decay 0.05,
+dropout 0.1, label smoothing 0.1, augmentation 0.5, input noise 0.1, drop path 0.1, an
+EMA of 0.99, NEFTune alpha 5: those of its knobs the space searches) for the task's usual
+length, a whole cosine schedule, and while it is still improving at its end (its best
+epoch in the last fifth) continues that run from its checkpoint to twice the length, up to
+a cap of eight times the usual length (``Search._probe``): one run, whose length doubles
+while it pays. A run stopped by patience under a long schedule would read the plateau of
+its high learning rate, not the gain of annealing, as the end. From its validation curve:
 
 - ``epochs``, a trial's length: 1.25 times the epoch the probe validated best at, at least
   the task's usual length and at most the cap;
 - ``patience``, early stopping's inside trials, from the curve's own noise: the epochs the
-  late slope of the curve needs to climb twice its epoch-to-epoch noise
-  (``2 * noise / slope``), between a tenth and a half of ``epochs`` (at least 5). A noisy
-  curve (a small validation split) waits longer; a clean, steep one stops sooner;
+  late slope of the curve needs to climb three times its epoch-to-epoch noise
+  (``3 * noise / slope``: a best-so-far is itself a high draw of the noise), between a
+  quarter and a half of ``epochs`` (at least 5). A noisy curve (a small validation split)
+  waits longer; a clean, steep one stops sooner;
 - ``seconds_per_epoch``, so the budget can be said in minutes on this machine.
 
 Hyperband and ASHA (Li et al. 2018), freeze-thaw BO (Swersky et al. 2014) and DyHPO
@@ -32,7 +37,15 @@ from regdial.dial.space import Space
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 
-__all__ = ["RECIPE", "TimeScale", "noise_and_slope", "patience_for", "recipe", "recipe_params"]
+__all__ = [
+    "RECIPE",
+    "TimeScale",
+    "improving_at_end",
+    "noise_and_slope",
+    "patience_for",
+    "recipe",
+    "recipe_params",
+]
 
 RECIPE: dict[str, float] = {
     "weight_decay": 0.05,  # AdamW's decay in DeiT and ConvNeXt (Touvron et al. 2021; Liu et al. 2022)
@@ -49,11 +62,15 @@ RECIPE: dict[str, float] = {
 
 def recipe(space: Space) -> Regularization:
     """The practitioner's recipe for ``space``: ``RECIPE``'s value of each knob it
-    searches, kept inside its range; the other knobs as the space's base has them."""
+    searches, kept inside its range; a knob the recipe does not cover at its weakest (off
+    when its range is optional, else the range's low end: the same setting the recipe's
+    trial takes, since a trial's value lies inside its range)."""
     values = {}
     for name, r in space.knobs.items():
         if name in RECIPE:
             values[name] = min(max(RECIPE[name], r.low), r.high)
+        else:
+            values[name] = 0.0 if r.optional else r.low
     return space.setting(values)
 
 
@@ -105,6 +122,16 @@ class TimeScale:
         )  # fmt: skip
 
 
+def improving_at_end(history: History, metric: str, length: int) -> bool:
+    """Whether a run of ``length`` epochs ran them all and validated best in their last fifth."""
+    rows = [r for r in history.rows if math.isfinite(float(r.get(metric, math.nan)))]
+    if len(history.rows) < length or not rows:
+        return False
+    pick = max if higher_is_better(metric) else min
+    best = int(pick(rows, key=lambda r: (float(r[metric]), r["epoch"]))["epoch"])
+    return best > length - max(1, math.ceil(0.2 * length))
+
+
 def noise_and_slope(scores: list[float]) -> tuple[float, float]:
     """The epoch-to-epoch noise of a curve and its late slope, both per epoch.
 
@@ -125,10 +152,10 @@ def noise_and_slope(scores: list[float]) -> tuple[float, float]:
 
 
 def patience_for(noise: float, slope: float, epochs: int) -> int:
-    """Early stopping's patience for trials of ``epochs``: ``2 * noise / slope`` epochs,
-    the time the curve needs to climb out of its own noise, between ``max(5, epochs/10)``
+    """Early stopping's patience for trials of ``epochs``: ``3 * noise / slope`` epochs,
+    the time the curve needs to climb out of its own noise, between ``max(5, epochs/4)``
     and ``max(5, epochs/2)``."""
-    low, high = max(5, epochs // 10), max(5, epochs // 2)
+    low, high = max(5, epochs // 4), max(5, epochs // 2)
     if slope <= 0.0:
         return high if noise > 0.0 else low
-    return int(min(high, max(low, math.ceil(2.0 * noise / slope))))
+    return int(min(high, max(low, math.ceil(3.0 * noise / slope))))

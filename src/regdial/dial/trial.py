@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -53,8 +54,14 @@ class Trial:
         kind: str | None = None,
         prune_after: int | None = None,
         role: str = "trial",
+        run_dir: Path | None = None,
+        resume: bool = False,
+        prune: bool = True,
     ) -> None:
         self.setting, self.number, self.epochs = setting, number, epochs
+        # regdial's trainer keeps the trial's run (history, checkpoints) in run_dir, and a
+        # trial that continues another resumes that run for longer (``resume``).
+        self.run_dir, self.resume, self.prune = run_dir, resume, prune
         self.metric = metric if metric.startswith("val_") else f"val_{metric}"
         self.role = role
         self._optuna = optuna_trial
@@ -102,7 +109,7 @@ class Trial:
         if self._prune_after is not None and len(self.history) >= self._prune_after:
             self.pruned = True
             raise _pruned(f"the path's point ends after {epoch} epochs")
-        if self._optuna is not None and self._optuna.should_prune():
+        if self.prune and self._optuna is not None and self._optuna.should_prune():
             self.pruned = True
             raise _pruned(f"pruned after epoch {epoch}: {self.metric} {value:.4g}")
 
@@ -146,6 +153,7 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
         "value": value,
         "se": se,
         "best_epoch": None if row is None else int(row["epoch"]),
+        "status": trial.history.meta.get("status"),
         "setting": trial.setting.to_dict(),
     } | ({"device": trial.history.meta["device"]} if "device" in trial.history.meta else {})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from regdial._checks import InputError
 from regdial.dial.budget import Budget
 from regdial.dial.choice import extend_ranges
+from regdial.dial.continuation import beyond_edge, in_reserve, next_continuation, tidy_checkpoints, trial_dir
 from regdial.dial.objective import FitObjective, Objective, UserObjective
 from regdial.dial.space import Space
 from regdial.dial.study import fail_stale, open_storage, pruner, sampler, search_trials, usage
@@ -103,7 +105,10 @@ class Worker:
                 ):
                     break
                 if self.strategy in SAMPLED:
-                    self.current = extend_ranges(study, self.space)
+                    reserve = in_reserve(self.budget, used)
+                    before, self.current = self.current, extend_ranges(study, self.space, reserve=reserve)
+                    if reserve:
+                        self._spend_reserve(study, before, used)
                 study.optimize(
                     lambda ot: self._trial(study, ot), n_trials=1, catch=(OverBudgetError,), gc_after_trial=False,
                     callbacks=[self._tell],
@@ -111,8 +116,52 @@ class Worker:
         if self.interrupt.requested:  # Ctrl-C as the last trial ended: the search stops here
             raise KeyboardInterrupt("Ctrl-C after the last trial")
 
+    def _spend_reserve(self, study: optuna.Study, before: Space, used: float) -> None:
+        """The reserve's next trial (``regdial.dial.continuation``): a point beyond an edge
+        that binds, else the continuation of a trial still improving, else the sampler's."""
+        from optuna.trial import TrialState
+
+        if any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            return  # one already waits
+        point = beyond_edge(study, before, self.current)
+        if point is not None:
+            study.enqueue_trial(point, skip_if_exists=True)
+            return
+        if self.run_dir is None or not isinstance(self.objective, FitObjective):
+            return  # continuing needs regdial's trainer and a directory for the checkpoints
+        found = next_continuation(
+            study, self.run_dir, self.epochs, self.budget.amount - used, self.budget.unit
+        )
+        if found is not None:
+            parent, length = found
+            start = int(parent.user_attrs.get("length", parent.user_attrs.get("planned", 0)))
+            study.enqueue_trial(
+                parent.params,
+                user_attrs={"continues": parent.number, "length": length, "planned": length - start},
+            )
+
+    def _run_dir(self, ot: optuna.Trial) -> tuple[Path | None, bool]:
+        """Where regdial's trainer keeps trial ``ot``'s run, and whether it resumes the run
+        of the trial it continues (moving that one's checkpoints in: they go on here)."""
+        if self.run_dir is None or not isinstance(self.objective, FitObjective):
+            return None, False
+        directory = trial_dir(self.run_dir, ot.number)
+        shutil.rmtree(directory, ignore_errors=True)  # a failed try of this number left it
+        continues = ot.user_attrs.get("continues")
+        if continues is None:
+            return directory, False
+        source = trial_dir(self.run_dir, int(continues))
+        if not (source / "checkpoints" / "last.json").is_file():
+            ot.set_user_attr("planned", int(ot.user_attrs.get("length", self.epochs)))  # from the start
+            return directory, False
+        directory.mkdir(parents=True)
+        shutil.copy2(source / "config.toml", directory / "config.toml")
+        os.replace(source / "checkpoints", directory / "checkpoints")
+        return directory, True
+
     def _trial(self, study: optuna.Study, ot: optuna.Trial) -> float:
-        """One trial: the setting Optuna suggests, trained by the objective, its score."""
+        """One trial: the setting Optuna suggests (or the trial it continues), trained by
+        the objective, its score."""
         import optuna
         from optuna.trial import TrialState
 
@@ -123,12 +172,16 @@ class Worker:
             alive = sorted(t.number for t in search_trials(study) if t.state != TrialState.FAIL)
             if ot.number in alive and alive.index(ot.number) >= self.budget.amount:
                 raise OverBudgetError("the budget was spent by other workers")
-        ot.set_user_attr("planned", self.epochs)
+        if "continues" not in ot.user_attrs:
+            ot.set_user_attr("planned", self.epochs)
+            ot.set_user_attr("length", self.epochs)
         setting = self.current.suggest(ot)
         metric = self.objective.metric
+        run_dir, resume = self._run_dir(ot)
         trial = Trial(
-            setting, number=ot.number, metric=metric, epochs=self.epochs, optuna_trial=ot, kind=self.kind
-        )
+            setting, number=ot.number, metric=metric, epochs=int(ot.user_attrs["length"]), optuna_trial=ot,
+            kind=self.kind, run_dir=run_dir, resume=resume, prune="continues" not in ot.user_attrs,
+        )  # fmt: skip
         try:
             self.objective(setting, trial)  # a pruned trial raises optuna.TrialPruned: Optuna records it
         except (optuna.TrialPruned, KeyboardInterrupt):
@@ -140,8 +193,8 @@ class Worker:
         finally:
             for key, value in trial_summary(trial).items():
                 ot.set_user_attr(key, value)
-            if self.run_dir is not None and trial.history.rows:  # the diagnosis of any trial reads it
-                trial.history.save(self.run_dir / "trials" / str(ot.number))
+            if self.run_dir is not None and trial.history.rows and trial.run_dir is None:
+                trial.history.save(trial_dir(self.run_dir, ot.number))  # the diagnosis of any trial reads it
         value, _ = trial.score()
         if not math.isfinite(value):
             reason = trial.history.meta.get("no_score") or (
@@ -152,17 +205,23 @@ class Worker:
         return value
 
     def _tell(self, study: optuna.Study, trial: Any) -> None:
-        """A line of progress for each finished or pruned trial."""
+        """A line of progress for each finished or pruned trial; checkpoints no longer needed go."""
         from optuna.trial import TrialState
 
+        if self.run_dir is not None and isinstance(self.objective, FitObjective):
+            tidy_checkpoints(study, self.run_dir)
         if self.say is None or trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
         metric = self.objective.metric
         values = [float(t.value) for t in _completed(study) if t.value is not None]
         best = (max if higher_is_better(metric) else min)(values) if values else math.nan
         value = trial.value if trial.value is not None else trial.user_attrs.get("value", math.nan)
-        self.say(f"trial {trial.number}: {trial.state.name.lower()} after {trial.user_attrs.get('epochs', 0)} epochs, "
-                 f"{metric} {value:.4f} (best {best:.4f})")  # fmt: skip
+        continued = trial.user_attrs.get("continues")
+        how = (
+            "" if continued is None else f" continuing trial {continued} to {trial.user_attrs.get('length')}"
+        )
+        self.say(f"trial {trial.number}: {trial.state.name.lower()} after {trial.user_attrs.get('epochs', 0)} epochs"
+                 f"{how}, {metric} {value:.4f} (best {best:.4f})")  # fmt: skip
 
 
 def _completed(study: optuna.Study) -> list[Any]:

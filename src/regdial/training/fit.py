@@ -201,7 +201,9 @@ def fit(
         restore_best: end with the best epoch's weights even without early stopping
             (early stopping always restores them).
         run_dir: where to write the run; None keeps everything in memory.
-        resume: continue the run in ``run_dir`` from its last checkpoint.
+        resume: continue the run in ``run_dir`` from its last checkpoint; with more
+            ``epochs`` than it started with, a completed run trains on to them (its cosine
+            schedule stretched over the new length, see ``regdial.training.resume``).
         initial_weights: start from these weights (a warm start) instead of the seed's.
         on_epoch: called with each epoch's row; returning True stops the run ("pruned").
         controller: the dial turned from inside the run (see ``Controller``).
@@ -258,8 +260,11 @@ def fit(
                 write_text(
                     directory / "config.toml", _config_toml(task, model_name, model_options, options, setting)
                 )
-        if resume:
-            restore(run)
+        grown = resume and restore(run)
+        if grown and directory is not None and run.is_main:  # resumed for longer: config.toml says how long
+            write_text(
+                directory / "config.toml", _config_toml(task, model_name, model_options, options, setting)
+            )
         with ProgressBar(progress if run.is_main else False, options.epochs or 1, source.name) as bar:
             return run.train(bar)
 

@@ -77,8 +77,15 @@ def save(run: Run) -> None:
     run.saved_epoch = run.loop.epoch
 
 
-def restore(run: Run) -> None:
-    """Continue ``run`` from its run directory's last checkpoint; a damaged one is one line."""
+def restore(run: Run) -> bool:
+    """Continue ``run`` from its run directory's last checkpoint; a damaged one is one line.
+
+    A run resumed with more ``epochs`` than it started with trains on to them: a run that
+    completed its epochs runs again (one that stopped early, or was pruned, stays
+    finished), and the cosine schedule, a function of the step and the run's whole
+    length, is stretched over the new length, so the learning rate rises to where a run
+    of that length stands at this step and anneals to 0 with it (a warm restart, as
+    SGDR's, to a lower peak). Returns whether the length grew."""
     assert run.run_dir is not None
     directory = run.run_dir / "checkpoints"
     if not has_checkpoint(directory):
@@ -86,10 +93,19 @@ def restore(run: Run) -> None:
     where = directory / "last.json"
     state = Part(load_checkpoint(directory), "", where)
     saved = state.table("loop")
-    _same_start(saved, "options", run.options.to_toml_dict())
+    options = run.options.to_toml_dict()
+    started = dict(saved.table("options").value)
+    grown = options.get("epochs") != started.get("epochs")
+    _same_start(saved, "options", options | ({"epochs": started.get("epochs")} if grown else {}))
     _same_start(saved, "setting", run.setting.to_dict())
     loop = LoopState()
     loop.load_state_dict(saved)  # read first: a damaged position changes nothing
+    if grown:
+        epochs = int(options.get("epochs") or 0)
+        if epochs < loop.epoch:
+            fail("epochs", f"at least the {loop.epoch} the run has trained (to resume it for longer)", epochs)
+        if loop.status == "completed" and epochs > loop.epoch:
+            loop.status = "running"
     rngs = _rng_states(saved.table("rng"), run.distributed.rank if run.distributed else 0)
     with state.reading("model", *TORCH_MODULE, what=THIS_MODEL):
         run.net.load_state_dict(state.table("model").value)
@@ -116,6 +132,7 @@ def restore(run: Run) -> None:
         set_rng_state(rngs, run.device)
     run.loop = loop
     run.saved_epoch = loop.epoch
+    return grown
 
 
 def _same_start(saved: Part, name: str, value: dict[str, Any]) -> None:
