@@ -137,7 +137,19 @@ def _storage_error(url: str, error: Exception) -> NoReturn:
 
 
 def sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:
-    """The sampler of a strategy (see ``regdial.dial.search``)."""
+    """The sampler of a strategy (see ``regdial.dial.search``), seeded per trial.
+
+    Each trial's sampler is seeded from the study's seed and the trial's number (which the
+    database hands out once per study), not from a seed per process: a resumed search, a
+    second terminal, ``--workers`` and PostgreSQL workers on other machines then never
+    draw the same sequence twice, and a search run again from scratch with its seed
+    draws what it drew before."""
+    from regdial.dial.seeding import PerTrialSeed
+
+    return PerTrialSeed(lambda trial_seed: _make_sampler(strategy, trial_seed, space, grid_points), seed)
+
+
+def _make_sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:
     import optuna
 
     if strategy == "random":

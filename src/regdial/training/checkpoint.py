@@ -98,7 +98,12 @@ def save_weights(path: Path, tensors: Mapping[str, Tensor]) -> None:
 
     flat: dict[str, Tensor] = {}
     _split(dict(tensors), "", flat, set())
-    atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp)), size=_nbytes(flat))
+
+
+def _nbytes(tensors: Mapping[str, Tensor]) -> int:
+    """About what a safetensors file of ``tensors`` needs (its header is small beside them)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 8 * 2**10
 
 
 def load_weights(
@@ -137,7 +142,7 @@ def save_checkpoint(directory: Path, state: Mapping[str, Any]) -> Path:
     target = directory / f"state-{number:06d}.safetensors"
     tensors: dict[str, Tensor] = {}
     tree = _split(dict(state), "", tensors, set())
-    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)), size=_nbytes(tensors))
     write_json(directory / "last.json", {"format": FORMAT, "tensors": target.name, "state": tree})
     for old in directory.glob("state-*.safetensors"):
         if old != target:
