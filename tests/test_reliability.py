@@ -304,3 +304,132 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(
         a = load_weights(run / "checkpoints" / "final.safetensors")
         b = load_weights(tmp_path / "straight" / "checkpoints" / "final.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- 5. one line and exit 2 where the input is the problem -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert exit_code(["run", "--task", "wine", "--epochs", "2", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def _damaged_copy(run: Path, where: Path, damage: str) -> Path:
+    import json
+    import shutil
+
+    copy = where / "copy"
+    shutil.copytree(run, copy)
+    if damage == "final is 5":
+        summary = json.loads((copy / "summary.json").read_text())
+        (copy / "summary.json").write_text(json.dumps({**summary, "final": 5}))
+    elif damage == "a NaN epoch":
+        history = json.loads((copy / "history.json").read_text())
+        history["rows"][0]["epoch"] = float("nan")
+        (copy / "history.json").write_text(json.dumps(history))
+    elif damage == "history.json is a directory":
+        (copy / "history.json").unlink()
+        (copy / "history.json").mkdir()
+        (copy / "history.csv").unlink()
+    elif damage == "bad integer keys":
+        text = (copy / "checkpoints" / "last.json").read_text()
+        document = json.loads(text)
+
+        def spoil(value: object) -> bool:
+            if isinstance(value, dict):
+                table = value.get("$int_keys")
+                if isinstance(table, dict) and table:
+                    table["abc"] = table.pop(next(iter(table)))
+                    return True
+                return any(spoil(v) for v in value.values())
+            return isinstance(value, list) and any(spoil(v) for v in value)
+
+        assert spoil(document)
+        (copy / "checkpoints" / "last.json").write_text(json.dumps(document))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("command", "damage", "message"),
+    [
+        (["report", "{copy}"], "final is 5", r"summary\.json must be a run summary .*'final' that is not a table"),
+        (["report", "{copy}"], "a NaN epoch", r"history\.json must be a history .*row\.epoch must be a finite"),
+        (["diagnose", "{copy}"], "a NaN epoch", r"row\.epoch must be a finite number of epochs, at least 0, got nan"),
+        (["run", "--resume", "{copy}", "--quiet"], "bad integer keys", r"last\.json must be a checkpoint .*'abc'"),
+        (["run", "--resume", "{copy}", "--quiet"], "history.json is a directory",
+         r"history\.json must be a file regdial can replace, got a directory"),
+    ],
+)  # fmt: skip
+def test_damaged_files_are_one_line(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], damage: str,
+    message: str,
+) -> None:  # fmt: skip
+    import re
+
+    copy = _damaged_copy(finished_run, tmp_path, damage)
+    capsys.readouterr()
+    assert exit_code([part.format(copy=copy) for part in command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert ".tmp" not in err  # the file named is the user's, not a temporary one
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "exclude=5"], r"regularization\.exclude must be a list of fnmatch patterns .*got 5$"),
+        (
+            ["--set", "include=true"],
+            r"regularization\.include must be a list of fnmatch patterns .*got True$",
+        ),
+        (["--set", "l1=1e300"], r"regularization\.l1 must be in \[0, 1000000\], got 1e\+300$"),
+        (
+            ["--set", "elastic_net=1e300"],
+            r"regularization\.elastic_net must be in \[0, 1000000\], got 1e\+300$",
+        ),
+    ],
+)
+def test_bad_settings_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    import re
+
+    assert exit_code(["run", "--task", "wine", "--epochs", "1", "--out", str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_bad_config_values_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("[regularization]\nexclude = 5\n")
+    assert (
+        exit_code(["run", str(config), "--task", "wine", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "regularization.exclude must be a list of fnmatch patterns" in capsys.readouterr().err
+    search = tmp_path / "tune.toml"
+    search.write_text("[regularization]\nexclude = 1.5\n")
+    assert (
+        exit_code(["tune", str(search), "--task", "wine", "--epochs", "1", "--out", str(tmp_path / "t")]) == 2
+    )
+    assert "regularization.exclude must be a list of fnmatch patterns" in capsys.readouterr().err
+
+
+def test_an_in_memory_sqlite_storage_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    command = ["tune", "--task", "wine", "--epochs", "1", "--budget", "1 trials", "--no-retrain",
+               "--storage", "sqlite:///:memory:", "--out", str(tmp_path / "t")]  # fmt: skip
+    assert exit_code(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "an in-memory SQLite database is private" in err
+
+
+def test_an_empty_validation_split_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    data = tmp_path / "empty_val.npz"
+    x = np.random.default_rng(0).random((40, 4)).astype("float32")
+    np.savez(data, x=x, y=np.arange(40) % 2, x_val=np.zeros((0, 4), "float32"), y_val=np.zeros((0,), "int64"))
+    assert exit_code(["run", "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "x_val must be at least one row" in err, err

@@ -104,6 +104,8 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, size: int | Non
     replaced, its target untouched). ``size`` is what the file is expected to need, named
     if the disk fills (a ``DiskFullError``, the temporary file removed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and not path.is_symlink():  # a rename cannot replace it: say so before writing
+        damaged(path, "a file regdial can replace", "a directory", "move it away")
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     tmp = Path(name)

@@ -94,7 +94,9 @@ def open_storage(url: str | None, run_dir: Path | None) -> Any:
         url = f"sqlite:///{run_dir / 'study.db'}"
     if not isinstance(url, str) or not url.strip():
         fail("storage", "an Optuna storage URL (sqlite:///path/study.db, postgresql://...)", url)
-    if url.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or url.startswith("sqlite://:memory:"):
+    if url.startswith("sqlite") and (
+        url.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or ":memory:" in url or "mode=memory" in url
+    ):
         fail("storage", "a database file or server that workers share (sqlite:///path/study.db, postgresql://...); "
              "an in-memory SQLite database is private to one connection", url)  # fmt: skip
     engine: dict[str, Any] = {"pool_pre_ping": True}

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from regdial._checks import fail
-from regdial._io import atomic_write, read_json, write_text
+from regdial._checks import fail, shorten
+from regdial._io import atomic_write, damaged, read_json, write_text
 from regdial.diagnosis import Diagnosis, diagnose, smooth
 from regdial.reports._html import COLORS, fmt, page, percent, pyplot, table, with_se
 from regdial.setting import Regularization
@@ -179,6 +179,10 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     data = read_json(run_dir / "summary.json", "a run summary written by regdial")
     if not isinstance(data, dict):
         fail(str(run_dir / "summary.json"), "a run summary written by regdial", type(data).__name__)
+    for table_name in ("final", "best"):  # the score tables the page reads
+        if not isinstance(data.get(table_name, {}), dict):
+            damaged(run_dir / "summary.json", "a run summary written by regdial",
+                    f"{table_name!r} that is not a table of scores ({shorten(repr(data[table_name]), 40)})")  # fmt: skip
     return data
 
 
