@@ -433,3 +433,51 @@ def test_an_empty_validation_split_is_one_line(tmp_path: Path, capsys: pytest.Ca
     assert exit_code(["run", "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "x_val must be at least one row" in err, err
+
+
+# -- 6. a process group regdial started ends in order -------------------------------------------------
+
+
+class _Group:
+    """Stands in for ``Distributed`` under torchrun: records what the command does with it."""
+
+    is_main = True
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def broadcast(self, value: object) -> object:
+        return value
+
+    def close(self, *, wait: bool) -> None:
+        self.log.append(f"close(wait={wait})")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_regdial_run_destroys_the_process_group_it_started_after_every_rank_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """The flaky DDP resume: a rank left with gloo's group alive died in the interpreter's
+    teardown (``terminate called without an active exception``). The command now waits for
+    every rank, then destroys the group; after a failure it destroys it without waiting."""
+    import regdial.cli.run as command
+
+    log: list[str] = []
+
+    def execute(*args: object, **kwargs: object) -> None:
+        log.append("trained")
+        if fails:
+            raise RuntimeError("a rank failed")
+
+    monkeypatch.setattr(command, "_data_parallel", lambda device: _Group(log))
+    monkeypatch.setattr(command, "_execute", execute)
+    code = exit_code(["run", "--task", "wine", "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == (3 if fails else 0)
+    assert log == ["trained", f"close(wait={not fails})"]
+
+
+def test_a_group_regdial_did_not_start_is_left_to_its_owner() -> None:
+    from regdial.training.distributed import Distributed
+
+    Distributed(0, 2, 0).close(wait=True)  # the user's own group: nothing is done to it (no group here)
+    assert not torch.distributed.is_initialized()
