@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -46,9 +47,33 @@ TOML_VALUE = st.recursive(
     max_leaves=6,
 )  # fmt: skip
 
-RUN_FLAGS = ["--task", "--data", "--target", "--kind", "--model", "--epochs", "--batch-size", "--optimizer", "--lr",
-             "--seed", "--device", "--precision", "--set"]  # fmt: skip
-TUNE_FLAGS = ["--budget", "--strategy", "--storage", "--workers", "--devices"]
+
+def _options(command: str) -> list[str]:
+    """The options of ``regdial COMMAND`` that take a value, read from the command itself, so
+    that a flag added to the CLI is fuzzed from the day it exists."""
+    import typer
+
+    from regdial.cli.app import app
+
+    params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
+    return [p.opts[0] for p in params if p.param_type_name == "option" and not p.is_flag
+            and p.opts[0] not in ("--out", "--resume")]  # fmt: skip
+
+
+def _switches(command: str) -> list[str]:
+    """The on/off switches of ``regdial COMMAND`` (``--baseline``, ``--no-retrain``...)."""
+    import typer
+
+    from regdial.cli.app import app
+
+    params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
+    return [o for p in params if p.param_type_name == "option" and p.is_flag
+            for o in (*p.opts, *p.secondary_opts) if "quiet" not in o]  # fmt: skip
+
+
+RUN_FLAGS = _options("run")
+TUNE_FLAGS = [flag for flag in _options("tune") if flag not in RUN_FLAGS]
+SWITCHES = sorted({*_switches("run"), *_switches("tune")} - {"--retrain"})  # a retrain would train the result
 TASKS = ["wine", "breast-cancer", "sparse-regression", "digits-small", "waveforms", "mnist", ""]
 SCHEDULES = [
     '{schedule="step", values=1}',
@@ -58,17 +83,29 @@ SCHEDULES = [
     '{schedule="step", values=["a"]}',
     '{schedule="early", value=0.2, until=2}',
 ]
-KNOBS = [
-    "dropout",
-    "weight_decay",
-    "l1",
-    "label_smoothing",
-    "ema",
-    "early_stopping",
-    "schedule",
-    "groups",
-    "noise",
-]
+
+
+def _knobs() -> list[str]:
+    """Every key of ``[regularization]`` (from ``Regularization`` itself) and a misspelling."""
+    from regdial.setting import Regularization
+
+    return [*Regularization.names(), "schedule"]
+
+
+def _table_keys(section: str) -> list[str]:
+    """The keys a config's ``[run]`` or ``[tune]`` table takes, from their option classes."""
+    from regdial.dial.options import TuneOptions
+    from regdial.training.options import RunOptions
+
+    if section == "run":
+        return sorted(
+            {*RunOptions.model_fields, "baseline", "kind", "data", "model", "out", "task", "target"}
+        )
+    return sorted(TuneOptions.model_fields)
+
+
+KNOBS = _knobs()
+SET_VALUES = ["5", "true", "1.5", '["*.bias"]', "1e300", "1e6", "-0.0", "[]"]
 
 
 @st.composite
@@ -76,11 +113,14 @@ def flag_pairs(draw: st.DrawFn, flags: list[str]) -> list[str]:
     """A few ``--flag value`` pairs, a fast valid task and epoch count unless a flag overrides them."""
     args: list[str] = []
     for flag in draw(st.lists(st.sampled_from(flags), max_size=4)):
+        if flag in SWITCHES:
+            args.append(flag)
+            continue
         if flag == "--task":
             value = draw(st.one_of(st.sampled_from(TASKS), TEXT))
         elif flag == "--set":
             key = draw(st.one_of(st.sampled_from(KNOBS), TEXT))
-            value = f"{key}={draw(st.one_of(VALUE, st.sampled_from(SCHEDULES)))}"
+            value = f"{key}={draw(st.one_of(VALUE, st.sampled_from(SCHEDULES), st.sampled_from(SET_VALUES)))}"
         elif flag == "--strategy":
             value = draw(
                 st.one_of(st.sampled_from(["auto", "path", "online", "tpe", "random", "grid"]), TEXT)
@@ -89,7 +129,14 @@ def flag_pairs(draw: st.DrawFn, flags: list[str]) -> list[str]:
             value = draw(
                 st.one_of(
                     st.sampled_from(
-                        ["sqlite://", "sqlite:///", "nosuch://x", "postgresql://u@127.0.0.1:1/d"]
+                        [
+                            "sqlite://",
+                            "sqlite:///",
+                            "sqlite:///:memory:",
+                            "sqlite:///file:x?mode=memory",
+                            "nosuch://x",
+                            "postgresql://u@127.0.0.1:1/d",
+                        ]
                     ),
                     TEXT,
                 )
@@ -105,13 +152,21 @@ def commands(draw: st.DrawFn) -> list[str]:
     """A ``regdial`` command line: run, tune, diagnose, report, tasks, or nothing at all."""
     command = draw(st.sampled_from(["run", "tune", "diagnose", "report", "tasks", "", "--help", "nonsense"]))
     if command == "run":
-        args = ["run", "--task", "wine", "--epochs", "1", *draw(flag_pairs(RUN_FLAGS)), "--quiet"]
+        args = [
+            "run",
+            "--task",
+            "wine",
+            "--epochs",
+            "1",
+            *draw(flag_pairs(RUN_FLAGS + _switches("run"))),
+            "--quiet",
+        ]
         if draw(st.booleans()):
             args += ["--out", draw(st.one_of(st.sampled_from(["out", "file.txt/out", "x" * 300]), TEXT))]
         return args
     if command == "tune":
         return ["tune", "--task", "wine", "--epochs", "1", "--budget", "1 trials", "--no-retrain", "--quiet",
-                *draw(flag_pairs(RUN_FLAGS[:7] + TUNE_FLAGS))]  # fmt: skip
+                *draw(flag_pairs(RUN_FLAGS[:7] + TUNE_FLAGS + [f for f in _switches("tune") if f != "--retrain"]))]  # fmt: skip
     if command in ("diagnose", "report"):
         return [command, draw(st.one_of(st.sampled_from(["nowhere", "file.txt", "."]), TEXT))]
     return [command] if command else []
@@ -130,9 +185,8 @@ def configs(draw: st.DrawFn) -> str:
     for section in draw(
         st.lists(st.sampled_from(["run", "model", "regularization", "tune", "extra"]), max_size=3)
     ):
-        keys = {"run": ["epochs", "seed", "lr", "batch_size", "baseline", "optimizer", "kind", "data", "model", "out"],
-                "model": ["width", "depth", "hidden", "channels", "batchnorm"], "regularization": KNOBS,
-                "tune": ["budget", "strategy", "space", "grid_points", "workers", "storage"], "extra": ["x"]}[section]  # fmt: skip
+        keys = {"run": _table_keys("run"), "model": ["width", "depth", "hidden", "channels", "batchnorm"],
+                "regularization": KNOBS, "tune": _table_keys("tune"), "extra": ["x"]}[section]  # fmt: skip
         table = document.setdefault(section, {})
         for key in draw(
             st.lists(st.one_of(st.sampled_from(keys), st.text(min_size=1, max_size=6)), max_size=3)
@@ -169,7 +223,10 @@ def data_files(draw: st.DrawFn) -> tuple[str, bytes]:
     if kind == "npy-named-npz":
         np.save(buffer, x)
         return "data.npz", buffer.getvalue()
-    np.savez(buffer, x=x, y=y)
+    if draw(st.integers(0, 5)) == 0:  # an empty (or odd) validation split beside the rows
+        np.savez(buffer, x=x, y=y, x_val=x[:0], y_val=y[:0])
+    else:
+        np.savez(buffer, x=x, y=y)
     payload = buffer.getvalue()
     if kind == "truncated":
         payload = payload[: draw(st.integers(0, max(0, len(payload) - 1)))]
@@ -179,7 +236,9 @@ def data_files(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 DAMAGES = ["truncate", "garbage", "empty-json", "list-json", "wrong-types", "short-rng", "missing-key", "dir",
-           "delete", "nan-weights", "other-model"]  # fmt: skip
+           "delete", "nan-weights", "other-model", "symlink", "nan-epoch", "int-keys", "scores-not-tables"]  # fmt: skip
+OUTSIDE = "outside.txt"
+"""What a ``symlink`` damage points at, beside the run directory: no command may write it."""
 FILES = ["checkpoints/last.json", "checkpoints/STATE", "checkpoints/final.safetensors", "checkpoints/best.safetensors",
          "summary.json", "history.json", "history.csv", "config.toml"]  # fmt: skip
 
@@ -227,6 +286,23 @@ def damage(run_dir: Path, target: str, how: str, seed: int) -> None:
             for k, v in load_file(str(path)).items()
         }
         save_file(tensors, str(path))
+    elif how == "symlink":  # a file of the run replaced by a link to one outside it
+        outside = run_dir.parent / OUTSIDE
+        outside.write_text("not regdial's")
+        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.symlink_to(outside)
+    elif how == "nan-epoch" and path.name == "history.json":
+        document = json.loads(path.read_text())
+        document["rows"][int(rng.integers(0, len(document["rows"])))]["epoch"] = float("nan")
+        path.write_text(json.dumps(document))
+    elif how == "int-keys" and path.name == "last.json":
+        path.write_text(re.sub(r'("\$int_keys": \{\s*)"\d+"', r'\1"abc"', path.read_text(), count=1))
+    elif how == "scores-not-tables" and path.name == "summary.json":
+        document = json.loads(path.read_text())
+        document[str(rng.choice(["final", "best"]))] = int(rng.integers(-5, 5))
+        path.write_text(json.dumps(document))
     elif how == "other-model" and path.name == "config.toml":
         path.write_text(path.read_text() + "\n[model]\nwidth = 7\n")
 

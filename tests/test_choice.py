@@ -93,7 +93,8 @@ def test_a_choice_still_improving_at_its_end_is_trained_longer() -> None:
                   strategy="random")  # fmt: skip
     said = " ".join(result.notes)
     assert "after 6 epochs" in said and (
-        "trained on to 12 it validates better" in said or "trained on to 12 it did not validate better" in said
+        "trained on to 12 it validates better" in said
+        or "trained on to 12 it did not validate better" in said
     )
     trials = sum(int(t["epochs"]) for t in result.trials)
     assert trials < result.epochs_spent <= trials + 12  # the longer run (early stopping may end it) counts

@@ -86,6 +86,8 @@ def test_a_range_that_binds_is_extended_while_budget_remains() -> None:
     beyond = [t for t in result.trials if t["weight_decay"] > 1e-2]
     assert beyond, "a trial beyond the old edge, before the budget ran out"
     first = beyond[0]["number"]
-    assert result.trials[first]["weight_decay"] == pytest.approx(math.sqrt(1e-2 * 1e-1))  # the new decade's middle
+    assert result.trials[first]["weight_decay"] == pytest.approx(
+        math.sqrt(1e-2 * 1e-1)
+    )  # the new decade's middle
     assert len(result.trials) == 10 and first < 9
     assert any("the range of weight_decay was extended from [0.0001, 0.01]" in note for note in result.notes)

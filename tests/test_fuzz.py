@@ -14,7 +14,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzzing import DAMAGES, FILES, check, commands, configs, damage, data_files, invoke, record, scratch
+from fuzzing import (
+    DAMAGES,
+    FILES,
+    OUTSIDE,
+    check,
+    commands,
+    configs,
+    damage,
+    data_files,
+    invoke,
+    record,
+    scratch,
+)
 
 # Examples per kind of input in the suite; damaged directories cost a report each, so fewer.
 EXAMPLES = int(os.environ.get("REGDIAL_FUZZ_EXAMPLES", "14"))
@@ -99,6 +111,8 @@ def test_damaged_run_directories(finished_run: Path, target: str, how: str, seed
         outcome = invoke(args, directory)
         record("damaged runs", outcome)
         check(outcome, args)
+        if how == "symlink":  # no write follows a link out of the run directory
+            assert (directory / OUTSIDE).read_text() == "not regdial's", args
 
 
 @FUZZ_DIRECTORIES

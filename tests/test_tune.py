@@ -355,7 +355,8 @@ def test_a_killed_worker_loses_only_its_trial(tmp_path: Path) -> None:
             running = [
                 t
                 for t in study.get_trials()
-                if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == victim.pid
+                if t.state == TrialState.RUNNING
+                and str(t.user_attrs.get("worker")).endswith(f":{victim.pid}")
             ]
             if running:
                 killed_trial = running[0].number

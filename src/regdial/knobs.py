@@ -94,7 +94,15 @@ class Knob:
             return float(
                 check_int(field_name, value, low=0, high=None if self.high is None else int(self.high))
             )
-        return check_range(field_name, value, low=0.0, high=self.high, high_open=self.high_open)
+        high = MAX_STRENGTH if self.high is None else self.high
+        return check_range(field_name, value, low=0.0, high=high, high_open=self.high_open)
+
+
+MAX_STRENGTH = 1e6
+"""The largest value of a knob with no upper end of its own (a strength, a norm, an alpha):
+far past any that regularizes (every search limit is at most 1000), and small enough that
+a strength times a learning rate stays a float32 number torch's kernels accept (L1 at
+1e300 was accepted, then failed inside torch's soft-threshold)."""
 
 
 KNOBS: dict[str, Knob] = {

@@ -96,7 +96,7 @@ class Regularization:
             patterns = getattr(self, name)
             if isinstance(patterns, str):
                 patterns = (patterns,)
-            if not all(isinstance(p, str) for p in patterns):
+            if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
                 fail(f"regularization.{name}", "a list of fnmatch patterns over parameter names", patterns)
             set_(self, name, tuple(patterns))
 

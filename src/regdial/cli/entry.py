@@ -8,6 +8,7 @@ import sys
 import typer
 
 from regdial._checks import InputError, shorten
+from regdial._io import DiskFullError
 from regdial.cli.app import app
 
 __all__ = ["EXIT_CRASH", "EXIT_INPUT", "main"]
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # a file regdial had to read or write (disk full, permissions...)
         if debug:
             raise
+        if isinstance(error, DiskFullError):  # which file, the space it needed, what survived
+            print(
+                f"regdial: error: writing {shorten(str(error.filename), 160)}: {error.strerror}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         where = f" ({shorten(str(error.filename), 120)})" if error.filename else ""
         print(f"regdial: error: {(error.strerror or str(error)).lower()}{where}", file=sys.stderr)
         sys.exit(1)

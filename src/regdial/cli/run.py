@@ -104,9 +104,16 @@ def run(
         out_dir, resuming = free_directory(wanted), False
     distributed = _data_parallel(loaded.run.device)
     main = distributed is None or distributed.is_main
-    if distributed is not None:  # under torchrun: one directory, rank 0's choice
-        out_dir = Path(distributed.broadcast(str(out_dir)))
-    _execute(loaded, out_dir, resuming, progress=None if not quiet and main else False, main=main)
+    if distributed is None:
+        _execute(loaded, out_dir, resuming, progress=None if not quiet else False)
+        return
+    out_dir = Path(distributed.broadcast(str(out_dir)))  # under torchrun: one directory, rank 0's choice
+    ended = False
+    try:
+        _execute(loaded, out_dir, resuming, progress=None if not quiet and main else False, main=main)
+        ended = True
+    finally:  # the group ends in order: every rank done (rank 0's report written), then destroyed
+        distributed.close(wait=ended)
 
 
 def _data_parallel(device: str | None) -> Any:

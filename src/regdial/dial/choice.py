@@ -198,8 +198,8 @@ def trial_row(t: Any, space: Space) -> dict[str, Any]:
     value = t.value if t.value is not None else t.user_attrs.get("value")
     return {"number": t.number, "state": t.state.name.lower(), "value": value, "se": t.user_attrs.get("se"),
             "epochs": t.user_attrs.get("epochs", 0), **space.values_of(t.params), "seconds": seconds,
-            "device": t.user_attrs.get("device"), "length": t.user_attrs.get("length"),
-            "continues": t.user_attrs.get("continues")}  # fmt: skip
+            "device": t.user_attrs.get("device"), "worker": t.user_attrs.get("worker"),
+            "length": t.user_attrs.get("length"), "continues": t.user_attrs.get("continues")}  # fmt: skip
 
 
 def importances(study: optuna.Study, complete: list[Any], space: Space) -> dict[str, float]:

@@ -7,6 +7,13 @@ model the search validated is the one scored), else it is trained again, to the 
 length. A chosen run that reached its length still improving is continued from its
 checkpoint to twice that length, keeping its best epoch: the training length is part of
 the dial, and no epoch is paid for twice.
+
+The finish happens once per search directory: the process that creates
+``run_dir/.finishing`` (``O_CREAT | O_EXCL``, holding ``host:pid``) retrains and writes;
+another process that reaches the finish meanwhile says so in one line, waits, and reads
+the finisher's ``result.json``. A claim whose process died on this host is stale and
+taken over. ``best/`` is built in a staging directory and renamed into place (the old one
+renamed away first, then removed), so it is never half-written or mixed.
 """
 
 from __future__ import annotations
@@ -14,6 +21,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +38,127 @@ from regdial.training.history import higher_is_better
 if TYPE_CHECKING:
     from regdial.dial.search import Search
 
-__all__ = ["finish", "run_tables"]
+__all__ = ["CLAIM", "finish", "finish_claim", "replace_directory", "run_tables"]
+
+
+CLAIM = ".finishing"
+"""The file in a search's directory that says which process is finishing it."""
 
 
 def finish(search: Search, result: TuneResult) -> TuneResult:
     """Retrain the chosen setting and the baseline once, score them on test, note what
-    the numbers can and cannot say, and write the files."""
+    the numbers can and cannot say, and write the files; in a search directory, only the
+    process that claims the finish does (the others wait for it and read its result)."""
+    if search.run_dir is None:
+        return _finish(search, result)
+    with finish_claim(search.run_dir, search.say) as mine:
+        if mine:
+            done = _finished(search, result)
+            return done if done is not None else _finish(search, result)
+    done = _finished(search, result)
+    return done if done is not None else finish(search, result)  # its finisher died: claim it again
+
+
+def _finished(search: Search, result: TuneResult) -> TuneResult | None:
+    """The result another process already finished for these same trials, or None."""
+    assert search.run_dir is not None
+    if not (search.run_dir / "result.json").is_file():
+        return None
+    try:
+        done = TuneResult.load(search.run_dir)
+    except ValueError:  # damaged or from an older version: finish again
+        return None
+    same = sorted((t["number"], t["state"]) for t in done.trials) == sorted(
+        (t["number"], t["state"]) for t in result.trials
+    )
+    retrained = bool(done.retrain) or not search.retrain
+    if same and retrained and done.best_trial == result.best_trial and result.trials:
+        search.say("this search was finished by another process: its result is read back")
+        return done
+    return None
+
+
+@contextmanager
+def finish_claim(run_dir: Path, say: Callable[[str], None]) -> Iterator[bool]:
+    """Yield True to the one process that holds ``run_dir/.finishing`` (removed when the
+    block ends), or False once another process that held it is done or dead."""
+    claim = run_dir / CLAIM
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        try:
+            handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _owner(claim)
+            if owner is not None and _dead(owner):
+                _take_away(claim)
+                continue
+            if not told:
+                say(f"another process ({owner or 'unknown'}) is finishing this search: waiting for it")
+                told = True
+            while claim.exists() and not (owner is not None and _dead(owner)):
+                time.sleep(0.5)
+            if claim.exists():  # it died: the loop takes the claim over
+                continue
+            yield False
+            return
+        with os.fdopen(handle, "w") as file:
+            file.write(me)
+        try:
+            yield True
+        finally:
+            claim.unlink(missing_ok=True)
+        return
+
+
+def _owner(claim: Path) -> str | None:
+    try:
+        return claim.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _dead(owner: str) -> bool:
+    """Whether ``host:pid`` is a process of this host that no longer runs (another
+    host's process cannot be asked, and is taken to be alive)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _take_away(claim: Path) -> None:
+    """Remove a dead process's claim (renamed first: of two that found it stale, one removes it)."""
+    spare = claim.with_name(f"{CLAIM}.stale-{os.getpid()}")
+    try:
+        os.replace(claim, spare)
+    except FileNotFoundError:
+        return
+    spare.unlink(missing_ok=True)
+
+
+def replace_directory(staging: Path, final: Path) -> None:
+    """Put ``staging`` at ``final``: the old one renamed away first, then removed, so
+    ``final`` is at every moment a whole directory (one of the two) or, for an instant,
+    absent; never half of each."""
+    old = final.with_name(f".{final.name}-old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish(search: Search, result: TuneResult) -> TuneResult:
     result.run_dir, result.space, result.identity = search.run_dir, search.space.to_dict(), search.identity
     result.task = search.identity.get("task")
     if search.retrain:
@@ -83,9 +209,7 @@ def _retrain(search: Search, result: TuneResult) -> None:
                          epochs=search.reference)  # fmt: skip
     result.retrain = {"tuned": tuned.meta["summary"], "baseline": base.meta["summary"], "test": split}
     if staging is not None and search.run_dir is not None:
-        final = search.run_dir / "best"
-        shutil.rmtree(final, ignore_errors=True)  # a directory never mixes two searches' runs
-        os.replace(staging, final)
+        replace_directory(staging, search.run_dir / "best")  # never mixes two searches' runs
 
 
 def _chosen_length(search: Search, result: TuneResult) -> int:

@@ -109,7 +109,7 @@ class TuneResult:
             + tomli_w.dumps(document),
         )
         out = io.StringIO()
-        names = ["number", "state", "value", "se", "epochs", *self.space, "seconds", "device"]
+        names = ["number", "state", "value", "se", "epochs", *self.space, "seconds", "device", "worker"]
         writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.trials:
@@ -150,10 +150,11 @@ def _read_trials(path: Path) -> list[dict[str, Any]]:
     for line, record in enumerate(csv.DictReader(read_text(path, "a trials.csv").splitlines()), start=2):
         try:
             parsed: dict[str, Any] = {"number": int(record["number"]), "state": str(record["state"])}
-            if record.get("device"):
-                parsed["device"] = str(record["device"])
+            for key in ("device", "worker"):  # text columns
+                if record.get(key):
+                    parsed[key] = str(record[key])
             for key, value in record.items():
-                if key not in ("number", "state", "device") and key:
+                if key not in ("number", "state", "device", "worker") and key:
                     parsed[key] = float(value) if value not in ("", "None", None) else None
         except (KeyError, TypeError, ValueError):
             damaged(path, "a trials.csv written by regdial tune", f"an unreadable row at line {line}")

@@ -346,7 +346,7 @@ class Search:
             "strategy": self.strategy, "budget": {"amount": self.budget.amount, "unit": self.budget.unit},
             "storage": self.storage_url, "run_dir": str(self.run_dir) if self.run_dir else None,
             "study_name": self.study_name, "grid_points": self.grid_points, "epochs": self.epochs, "kind": self.kind,
-            "reference": self.reference, "seed": self.seed + index,
+            "reference": self.reference, "seed": self.seed,  # each trial's sampler seeds itself (dial.seeding)
             "started": self.started,  # CLOCK_MONOTONIC: one clock for every process on this machine
         }  # fmt: skip
 

@@ -94,7 +94,9 @@ def open_storage(url: str | None, run_dir: Path | None) -> Any:
         url = f"sqlite:///{run_dir / 'study.db'}"
     if not isinstance(url, str) or not url.strip():
         fail("storage", "an Optuna storage URL (sqlite:///path/study.db, postgresql://...)", url)
-    if url.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or url.startswith("sqlite://:memory:"):
+    if url.startswith("sqlite") and (
+        url.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or ":memory:" in url or "mode=memory" in url
+    ):
         fail("storage", "a database file or server that workers share (sqlite:///path/study.db, postgresql://...); "
              "an in-memory SQLite database is private to one connection", url)  # fmt: skip
     engine: dict[str, Any] = {"pool_pre_ping": True}
@@ -137,7 +139,19 @@ def _storage_error(url: str, error: Exception) -> NoReturn:
 
 
 def sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:
-    """The sampler of a strategy (see ``regdial.dial.search``)."""
+    """The sampler of a strategy (see ``regdial.dial.search``), seeded per trial.
+
+    Each trial's sampler is seeded from the study's seed and the trial's number (which the
+    database hands out once per study), not from a seed per process: a resumed search, a
+    second terminal, ``--workers`` and PostgreSQL workers on other machines then never
+    draw the same sequence twice, and a search run again from scratch with its seed
+    draws what it drew before."""
+    from regdial.dial.seeding import PerTrialSeed
+
+    return PerTrialSeed(lambda trial_seed: _make_sampler(strategy, trial_seed, space, grid_points), seed)
+
+
+def _make_sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:
     import optuna
 
     if strategy == "random":

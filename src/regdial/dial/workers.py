@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from regdial.dial.budget import Budget
 from regdial.dial.choice import extend_ranges
 from regdial.dial.continuation import beyond_edge, in_reserve, next_continuation, tidy_checkpoints, trial_dir
 from regdial.dial.objective import FitObjective, Objective, UserObjective
+from regdial.dial.seeding import repeats
 from regdial.dial.space import Space
-from regdial.dial.study import fail_stale, open_storage, pruner, sampler, search_trials, usage
+from regdial.dial.study import ROLE, fail_stale, open_storage, pruner, sampler, search_trials, usage
 from regdial.dial.trial import Trial, trial_summary
 from regdial.setting import Regularization
 from regdial.training.history import higher_is_better
@@ -42,6 +44,20 @@ SAMPLED = ("auto", "tpe", "random")
 
 class OverBudgetError(Exception):
     """A trial started after the budget was spent by others: it fails without training."""
+
+
+class RepeatError(Exception):
+    """A trial drew a setting an earlier trial has: it is skipped (marked ``role=repeat``,
+    so no count or choice sees it) before it trains."""
+
+
+REPEATS_IN_A_ROW = 25
+"""Skipped repeats in a row after which a worker takes the space as exhausted and stops."""
+
+
+def process_name() -> str:
+    """Which process runs a trial (``host:pid``), the ``worker`` column of ``trials.csv``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -67,6 +83,7 @@ class Worker:
     # While it runs: the space trials sample from (the study's extensions), and its Ctrl-C.
     current: Space = field(init=False)
     interrupt: Interrupt = field(init=False)
+    repeated: int = field(init=False)  # trials skipped in a row for drawing a tried setting
 
     def run(self) -> None:
         """Run trials until the budget is spent, the grid is done, or Ctrl-C."""
@@ -78,6 +95,7 @@ class Worker:
             sampler=sampler(self.strategy, self.seed, self.space, self.grid_points),
         )  # fmt: skip
         self.current = self.space
+        self.repeated = 0
         self.interrupt = Interrupt("stopping the search before its next trial")
         # Ctrl-C outside a trial's training (fit stops itself at a batch) is deferred to the
         # next safe point: landing inside Optuna's bookkeeping, it could leave a heartbeat
@@ -110,9 +128,15 @@ class Worker:
                     if reserve:
                         self._spend_reserve(study, before, used)
                 study.optimize(
-                    lambda ot: self._trial(study, ot), n_trials=1, catch=(OverBudgetError,), gc_after_trial=False,
-                    callbacks=[self._tell],
+                    lambda ot: self._trial(study, ot), n_trials=1, catch=(OverBudgetError, RepeatError),
+                    gc_after_trial=False, callbacks=[self._tell],
                 )  # fmt: skip
+                if self.repeated >= REPEATS_IN_A_ROW:
+                    if self.say is not None:
+                        self.say(
+                            f"stopping: the last {self.repeated} settings drawn had all been tried already"
+                        )
+                    break
         if self.interrupt.requested:  # Ctrl-C as the last trial ended: the search stops here
             raise KeyboardInterrupt("Ctrl-C after the last trial")
 
@@ -165,7 +189,7 @@ class Worker:
         import optuna
         from optuna.trial import TrialState
 
-        ot.set_user_attr("worker", os.getpid())  # first: its heartbeats have started (see fail_stale)
+        ot.set_user_attr("worker", process_name())  # first: its heartbeats have started (see fail_stale)
         if self.interrupt.requested:  # inside Optuna's try: the trial is told failed, the search stops
             raise KeyboardInterrupt("Ctrl-C before this trial trained")
         if self.budget.unit == "trials":
@@ -176,6 +200,13 @@ class Worker:
             ot.set_user_attr("planned", self.epochs)
             ot.set_user_attr("length", self.epochs)
         setting = self.current.suggest(ot)
+        earlier = None if "continues" in ot.user_attrs else repeats(search_trials(study), ot)
+        if earlier is not None:  # no setting is tried twice in one study (a continuation goes on with one)
+            ot.set_user_attr(ROLE, "repeat")
+            ot.set_user_attr("repeats", earlier)
+            self.repeated += 1
+            raise RepeatError(f"trial {ot.number} drew the setting of trial {earlier}")
+        self.repeated = 0
         metric = self.objective.metric
         run_dir, resume = self._run_dir(ot)
         trial = Trial(

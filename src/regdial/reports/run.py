@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from regdial._checks import fail
-from regdial._io import read_json, write_text
+from regdial._checks import fail, shorten
+from regdial._io import atomic_write, damaged, read_json, write_text
 from regdial.diagnosis import Diagnosis, diagnose, smooth
 from regdial.reports._html import COLORS, fmt, page, percent, pyplot, table, with_se
 from regdial.setting import Regularization
@@ -69,7 +69,7 @@ def _learning_curves(history: History, baseline: History | None, diagnosis: Diag
         axes[0][1].set_title(f"{metric.replace('_', ' ').capitalize()}: train vs validation")
     loss_ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 
@@ -90,7 +90,7 @@ def _gap(history: History, baseline: History | None, diagnosis: Diagnosis, path:
     ax.set_title(f"Generalization gap: {diagnosis.state}")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 
@@ -122,7 +122,7 @@ def _weights(weights: Mapping[str, Any], path: Path) -> list[tuple[str, int, flo
         ax.axis("off")
     figure.suptitle("Final weights per layer", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
     return rows
 
@@ -140,7 +140,7 @@ def _sparsity(rows: Sequence[tuple[str, int, float, int]], path: Path) -> None:
     ax.set_title("Sparsity per layer")
     ax.invert_yaxis()
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 
@@ -179,6 +179,10 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     data = read_json(run_dir / "summary.json", "a run summary written by regdial")
     if not isinstance(data, dict):
         fail(str(run_dir / "summary.json"), "a run summary written by regdial", type(data).__name__)
+    for table_name in ("final", "best"):  # the score tables the page reads
+        if not isinstance(data.get(table_name, {}), dict):
+            damaged(run_dir / "summary.json", "a run summary written by regdial",
+                    f"{table_name!r} that is not a table of scores ({shorten(repr(data[table_name]), 40)})")  # fmt: skip
     return data
 
 

@@ -14,7 +14,7 @@ import html
 from pathlib import Path
 
 from regdial._checks import fail
-from regdial._io import write_text
+from regdial._io import atomic_write, write_text
 from regdial.dial.result import TuneResult, epochs_so_far
 from regdial.reports._html import COLORS, fmt, page, percent, pyplot, table, with_se
 from regdial.setting import Regularization
@@ -59,7 +59,7 @@ def _knob_curves(result: TuneResult, path: Path) -> bool:
         ax.set_title(f"{metric.replace('_', ' ')} vs {knob}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
     return True
 
@@ -83,7 +83,7 @@ def _progress(result: TuneResult, path: Path) -> None:
     ax.set_ylabel(f"best {metric.replace('_', ' ')}{unit}")
     ax.set_title("Search progress")
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 
@@ -126,7 +126,7 @@ def _controller(result: TuneResult, path: Path) -> None:
     bottom.set_xlabel("epoch (grey lines: turns)")
     bottom.legend(fontsize=8, ncol=min(4, max(1, len(result.space))))
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 
@@ -139,7 +139,7 @@ def _importances(importances: dict[str, float], path: Path) -> None:
     ax.set_xlabel("share of the validation metric's variance (fANOVA)")
     ax.set_title("Which knobs matter")
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 

@@ -77,12 +77,26 @@ def _split(value: Any, path: str, tensors: dict[str, Tensor], storages: set[int]
     raise TypeError(f"a checkpoint holds tensors and plain values, not {type(value).__name__} at {path}")
 
 
+def _integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _join(value: Any, tensors: Mapping[str, Tensor]) -> Any:
     if isinstance(value, dict):
         if set(value) == {"$tensor"}:
             return tensors[value["$tensor"]]
         if set(value) == {"$int_keys"}:
-            return {int(k): _join(v, tensors) for k, v in value["$int_keys"].items()}
+            table = value["$int_keys"]
+            if not isinstance(table, dict):
+                raise ValueError(f"$int_keys holding a {type(table).__name__}, not a table")
+            bad = next((k for k in table if not _integer(k)), None)
+            if bad is not None:
+                raise ValueError(f"the key {shorten(repr(bad), 40)} where a table's keys are integers")
+            return {int(k): _join(v, tensors) for k, v in table.items()}
         return {k: _join(v, tensors) for k, v in value.items()}
     if isinstance(value, list):
         return [_join(v, tensors) for v in value]
@@ -98,7 +112,12 @@ def save_weights(path: Path, tensors: Mapping[str, Tensor]) -> None:
 
     flat: dict[str, Tensor] = {}
     _split(dict(tensors), "", flat, set())
-    atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp)), size=_nbytes(flat))
+
+
+def _nbytes(tensors: Mapping[str, Tensor]) -> int:
+    """About what a safetensors file of ``tensors`` needs (its header is small beside them)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 8 * 2**10
 
 
 def load_weights(
@@ -137,7 +156,7 @@ def save_checkpoint(directory: Path, state: Mapping[str, Any]) -> Path:
     target = directory / f"state-{number:06d}.safetensors"
     tensors: dict[str, Tensor] = {}
     tree = _split(dict(state), "", tensors, set())
-    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)), size=_nbytes(tensors))
     write_json(directory / "last.json", {"format": FORMAT, "tensors": target.name, "state": tree})
     for old in directory.glob("state-*.safetensors"):
         if old != target:
@@ -171,6 +190,8 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
         raise DamagedFileError(
             f"{pointer} must point at tensors its tensor file holds, got {missing} missing; {RESUME_HINT}"
         ) from None
+    except (ValueError, TypeError) as error:  # what _join found that regdial never writes
+        damaged(pointer, what, str(error), RESUME_HINT)
     return joined
 
 

@@ -140,6 +140,9 @@ def load_data(path: str | Path, *, target: str | None = None, kind: str = "auto"
             present, missing = (x_name, y_name) if x_name in arrays else (y_name, x_name)
             fail(_where(path, missing), f"given together with {present}", Described("missing"))
         if x_name in arrays:
+            if x_name != "x" and (np.ndim(arrays[x_name]) == 0 or len(arrays[x_name]) == 0):
+                fail(_where(path, x_name), "at least one row (or leave it out: a split is then carved from x)",
+                     Described(f"{np.size(arrays[x_name])} values"))  # fmt: skip
             arrays[y_name] = _targets(arrays[y_name], path, y_name)
             if len(arrays[x_name]) != len(arrays[y_name]):
                 fail(_where(path, y_name), f"one target per row of {x_name} ({len(arrays[x_name])})",

@@ -15,7 +15,11 @@ What makes a data-parallel run the same run on every rank:
 - the proximal steps follow the all-reduced update, so they are identical too;
 - every choice that could differ between ranks (a checkpoint due by the clock, a Ctrl-C
   that reached one rank first) is agreed on collectively, so the ranks never part ways;
-- only rank 0 writes files; each rank's random state is gathered into the checkpoint.
+- only rank 0 writes files; each rank's random state is gathered into the checkpoint;
+- a process group regdial initialized, regdial destroys: ``close`` after a barrier at the
+  end of ``regdial run`` (no rank leaves while another still needs it), and at exit
+  otherwise. Left to the interpreter's teardown, gloo's threads were destroyed while
+  still joinable, and a rank died with ``terminate called without an active exception``.
 
 FSDP is not wrapped here: ``fit`` trains data-parallel with DDP. Under a user's own FSDP,
 ``attach_prox`` refuses group lasso and max-norm (a row's norm spans shards); the
@@ -24,6 +28,7 @@ element-wise penalties are exact on shards.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +47,7 @@ class Distributed:
     rank: int
     world: int
     local_rank: int
+    owned: bool = False  # regdial initialized the group (torchrun's), so regdial destroys it
 
     @property
     def is_main(self) -> bool:
@@ -60,8 +66,22 @@ class Distributed:
                 return None
             on_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
             dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+            atexit.register(_destroy)  # before the interpreter's teardown, whatever ends the process
+            local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+            return cls(dist.get_rank(), dist.get_world_size(), local, owned=True)
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         return cls(dist.get_rank(), dist.get_world_size(), local)
+
+    def close(self, *, wait: bool) -> None:
+        """Destroy the process group if regdial initialized it; with ``wait``, first wait
+        for every rank to get here (after a run that ended well on all of them)."""
+        import torch.distributed as dist
+
+        if not self.owned or not dist.is_initialized():
+            return
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
     def device(self, requested: torch.device) -> torch.device:
         """On CUDA, each rank trains on its own GPU (``cuda:LOCAL_RANK``)."""
@@ -112,3 +132,11 @@ class Distributed:
         if batch_size % self.world:
             fail("batch_size", f"a multiple of the {self.world} data-parallel processes (the global batch)",
                  batch_size)  # fmt: skip
+
+
+def _destroy() -> None:
+    """At exit: destroy a process group regdial initialized and nobody closed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

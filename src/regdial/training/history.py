@@ -145,6 +145,8 @@ class History:
         if missing:
             fail("row", f"a value for {', '.join(REQUIRED)}", Described(f"no {', '.join(missing)}"))
         clean = {str(k): _number(f"row.{k}", v) for k, v in row.items()}
+        if not math.isfinite(clean["epoch"]) or clean["epoch"] < 0:  # losses may be NaN; the epoch may not
+            fail("row.epoch", "a finite number of epochs, at least 0", row["epoch"])
         if "gap" not in clean:
             clean["gap"] = clean["val_loss"] - clean["train_loss"]
         self.rows.append(clean)

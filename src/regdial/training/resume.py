@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from regdial._checks import Described, fail
+from regdial._io import DiskFullError
 from regdial.training.checkpoint import THIS_RUN, Part, has_checkpoint, load_checkpoint, save_checkpoint
 from regdial.training.devices import rng_state, set_rng_state
 from regdial.training.history import History
@@ -72,8 +73,18 @@ def save(run: Run) -> None:
         return
     state = run_state(run)
     if run.is_main:
-        save_checkpoint(run.run_dir / "checkpoints", state)
-        run.history.save(run.run_dir)
+        intact = run.saved_epoch
+        try:
+            save_checkpoint(run.run_dir / "checkpoints", state)
+            intact = run.loop.epoch
+            run.history.save(run.run_dir)
+        except DiskFullError as error:  # each write is atomic: what was there is still there
+            error.add_context(
+                f"the last checkpoint (epoch {intact}) is intact; free some space and resume with --resume"
+                if intact is not None
+                else "no checkpoint was written yet"
+            )
+            raise
     run.saved_epoch = run.loop.epoch
 
 
