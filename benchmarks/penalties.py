@@ -62,7 +62,7 @@ def naive_prox(kind: str, params: list[torch.Tensor], anchors: list[torch.Tensor
             p.data = a + (p.data - a) / (1 + t)
 
 
-def adam_section(model: nn.Module, params: list[torch.Tensor], repeats: int) -> None:
+def adam_section(model: nn.Module, params: list[torch.Tensor], repeats: int, flag: bool | None) -> None:
     """The prox in Adam's own step sizes, as attach_prox does for Adam by default."""
     from regdial.blocks.proximal import optimizer_step_sizes
 
@@ -72,14 +72,18 @@ def adam_section(model: nn.Module, params: list[torch.Tensor], repeats: int) -> 
     optimizer.step()  # fills exp_avg_sq
     group, reader = optimizer.param_groups[0], optimizer_step_sizes(optimizer)
     assert reader is not None
-    penalty = L1(1e-4)
+    penalty = L1(1e-4, fused=flag)
 
     def adaptive_prox() -> None:
         penalty.prox_(params, reader(optimizer, group, params))
 
     prox_ms, adam_ms = paired_ms(adaptive_prox, optimizer.step, max(10, repeats // 3))
+    floor_ms = paired_ms(
+        adaptive_prox, lambda: torch._foreach_mul_([p.detach() for p in params], 0.9999999), 10
+    )[1]
     print(
         f"\nL1 prox_ in Adam's step sizes (attach_prox's default for Adam): {prox_ms:.3f} ms, "
+        f"{prox_ms / floor_ms:.2f}x the floor (target <= 3), "
         f"{prox_ms / adam_ms:.2f}x Adam.step() ({adam_ms:.3f} ms) on the same parameters"
     )
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--fused", choices=("auto", "on", "off"), default="on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -107,12 +112,13 @@ def main() -> None:
 
     floor_ms = median_ms(floor, args.repeats)
     print(f"floor (foreach mul_ over all parameters): {floor_ms:.3f} ms\n")
+    flag = {"auto": None, "on": True, "off": False}[args.fused]
     penalties: dict[str, Penalty] = {
-        "L1": L1(strength),
-        "L2": L2(strength),
-        "ElasticNet": ElasticNet(strength, l1_ratio=0.5),
+        "L1": L1(strength, fused=flag),
+        "L2": L2(strength, fused=flag),
+        "ElasticNet": ElasticNet(strength, l1_ratio=0.5, fused=flag),
         "GroupLasso": GroupLasso(strength),
-        "L2SP": L2SP(strength, copy.deepcopy(model), model=model),
+        "L2SP": L2SP(strength, copy.deepcopy(model), model=model, fused=flag),
     }
     targets = {"L1": 2.0, "L2": 2.0, "ElasticNet": 2.0, "L2SP": 2.0, "GroupLasso": None}
     header = (
@@ -142,7 +148,12 @@ def main() -> None:
             print(
                 f"{name:<11} {op:<7} {fast_ms:7.3f} {ratio:8.2f} {mark:>7} {naive_ms:9.3f} {naive_ms / fast_ms:8.1f}x"
             )
-    adam_section(model, params, args.repeats)
+    adam_section(model, params, args.repeats, flag)
+    from regdial.blocks.fused import compile_seconds
+
+    spent = compile_seconds()
+    print(f"\ncompiling (--fused {args.fused}): {sum(spent.values()):.1f} s: "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items()))  # fmt: skip
     print(
         "\nx floor: against the floor timed alternately with each row. Times vary with the "
         "allocator's state (fresh 25 MB temporaries page-fault), so read ratios to one decimal."

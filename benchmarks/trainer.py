@@ -139,7 +139,9 @@ def bookkeeping(repeats: int, steps: int = 20, batch: int = 256) -> None:
         weight_decay=0.01, l1=schedules.Linear(0.0, 1e-6), label_smoothing=0.1, ema=0.999
     )
     regularized = model()
-    applied = Applied(setting, regularized, lambda groups: torch.optim.AdamW(groups, lr=1e-4), num_classes=10)
+    applied = Applied(
+        setting, regularized, lambda groups: torch.optim.AdamW(groups, lr=1e-4), num_classes=10, fused=True
+    )
 
     def minimal() -> None:
         for _ in range(steps):

@@ -29,6 +29,7 @@ from regdial.blocks.augment import (
 from regdial.blocks.averaging import EMA, SWA, recompute_batchnorm
 from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
+from regdial.blocks.l2sp import L2SP
 from regdial.blocks.mixing import CutMix, Mixup, MixupOrCutMix, smooth_targets, soft_cross_entropy
 from regdial.blocks.noise import (
     DropBlock1d,
@@ -43,7 +44,7 @@ from regdial.blocks.noise import (
     set_drop_path,
     set_dropout,
 )
-from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, Penalty
+from regdial.blocks.penalties import L1, L2, ElasticNet, Penalty
 from regdial.blocks.proximal import MaxNorm, attach_prox, max_norm_
 from regdial.blocks.stopping import EarlyStopping
 from regdial.setting import Regularization

@@ -20,6 +20,10 @@ optimizer factory), the proximal steps of the penalties (or loss terms), the max
 constraint, dropout and drop-path rates, NEFTune noise on the input embeddings, the EMA.
 Nothing here is needed to use one technique alone: each lives in its own module.
 
+``fused=`` (``None``: pick) is handed to every penalty and the max-norm constraint built
+here: their per-step passes as compiled kernels where those repay their compile
+(``regdial.blocks.fused``). The EMA's update is ``torch._foreach_lerp_``, already one pass.
+
 Which knob does what is ``regdial.knobs.KNOBS``'s to say; this module reads it.
 ``state_dict()`` holds everything that changes as training goes (the setting in force
 after a ``retune``, the schedules' progress, the weight average and its warm-up count,
@@ -41,11 +45,13 @@ from torch.utils.hooks import RemovableHandle
 from regdial._checks import Described, check_int, check_range, fail
 from regdial.blocks.augment import KINDS, Augment, EmbeddingNoise, augmentation
 from regdial.blocks.averaging import EMA
+from regdial.blocks.fused import check_fused
 from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
+from regdial.blocks.l2sp import L2SP
 from regdial.blocks.mixing import MixupOrCutMix
 from regdial.blocks.noise import GaussianNoise, dropout_sites, set_drop_path, set_dropout
-from regdial.blocks.penalties import L1, L2, L2SP, ElasticNet, Penalty
+from regdial.blocks.penalties import L1, L2, ElasticNet, Penalty
 from regdial.blocks.proximal import MaxNorm, attach_prox
 from regdial.blocks.schedules import Schedule, Strength, resolve
 from regdial.blocks.stopping import EarlyStopping
@@ -81,16 +87,18 @@ def input_embedding(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
-def _make_penalty(name: str, strength: Strength, setting: Regularization, model: nn.Module) -> Penalty:
+def _make_penalty(
+    name: str, strength: Strength, setting: Regularization, model: nn.Module, fused: bool | None
+) -> Penalty:
     if name == "l1":
-        return L1(strength)
+        return L1(strength, fused=fused)
     if name == "l2":
-        return L2(strength)
+        return L2(strength, fused=fused)
     if name == "elastic_net":
-        return ElasticNet(strength, l1_ratio=setting.l1_ratio)
+        return ElasticNet(strength, l1_ratio=setting.l1_ratio, fused=fused)
     if name == "group_lasso":
         return GroupLasso(strength, groups=setting.groups)
-    return L2SP(strength, model)
+    return L2SP(strength, model, fused=fused)
 
 
 class Applied:
@@ -107,12 +115,14 @@ class Applied:
         augment_options: Mapping[str, Any] | None = None,
         monitor: str = "val_loss",
         mode: str = "min",
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(setting, Regularization):
             fail("setting", "a regdial.Regularization", setting)
         if not isinstance(model, nn.Module):
             fail("model", "an nn.Module", model)
         self.setting, self.model = setting, model
+        self.fused = check_fused("fused", fused)
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=2)
         if data_kind is not None and data_kind not in KINDS:
             fail("data_kind", "one of " + ", ".join(map(repr, KINDS)), data_kind)
@@ -144,7 +154,9 @@ class Applied:
         for name in PENALTIES:
             self._turn_penalty(name, getattr(setting, name))
         if self.weights and setting.max_norm > 0:
-            self.handles.append(attach_prox(self.optimizer, MaxNorm(setting.max_norm), params=self.weights))
+            self.handles.append(
+                attach_prox(self.optimizer, MaxNorm(setting.max_norm, fused=self.fused), params=self.weights)
+            )
 
         self._set_rates(0.0)
         self.embedding_noise: EmbeddingNoise | None = None
@@ -176,7 +188,7 @@ class Applied:
             return
         if not strength:
             return
-        made = _make_penalty(name, strength, self.setting, self.model)
+        made = _make_penalty(name, strength, self.setting, self.model, self.fused)
         made.set_progress(self.progress)
         self._penalty_by_knob[name] = made
         if self.weights and self.setting.penalties_in == "prox":

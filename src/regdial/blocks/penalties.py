@@ -32,8 +32,11 @@ penalty                R(w)                                         equals
 Fast and reference paths: with ``foreach=None`` (the default) or ``True``, tensors are
 grouped by device and dtype and handled by ``torch._foreach_*`` kernels or a single fused
 kernel per tensor, whichever measured fastest (``benchmarks/penalties.py``); with
-``foreach=False`` a plain per-tensor loop that spells the formula out is used. The tests
-check that both give the same numbers.
+``foreach=False`` a plain per-tensor loop that spells the formula out is used. On top of
+the fast path, ``fused`` (``None``: pick) runs ``value``, its gradient, elastic net's prox
+and the prox in an adaptive optimizer's metric as one ``torch.compile``d pass per group
+(``regdial.blocks.fused``, which says when it compiles). The tests check that all three
+give the same numbers and the same exact zeros.
 
 16-bit parameters work: thresholds and shrink factors stay Python floats, so the kernels
 apply them in float32 (a threshold of 1e-8 is not rounded to zero in float16), and sums
@@ -44,19 +47,19 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from regdial._checks import Described, check_range, fail
 from regdial._tensors import accumulation_dtype, group_by_device_and_dtype, tensor_list
+from regdial.blocks import fused as kernels
 from regdial.blocks.schedules import Scheduled, Strength
 from regdial.blocks.shrinkage import (
     StepQuotients,
     combine,
-    distance_squared,
     elastic_sums,
     homogeneous,
     l1_sum,
@@ -69,7 +72,7 @@ from regdial.blocks.shrinkage import (
     write_rounded,
 )
 
-__all__ = ["L1", "L2", "L2SP", "ElasticNet", "Penalty"]
+__all__ = ["L1", "L2", "ElasticNet", "Penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class Penalty(Scheduled, ABC):
             ``set_progress`` as training goes). 0 makes ``value`` zero and ``prox_`` the
             identity.
         foreach: ``None`` or ``True`` for the fast path, ``False`` for the reference loop.
+        fused: ``None``: compiled kernels where they repay their compile; ``True``: always
+            (an ``InputError`` where the device has no compiler); ``False``: never. See
+            ``regdial.blocks.fused``.
     """
 
     warmup: ClassVar[bool] = True
@@ -92,9 +98,10 @@ class Penalty(Scheduled, ABC):
     elementwise: ClassVar[bool] = True
     """Whether the prox acts on each element alone (exact on FSDP's sharded parameters)."""
 
-    def __init__(self, strength: Strength, *, foreach: bool | None = None) -> None:
+    def __init__(self, strength: Strength, *, foreach: bool | None = None, fused: bool | None = None) -> None:
         self.strength = strength
         self.foreach = foreach
+        self.fused = kernels.check_fused(f"{type(self).__name__}.fused", fused, foreach)
         self.progress = 0.0
 
     def value(self, params: Tensor | Iterable[Tensor]) -> Tensor:
@@ -119,8 +126,71 @@ class Penalty(Scheduled, ABC):
         parts = []
         for indices in group_by_device_and_dtype(tensors).values():
             group = [tensors[i] for i in indices]
-            parts.append(self._sum(group, accumulation_dtype(group[0].dtype), fast))
+            part = self._fused_sum(group) if fast else None
+            parts.append(self._sum(group, accumulation_dtype(group[0].dtype), fast) if part is None else part)
         return combine(parts, tensors[0].device)
+
+    def _fused_terms(self) -> tuple[float, float] | None:
+        """``(a, b)`` with ``R(w)/s = a*sum|x| + b*sum x^2`` (``x = w - w0`` with anchors),
+        or None where no fused kernel has this penalty's form."""
+        return None
+
+    def _fused_anchors(self, group: list[Tensor]) -> list[Tensor] | None:
+        return None
+
+    def _fused_sum(self, group: list[Tensor]) -> Tensor | None:
+        terms = self._fused_terms()
+        if terms is None:
+            return None
+        a, b = terms
+        sums = kernels.SUMS(self.fused, group, self._fused_anchors(group), a != 0.0, b != 0.0)
+        if sums is None:
+            return None
+        return a * sums[0] + b * sums[-1] if a and b else (a * sums[0] if a else b * sums[0])
+
+    def _fused_gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor] | None:
+        terms = self._fused_terms()
+        if terms is None:
+            return None
+        a, b = terms
+        sign, linear = (scale * a if a else None), (scale * (2.0 * b) if b else None)
+        return kernels.GRADIENTS(self.fused, group, self._fused_anchors(group), sign, linear)
+
+    def _quotient_terms(self) -> tuple[float, float] | None:
+        """``(r, q)`` with this prox in the metric ``lr_i = scale/d_i`` equal to
+        ``soft(w*d, r*t) / (d + q*t)``, ``t = s*scale``; None where it has no such form."""
+        return None
+
+    def _fused_quotient(
+        self, tensors: list[Tensor], kept: list[int], steps: StepQuotients, strength: float
+    ) -> bool:
+        """The prox in the metric of ``steps`` by ``fused.quotient_prox_``; False where
+        the caller's per-tensor path must run instead (nothing was changed then)."""
+        terms = self._quotient_terms()
+        if terms is None or self.fused is False or self.foreach is False:
+            return False
+        groups = group_by_device_and_dtype([tensors[i] for i in kept])
+        plans = []
+        for indices in groups.values():
+            index = [kept[i] for i in indices]
+            group = [tensors[i] for i in index]
+            radicands = [steps.radicand(i) for i in index]
+            if any(v is None or not homogeneous(w, v) for w, v in zip(group, radicands, strict=True)):
+                return False
+            plans.append((index, group, radicands))
+        ratio, addition = terms
+        for index, group, radicands in plans:
+            t = [strength * steps.scale(i) for i in index]
+            done = kernels.QUOTIENT_PROX.run_(
+                self.fused, group, radicands,
+                kernels.scalars([steps.offset(i) for i in index], group[0]),
+                kernels.scalars([ratio * u for u in t], group[0]),
+                kernels.scalars([addition * u for u in t], group[0]),
+            )  # fmt: skip
+            if not done:
+                for i in index:
+                    self._prox_quotient(tensors[i], steps, i, strength)
+        return True
 
     @torch.no_grad()
     def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
@@ -148,6 +218,8 @@ class Penalty(Scheduled, ABC):
             # One tensor at a time, so lazily computed step sizes (attach_prox's for Adam)
             # are used while they are still in cache and are never all alive at once.
             if isinstance(given, StepQuotients):
+                if self._fused_quotient(tensors, kept, given, strength):
+                    return
                 for i in kept:
                     self._prox_quotient(tensors[i], given, i, strength)
                 return
@@ -217,8 +289,10 @@ class _PenaltyValue(torch.autograd.Function):
             if not indices:
                 continue
             scale = (grad_output * ctx.strength).to(device=device, dtype=dtype)
+            group = [tensors[i] for i in indices]
+            fused = ctx.penalty._fused_gradient(group, scale)
             for i, grad in zip(
-                indices, ctx.penalty._gradient([tensors[i] for i in indices], scale), strict=True
+                indices, ctx.penalty._gradient(group, scale) if fused is None else fused, strict=True
             ):
                 grads[i] = grad
         return (None, None, *grads)
@@ -234,6 +308,12 @@ class L1(Penalty):
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
         return l1_sum(group, dtype, fast)
+
+    def _fused_terms(self) -> tuple[float, float]:
+        return 1.0, 0.0
+
+    def _quotient_terms(self) -> tuple[float, float]:
+        return 1.0, 0.0
 
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         grads = list(torch._foreach_sign(group))  # the subgradient 0 at w = 0, as torch.abs
@@ -270,6 +350,12 @@ class L2(Penalty):
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
         return 0.5 * squares_sum(group, dtype, fast)
 
+    def _fused_terms(self) -> tuple[float, float]:
+        return 0.0, 0.5
+
+    def _quotient_terms(self) -> tuple[float, float]:
+        return 0.0, 1.0
+
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         return list(torch._foreach_mul(group, scale))
 
@@ -300,8 +386,15 @@ class ElasticNet(Penalty):
         w <- sign(w) * max(|w| - lr*s*r, 0) / (1 + lr*s*(1 - r))
     """
 
-    def __init__(self, strength: Strength, l1_ratio: float = 0.5, *, foreach: bool | None = None) -> None:
-        super().__init__(strength, foreach=foreach)
+    def __init__(
+        self,
+        strength: Strength,
+        l1_ratio: float = 0.5,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(strength, foreach=foreach, fused=fused)
         self.l1_ratio = check_range("ElasticNet.l1_ratio", l1_ratio, low=0.0, high=1.0)
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
@@ -310,6 +403,12 @@ class ElasticNet(Penalty):
             l1, squares = elastic_sums(group)
             return ratio * l1 + 0.5 * (1.0 - ratio) * squares
         return ratio * l1_sum(group, dtype, fast) + 0.5 * (1.0 - ratio) * squares_sum(group, dtype, fast)
+
+    def _fused_terms(self) -> tuple[float, float]:
+        return self.l1_ratio, 0.5 * (1.0 - self.l1_ratio)
+
+    def _quotient_terms(self) -> tuple[float, float]:
+        return self.l1_ratio, 1.0 - self.l1_ratio
 
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         grads = list(torch._foreach_sign(group))
@@ -321,6 +420,10 @@ class ElasticNet(Penalty):
     def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
         threshold = step * self.l1_ratio
         shrink = 1.0 / (1.0 + step * (1.0 - self.l1_ratio))
+        if fast and kernels.ELASTIC_PROX.run_(
+            self.fused, group, kernels.scalar(threshold * shrink, group[0]), kernels.scalar(shrink, group[0])
+        ):
+            return
         if fast and group[0].dtype in (torch.float16, torch.bfloat16):
             # Two in-place passes would round twice in 16 bits: compute wide, round once.
             for w in group:
@@ -349,133 +452,3 @@ class ElasticNet(Penalty):
 
     def _fields(self) -> str:
         return f"{super()._fields()}, l1_ratio={self.l1_ratio!r}"
-
-
-class L2SP(Penalty):
-    """L2-SP: ``R(w) = (s/2) * sum (w - w0)^2``, toward the starting point ``w0``.
-
-    For fine-tuning: instead of pulling weights toward zero, which erases what
-    pre-training learned, pull them toward the pretrained weights ``w0`` (Li, Grandvalet &
-    Davoine, 2018, "Explicit Inductive Bias for Transfer Learning with Convolutional
-    Networks"). Prox (shrink toward the anchor)::
-
-        w <- w0 + (w - w0) / (1 + lr*s)
-
-    Args:
-        strength: ``s >= 0`` or a schedule.
-        anchor: the pretrained weights: a module (a copy of the pretrained model, or the
-            model itself before fine-tuning starts) or a state dict.
-        model: the model being trained, whose parameters are matched to the anchor by
-            name and shape. Omit it to anchor ``anchor``'s own parameters at their current
-            values: ``L2SP(0.01, model)`` right after loading pretrained weights.
-
-    Parameters with no anchor of the same name and shape (a new classification head) are
-    left alone by ``value`` and ``prox_``; give them an ``L2`` of their own. The anchor is
-    copied, so it costs one more copy of the anchored weights in memory; frozen parameters
-    (``requires_grad=False``, a LoRA model's base) are not anchored. Its proximal step
-    has no warm-up: at the start the weights are the anchor, so a large early step can only
-    hold them there.
-    """
-
-    warmup: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        strength: Strength,
-        anchor: nn.Module | Mapping[str, Tensor],
-        *,
-        model: nn.Module | None = None,
-        foreach: bool | None = None,
-    ) -> None:
-        super().__init__(strength, foreach=foreach)
-        if isinstance(anchor, nn.Module):
-            reference: Mapping[str, Tensor] = dict(anchor.named_parameters())
-            model = anchor if model is None else model
-        elif isinstance(anchor, Mapping):
-            reference = anchor
-            if model is None:
-                fail("L2SP.model", "the model being trained when anchor is a state dict", None)
-        else:
-            fail("L2SP.anchor", "an nn.Module or a state dict of tensors", anchor)
-        if not isinstance(model, nn.Module):
-            fail("L2SP.model", "an nn.Module", model)
-        self._anchors: dict[int, tuple[Tensor, Tensor]] = {}
-        unanchored = []
-        for name, param in model.named_parameters():
-            if (
-                not param.requires_grad
-            ):  # frozen (a LoRA base): it never moves, and a copy would cost its size
-                continue
-            source = reference.get(name)
-            if not isinstance(source, Tensor) or source.shape != param.shape:
-                unanchored.append(name)
-                continue
-            anchor_copy = source.detach().to(device=param.device, dtype=param.dtype, copy=True)
-            self._anchors[id(param)] = (param, anchor_copy)
-        if not self._anchors:
-            fail(
-                "L2SP.anchor",
-                "weights sharing names and shapes with the model's parameters",
-                Described("none that match"),
-            )
-        if unanchored:
-            logger.info(
-                "L2SP: %d parameters have no anchor and are left alone: %s", len(unanchored), unanchored
-            )
-
-    def parameters(self) -> list[Tensor]:
-        """The anchored parameters, e.g. for ``attach_prox(optimizer, l2sp, params=...)``."""
-        return [param for param, _ in self._anchors.values()]
-
-    def _acts_on(self, tensor: Tensor) -> bool:
-        entry = self._anchors.get(id(tensor))
-        return entry is not None and entry[0] is tensor
-
-    def _anchors_for(self, group: list[Tensor]) -> list[Tensor]:
-        anchors = []
-        for w in group:
-            param, anchor = self._anchors[id(w)]
-            if anchor.device != w.device or anchor.dtype != w.dtype:  # the model moved
-                anchor = anchor.to(device=w.device, dtype=w.dtype)
-                self._anchors[id(w)] = (param, anchor)
-            anchors.append(anchor)
-        return anchors
-
-    def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-        anchors = self._anchors_for(group)
-        if fast and on_cpu_wide(group, dtype):
-            return 0.5 * distance_squared(group, anchors)
-        if fast:  # other devices, 16-bit weights: the norm of the difference, accumulated wide
-            distances = [
-                torch.linalg.vector_norm(w - a, dtype=dtype) for w, a in zip(group, anchors, strict=True)
-            ]
-            return 0.5 * torch.stack(distances).square().sum()
-        return (
-            0.5
-            * torch.stack(
-                [(w.to(dtype) - a.to(dtype)).square().sum() for w, a in zip(group, anchors, strict=True)]
-            ).sum()
-        )
-
-    def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
-        grads = list(torch._foreach_sub(group, self._anchors_for(group)))
-        torch._foreach_mul_(grads, scale)
-        return grads
-
-    def _prox(self, group: list[Tensor], step: float, fast: bool) -> None:
-        anchors = self._anchors_for(group)
-        if fast:
-            # w0 + (w - w0)/(1 + t) = lerp(w, w0, t/(1 + t)): one pass over w and w0.
-            torch._foreach_lerp_(group, anchors, step / (1.0 + step))
-        else:
-            for w, anchor in zip(group, anchors, strict=True):
-                w.copy_(anchor + (w - anchor) / (1.0 + step))
-
-    def _prox_diagonal(self, w: Tensor, step: Tensor, strength: float) -> None:
-        (anchor,) = self._anchors_for([w])
-        t = step * strength
-        weight = t.div_(t + 1.0)  # t/(1 + t): w0 + (w - w0)/(1 + t) = lerp(w, w0, t/(1 + t))
-        if w.dtype == weight.dtype:
-            w.lerp_(anchor, weight)
-        else:
-            w.copy_(torch.lerp(w.to(weight.dtype), anchor.to(weight.dtype), weight))

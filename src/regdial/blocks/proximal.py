@@ -61,7 +61,8 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_choice, check_int, check_range, fail
-from regdial._tensors import tensor_list
+from regdial._tensors import group_by_device_and_dtype, tensor_list
+from regdial.blocks import fused as kernels
 from regdial.blocks.shrinkage import StepQuotients
 
 __all__ = ["MaxNorm", "Prox", "attach_prox", "max_norm_", "optimizer_step_sizes", "warmup_steps"]
@@ -138,7 +139,13 @@ def _adam(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[
         result: Tensor = torch.sqrt(optimizer.state[p][key]).add_(eps * root_c2(p))
         return result
 
-    return StepQuotients(params, denominator, lambda p: lr * root_c2(p))
+    return StepQuotients(
+        params,
+        denominator,
+        lambda p: lr * root_c2(p),
+        radicand=lambda p: optimizer.state[p][key],
+        offset=lambda p: eps * root_c2(p),
+    )
 
 
 def _radam(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[Tensor]:
@@ -180,7 +187,9 @@ def _adagrad(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequen
         return result
 
     if eps > 0.0 and not any(isinstance(lr_at(p), Tensor) for p in params):
-        return StepQuotients(params, denominator, lr_at)
+        return StepQuotients(
+            params, denominator, lr_at, radicand=lambda p: optimizer.state[p]["sum"], offset=lambda p: eps
+        )
     return _LazySteps(params, lambda p: denominator(p).reciprocal_().mul_(lr_at(p)))
 
 
@@ -195,8 +204,16 @@ def _rmsprop(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequen
             variance = variance - state["grad_avg"].square()
         return variance.sqrt().add_(eps)
 
-    if eps > 0.0:
+    if eps > 0.0 and centered:
         return StepQuotients(params, denominator, lambda p: lr)
+    if eps > 0.0:
+        return StepQuotients(
+            params,
+            denominator,
+            lambda p: lr,
+            radicand=lambda p: optimizer.state[p]["square_avg"],
+            offset=lambda p: eps,
+        )
     return _LazySteps(params, lambda p: denominator(p).reciprocal_().mul_(lr))
 
 
@@ -407,17 +424,30 @@ def _report_zeroed(params: list[Tensor], zeroed: set[int], names: dict[int, str]
 
 
 @torch.no_grad()
-def max_norm_(params: Tensor | Iterable[Tensor], max_norm: float, dim: int = 0) -> None:
+def max_norm_(
+    params: Tensor | Iterable[Tensor], max_norm: float, dim: int = 0, *, fused: bool | None = None
+) -> None:
     """Rescale, in place, every slice along ``dim`` whose L2 norm exceeds ``max_norm``.
 
     With the default ``dim=0`` each slice is one output unit's incoming weights (a row of
     a Linear weight, an output channel of a conv kernel), as in the dropout paper. Slices
     within the bound are untouched; the projection is ``w_i <- w_i * min(1, c/||w_i||)``.
     Tensors with fewer than two dimensions (biases, normalization gains) have no incoming
-    weight vectors and are left alone.
+    weight vectors and are left alone. ``fused`` (``None``: pick) takes the norms and the
+    scaling of a (device, dtype) group in one compiled pass (``regdial.blocks.fused``) for
+    ``dim=0``; else ``renorm_`` per tensor.
     """
     tensors = tensor_list(params)
     max_norm = check_range("max_norm", max_norm, low=0.0, low_open=True)
+    fused = kernels.check_fused("fused", fused)
+    if dim == 0 and fused is not False:
+        matrices = [w for w in tensors if w.dim() >= 2]
+        left = []
+        for indices in group_by_device_and_dtype(matrices).values():
+            group = [matrices[i] for i in indices]
+            if not kernels.MAX_NORM.run_(fused, group, kernels.scalar(max_norm, group[0])):
+                left += group
+        tensors = left
     for w in tensors:
         if w.dim() < 2:
             continue
@@ -431,12 +461,13 @@ class MaxNorm:
     ``prox_`` ignores ``lr``: a projection does not depend on the step size.
     """
 
-    def __init__(self, max_norm: float, dim: int = 0) -> None:
+    def __init__(self, max_norm: float, dim: int = 0, *, fused: bool | None = None) -> None:
         self.max_norm = check_range("MaxNorm.max_norm", max_norm, low=0.0, low_open=True)
         self.dim = check_int("MaxNorm.dim", dim)
+        self.fused = kernels.check_fused("MaxNorm.fused", fused)
 
     def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
-        max_norm_(params, self.max_norm, self.dim)
+        max_norm_(params, self.max_norm, self.dim, fused=self.fused)
 
     def __repr__(self) -> str:
         return f"MaxNorm(max_norm={self.max_norm!r}, dim={self.dim})"

@@ -52,12 +52,23 @@ class StepQuotients(Sequence[Tensor]):
     one to build ``d``, where building ``lr_i`` and dividing by it took about twenty
     (``benchmarks/penalties.py``). Indexing gives the plain step tensor, for every other
     prox. ``denominator(i)`` must be positive (the optimizers' ``eps > 0``).
+
+    Where ``d = sqrt(v) + e`` (Adam's, Adagrad's, RMSprop's), ``radicand`` and ``offset``
+    give ``v`` (the optimizer's own state, not a copy) and ``e``, so that a fused kernel
+    builds ``d`` in the same pass as the prox (``regdial.blocks.fused.quotient_prox_``).
     """
 
     def __init__(
-        self, params: list[Tensor], denominator: Callable[[Tensor], Tensor], scale: Callable[[Tensor], float]
+        self,
+        params: list[Tensor],
+        denominator: Callable[[Tensor], Tensor],
+        scale: Callable[[Tensor], float],
+        *,
+        radicand: Callable[[Tensor], Tensor] | None = None,
+        offset: Callable[[Tensor], float] | None = None,
     ) -> None:
         self._params, self._denominator, self._scale = params, denominator, scale
+        self._radicand, self._offset = radicand, offset
 
     def __len__(self) -> int:
         return len(self._params)
@@ -72,11 +83,23 @@ class StepQuotients(Sequence[Tensor]):
     def scale(self, index: int) -> float:
         return self._scale(self._params[index])
 
+    def radicand(self, index: int) -> Tensor | None:
+        """``v`` with ``d = sqrt(v) + offset(index)``, or None where ``d`` has another form."""
+        return None if self._radicand is None or self._offset is None else self._radicand(self._params[index])
+
+    def offset(self, index: int) -> float:
+        assert self._offset is not None
+        return self._offset(self._params[index])
+
     def times(self, factors: Sequence[float]) -> StepQuotients:
         """The same steps, parameter ``i``'s times ``factors[i]`` (a warm-up)."""
         index = {id(p): i for i, p in enumerate(self._params)}
         return StepQuotients(
-            self._params, self._denominator, lambda p: self._scale(p) * factors[index[id(p)]]
+            self._params,
+            self._denominator,
+            lambda p: self._scale(p) * factors[index[id(p)]],
+            radicand=self._radicand,
+            offset=self._offset,
         )
 
 
