@@ -4,14 +4,16 @@
 #
 #   make demo   set up, then tune digits-small (the main job on its built-in default)
 #   make test   set up, then lint (ruff), format check, type check (mypy) and test (pytest, two
-#               processes; `pytest -m "not slow"` skips the end-to-end tests locally)
+#               processes), all but the end-to-end tests of tens of seconds each (marked slow)
+#   make test-slow  those end-to-end tests: processes killed, terminals and workers sharing a
+#               study, torchrun (CI runs both)
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test test-slow lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +32,10 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -n 2 -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

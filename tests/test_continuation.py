@@ -10,7 +10,7 @@ import pytest
 
 from regdial import InputError, Regularization, Space, Trial, fit, tune
 from regdial.dial.budget import Budget
-from regdial.dial.continuation import GROWTH, in_reserve
+from regdial.dial.continuation import GROWTH, beyond_edge, in_reserve
 
 
 def test_a_completed_run_resumed_with_more_epochs_trains_on_and_counts_each_epoch_once(
@@ -86,8 +86,20 @@ def test_a_range_that_binds_is_extended_while_budget_remains() -> None:
     beyond = [t for t in result.trials if t["weight_decay"] > 1e-2]
     assert beyond, "a trial beyond the old edge, before the budget ran out"
     first = beyond[0]["number"]
-    assert result.trials[first]["weight_decay"] == pytest.approx(
-        math.sqrt(1e-2 * 1e-1)
-    )  # the new decade's middle
     assert len(result.trials) == 10 and first < 9
     assert any("the range of weight_decay was extended from [0.0001, 0.01]" in note for note in result.notes)
+
+
+def test_a_point_beyond_a_binding_edge_is_the_best_setting_moved_into_the_new_part() -> None:
+    import optuna
+
+    study = optuna.create_study(direction="minimize")
+    distributions = {"weight_decay": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for value, loss in ((1e-2, 0.1), (1e-3, 0.5)):
+        study.add_trial(optuna.trial.create_trial(params={"weight_decay": value}, distributions=distributions,
+                                                  value=loss))  # fmt: skip
+    before = Space({"weight_decay": (1e-4, 1e-2)})
+    after = before.narrow(weight_decay={**before.knobs["weight_decay"].to_dict(), "high": 1e-1})
+    point = beyond_edge(study, before, after)
+    assert point is not None and point["weight_decay"] == pytest.approx(math.sqrt(1e-2 * 1e-1))
+    assert beyond_edge(study, before, before) is None  # no range grew: nothing to try

@@ -137,6 +137,7 @@ def _cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=120, check=False)  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 def test_cli_device_and_precision_flags(tmp_path: Path) -> None:
     gone = _cli("run", "--task", "wine", "--device", "cuda", "--out", "x", cwd=tmp_path)
@@ -154,6 +155,7 @@ def test_cli_device_and_precision_flags(tmp_path: Path) -> None:
     assert summary["device"] == "cpu" and summary["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_one_worker_per_device_and_each_trial_on_its_workers_device(tmp_path: Path) -> None:
     import optuna
 

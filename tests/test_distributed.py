@@ -60,6 +60,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / "final.safetensors")
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_and_resumes_exactly(tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text(CONFIG)
 

@@ -69,6 +69,7 @@ def test_command_lines(args: list[str]) -> None:
         check(outcome, args)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(configs(), st.sampled_from(["run", "tune"]))
 def test_config_files(text: str, command: str) -> None:

@@ -12,6 +12,7 @@ from regdial.training.pretrained import cache_directory, pretrained_weights, sta
 from regdial.training.tasks import load_task
 
 
+@pytest.mark.slow
 def test_pretrained_weights_are_made_once_then_read_from_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

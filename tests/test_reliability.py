@@ -128,6 +128,7 @@ def _terminals(count: int, run_dir: Path, trials: int, strategy: str, storage: s
         assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("count", "trials"), [(2, 8), (4, 8)])
 def test_terminals_on_one_directory_try_distinct_settings(tmp_path: Path, count: int, trials: int) -> None:
     """Two terminals on one directory, 8 trials: 4 distinct settings; four terminals: 3."""
@@ -140,6 +141,7 @@ def test_terminals_on_one_directory_try_distinct_settings(tmp_path: Path, count:
     assert len(workers) >= 2  # really several processes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_POSTGRES is not None, reason=str(NO_POSTGRES))
 def test_postgres_workers_try_distinct_settings(tmp_path: Path) -> None:
     with postgres_server() as url:
@@ -152,6 +154,7 @@ def test_postgres_workers_try_distinct_settings(tmp_path: Path) -> None:
 # -- 2. the finish happens once --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_searches_on_one_directory_finish_once(tmp_path: Path) -> None:
     """Two `regdial tune --out D` with retraining: one finishes, the other waits and says so;
     best/ is whole and `regdial diagnose D/best` reads it."""

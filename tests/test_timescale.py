@@ -80,6 +80,7 @@ def long_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory / "mine.npz"
 
 
+@pytest.mark.slow
 def test_a_search_on_your_data_learns_its_time_scale_and_spends_the_budget_it_printed(
     long_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

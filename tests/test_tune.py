@@ -168,6 +168,7 @@ def test_a_search_killed_mid_trial_resumes(tmp_path: Path) -> None:
     assert sum(t.state == TrialState.COMPLETE for t in resumed) == 4
 
 
+@pytest.mark.slow
 def test_the_result_runs_with_regdial_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = tune("wine", WINE, epochs=3, budget="3 trials", strategy="tpe", run_dir=tmp_path / "tune")
     out = tmp_path / "tune"
@@ -200,6 +201,7 @@ def test_the_result_runs_with_regdial_run(tmp_path: Path, capsys: pytest.Capture
     assert "Validation curve per knob" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_pruning_prunes() -> None:
     result = tune("digits-small", epochs=6, budget="8 trials", strategy="auto", retrain=False)
     pruned = [t for t in result.trials if t["state"] == "pruned"]
@@ -220,6 +222,7 @@ def test_the_path_is_monotone_in_its_knob() -> None:
     assert sum(r["epochs"] for r in rows) == 300  # warm-started: 50 epochs a point
 
 
+@pytest.mark.slow
 def test_online_turns_the_knobs_from_inside_one_run(tmp_path: Path) -> None:
     space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
     result = tune("digits-small", space, epochs=30, strategy="online", retrain=False, run_dir=tmp_path)
