@@ -80,6 +80,18 @@ def test_a_resumed_search_never_repeats_a_setting(tmp_path: Path, strategy: str)
     assert "worker" in header  # which process ran each trial
 
 
+def test_a_grid_visits_every_point_once(tmp_path: Path) -> None:
+    """Optuna's grid names points by their index in an order shuffled by its seed: a
+    sampler seeded per trial repeated points and missed others."""
+    grid = Space({"weight_decay": (1e-3, 1.0), "dropout": (0.0, 0.5)})
+    tune(toy, grid, budget="9 trials", strategy="grid", grid_points=3, run_dir=tmp_path, retrain=False,
+         report=False)  # fmt: skip
+    study = _study(f"sqlite:///{tmp_path / 'study.db'}")
+    settings = _settings(study)
+    assert len(settings) == 9 and len(set(settings)) == 9
+    assert not [t for t in study.get_trials() if t.user_attrs.get("role") == "repeat"]
+
+
 def test_the_seed_still_reproduces_a_search(tmp_path: Path) -> None:
     for name in ("a", "b"):
         tune(toy, SPACE, budget="4 trials", strategy="random", run_dir=tmp_path / name, retrain=False,

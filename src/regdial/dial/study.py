@@ -148,6 +148,12 @@ def sampler(strategy: str, seed: int, space: Space, grid_points: int) -> Any:
     draws what it drew before."""
     from regdial.dial.seeding import PerTrialSeed
 
+    if strategy == "grid":
+        # Optuna's GridSampler shuffles its grid with its seed and names a point by its index
+        # in that order: a sampler seeded per trial named a different point by each index, so
+        # trials repeated points and never reached others (measured: 26 of 27 points, 72 of
+        # 81). One seed for all; the grid itself passes over the points that are taken.
+        return PerTrialSeed(lambda _: _make_sampler(strategy, seed, space, grid_points), seed)
     return PerTrialSeed(lambda trial_seed: _make_sampler(strategy, trial_seed, space, grid_points), seed)
 
 
