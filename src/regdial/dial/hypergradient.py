@@ -314,7 +314,7 @@ class HypergradientController:
             return masked(hv), mixed
 
         rhs = masked(v_grad)
-        q = self._warm_q(params)
+        q = masked(self._warm_q(params))  # a weight that left the support leaves q too
         hq, mixed_q = hvp(q)
         residual = [b - a for b, a in zip(rhs, hq, strict=True)]
         z = [r * c for r, c in zip(residual, precondition, strict=True)]
