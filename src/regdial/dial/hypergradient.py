@@ -25,15 +25,15 @@ knob                  ``c_λ = ∂(∇_w F)/∂λ`` on the setting's weights (``
 ``l1``                ``sign(w)`` on the support: the soft-threshold's derivative in its
                       threshold is ``-sign(w)`` where ``w ≠ 0``; zeros stay zero (H and ``q``
                       are restricted to the support)
-``elastic_net``       ``ρ·sign(w) + (1 - ρ)·w`` on the support
+``elastic_net``       ``r·sign(w) + (1 - r)·w`` on the support
 ``label_smoothing``   ``∇_w (CE_uniform - CE_label)``, by autograd (smoothing is linear in ε)
-``noise``             ``∂/∂σ ∇_w f(x + σξ)``, by autograd through the reparameterized input
+``noise``             ``d/d(sigma) ∇_w f(x + sigma·ξ)``, by autograd through the reparameterized input
 ====================  ====================================================================
 
-The penalties' own Hessians (``λ₂``, ``λ_wd·d``, ``λ_en·(1 - ρ)`` on the diagonal) are added
+The penalties' own Hessians (``λ₂``, ``λ_wd·d``, ``λ_en·(1 - r)`` on the diagonal) are added
 to the data loss's Hessian-vector products analytically.
 
-Short-horizon bias (Wu, Ren, Liao & Grosse, ICLR 2018): a one-step hypergradient (T1–T2,
+Short-horizon bias (Wu, Ren, Liao & Grosse, ICLR 2018): a one-step hypergradient (T1-T2,
 Luketina et al., ICML 2016; hypergradient descent, Baydin et al., ICLR 2018) asks what a
 strength does to the validation loss after the next step, and regularization pays off
 later: greedily, weaker always looks better. The implicit hypergradient asks what it does
@@ -150,8 +150,8 @@ class HypergradientController:
         if unknown:
             fail("start", "strengths of the space's differentiable knobs (" + ", ".join(self.ranges) + ")",
                  sorted(unknown)[0])  # fmt: skip
-        self.moment = {name: 0.0 for name in self.ranges}
-        self.square = {name: 0.0 for name in self.ranges}
+        self.moment = dict.fromkeys(self.ranges, 0.0)
+        self.square = dict.fromkeys(self.ranges, 0.0)
         self.updates = 0
         self.val_index = 0
         self.q: list[Tensor] | None = None
@@ -183,7 +183,9 @@ class HypergradientController:
             return None
         for name, value in self.curves.values.items():
             if value != before[name]:
-                self.moves.append({"step": self.last_step, "epoch": len(history), "knob": name, "value": value})
+                self.moves.append(
+                    {"step": self.last_step, "epoch": len(history), "knob": name, "value": value}
+                )
         return self.space.setting(self._all_values())
 
     # -- the step -------------------------------------------------------------------------
@@ -252,7 +254,7 @@ class HypergradientController:
 
     def _hypergradients(self, run: Run, inputs: Any, targets: Tensor) -> dict[str, float]:
         net, applied = run.net, run.applied
-        params = [p for p in net.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in net.parameters() if p.requires_grad]
         weight_ids = {id(p) for p in applied.weights}
         setting = applied.setting
         was_training = net.training
@@ -269,12 +271,20 @@ class HypergradientController:
             x = inputs
             if "noise" in self.ranges and isinstance(inputs, Tensor) and inputs.is_floating_point():
                 sigma = torch.tensor(float(setting.noise), device=run.device, requires_grad=True)
-                generator = torch.Generator(device=run.device).manual_seed(run.options.seed * 1_000_003 + run.loop.step)
+                generator = torch.Generator(device=run.device).manual_seed(
+                    run.options.seed * 1_000_003 + run.loop.step
+                )
                 xi = torch.randn(inputs.shape, generator=generator, device=run.device, dtype=inputs.dtype)
                 x, leaves["noise"] = inputs + sigma * xi, sigma
             smoothing = None
-            if "label_smoothing" in self.ranges and run.loss_fn is None and run.source.num_classes is not None:
-                smoothing = torch.tensor(float(setting.label_smoothing), device=run.device, requires_grad=True)
+            if (
+                "label_smoothing" in self.ranges
+                and run.loss_fn is None
+                and run.source.num_classes is not None
+            ):
+                smoothing = torch.tensor(
+                    float(setting.label_smoothing), device=run.device, requires_grad=True
+                )
                 leaves["label_smoothing"] = smoothing
             t_loss = self._loss(run, forward(net, x, run.output_fn), None, x, targets, smoothing)
             t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
@@ -287,7 +297,7 @@ class HypergradientController:
         strengths = {name: float(getattr(setting, name) or 0.0) for name in PENALTY_TERMS}
         sparse = strengths["l1"] > 0 or (strengths["elastic_net"] > 0 and l1_ratio > 0)
         mask = [(p.detach() != 0).to(p.dtype) if sparse and id(p) in weight_ids else None for p in params]
-        diagonal = []  # the penalties' Hessian on each parameter's diagonal
+        diagonal: list[Tensor | float | None] = []  # the penalties' Hessian on each parameter's diagonal
         for p, d in zip(params, metric, strict=True):
             if id(p) not in weight_ids:
                 diagonal.append(None)
@@ -308,9 +318,12 @@ class HypergradientController:
                 return [torch.zeros_like(vv) for vv in v], [0.0] * len(names)
             dot = torch.stack(terms).sum()
             out = torch.autograd.grad(dot, inputs_of_hvp, retain_graph=True, allow_unused=True)
-            hv = [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params, strict=False)]
+            hv = [
+                o.detach() if o is not None else torch.zeros_like(p)
+                for o, p in zip(out, params, strict=False)
+            ]
             hv = [h + dg * vv if dg is not None else h for h, dg, vv in zip(hv, diagonal, v, strict=True)]
-            mixed = [float(o) if o is not None else 0.0 for o in out[len(params):]]
+            mixed = [float(o) if o is not None else 0.0 for o in out[len(params) :]]
             return masked(hv), mixed
 
         rhs = masked(v_grad)
@@ -352,7 +365,11 @@ class HypergradientController:
 
     def _warm_q(self, params: list[Tensor]) -> list[Tensor]:
         q = self.q
-        if q is None or len(q) != len(params) or any(a.shape != p.shape for a, p in zip(q, params, strict=True)):
+        if (
+            q is None
+            or len(q) != len(params)
+            or any(a.shape != p.shape for a, p in zip(q, params, strict=True))
+        ):
             return [torch.zeros_like(p) for p in params]
         return [a.to(device=p.device, dtype=p.dtype) for a, p in zip(q, params, strict=True)]
 
