@@ -35,7 +35,7 @@ def online(knob: str, data, *, optimizer: str, lr: float, epochs: int = 1200, hi
     torch.manual_seed(0)
     model = nn.Linear(x.shape[1], 1, bias=False)
     controller = HypergradientController(
-        Space({knob: (1e-4, high)}), every=4, lr=0.1, warmup=20, solve_steps=2, **kwargs
+        Space({knob: (1e-4, high)}), every=4, lr=0.1, warmup=20, solve_steps=2, start={knob: 1e-4}, **kwargs
     )
     history = fit(model, controller.start(), train=as_batches(x, y), val=as_batches(x_val, y_val),
                   kind="regression", epochs=epochs, optimizer=optimizer, lr=lr, lr_schedule="constant",
@@ -203,7 +203,13 @@ def test_a_space_without_differentiable_knobs_is_refused() -> None:
         HypergradientController(Space({"dropout": (0.0, 0.5)}))
 
 
-def test_a_zero_floor_starts_at_a_thousandth_of_the_top() -> None:
-    controller = HypergradientController(Space({"label_smoothing": (0.0, 0.2)}))
-    assert controller.values == {"label_smoothing": pytest.approx(2e-4)}
-    assert controller.start().label_smoothing == pytest.approx(2e-4)
+def test_strengths_start_in_the_middle_of_their_ranges_on_a_log_scale() -> None:
+    """A range that starts at 0 is floored at a thousandth of its top."""
+    controller = HypergradientController(Space({"label_smoothing": (0.0, 0.2), "l2": (1e-4, 1.0)}))
+    assert controller.values == {
+        "label_smoothing": pytest.approx((2e-4 * 0.2) ** 0.5),
+        "l2": pytest.approx(1e-2),
+    }
+    assert controller.start().label_smoothing == pytest.approx((2e-4 * 0.2) ** 0.5)
+    with pytest.raises(InputError, match=r"^start\.label_smoothing must be in \[0\.0002, 0\.2\], got 0\.0$"):
+        HypergradientController(Space({"label_smoothing": (0.0, 0.2)}), start={"label_smoothing": 0.0})

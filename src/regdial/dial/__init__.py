@@ -32,9 +32,9 @@ from regdial._lazy import lazy
 
 if TYPE_CHECKING:
     from regdial.dial.budget import Budget as Budget
+    from regdial.dial.hypergradient import HypergradientController as HypergradientController
     from regdial.dial.objective import FitObjective as FitObjective
     from regdial.dial.objective import UserObjective as UserObjective
-    from regdial.dial.hypergradient import HypergradientController as HypergradientController
     from regdial.dial.online import OnlineController as OnlineController
     from regdial.dial.options import STRATEGIES as STRATEGIES
     from regdial.dial.result import TuneResult as TuneResult

@@ -40,15 +40,23 @@ later: greedily, weaker always looks better. The implicit hypergradient asks wha
 at the weights training converges to, an infinite horizon; its error is the linear
 solve's, and ``q`` improves across steps instead of being re-solved from scratch. On
 ridge regression with correlated features its zero is the validation optimum, where the
-one-step version's is not (``tests/test_hypergradient.py``). Before ``warmup`` steps (by
-default the first epoch) nothing moves: the weights are far from any stationary point.
+one-step version's is not (``tests/test_hypergradient.py``). The theorem holds near a
+stationary point, and early in a network's training the weights are far from one: on
+``digits-small`` (a CNN, AdamW, 420 steps, five solve steps) the hypergradient of weight
+decay pointed weaker until step 300 and stronger from step 340 on, as this project's own
+curves found early epochs to rank regularization backwards. So by default nothing
+moves before a quarter of the run (``warmup``), and the strengths start at the middle of
+their ranges (log scale), not at the weakest, where a hypergradient that points weaker
+at first would hold them at the floor.
 
 Each knob moves in log space, ``u = log λ``, by Adam's rule on ``λ·dV/dλ`` (momentum 0.9
 over the hypergradients, their RMS over ~1000 of them, step ``lr``): the step is in
 relative terms (a strength of 1e-4 and one of 1 move alike), the momentum averages the
 validation batches' noise, and as the hypergradient shrinks near the optimum the steps do.
 A strength stays within its range in the space; a range that starts at 0 is floored at
-its top over 1000. Every move is a row of ``moves``: ``{step, epoch, knob, value}``.
+its top over 1000. Every move is a row of ``moves``: ``{step, epoch, knob, value}``, the
+optimizer steps taken when it was set and the first epoch whose setting at its end holds it
+(a curve turn after epoch ``n`` is in epoch ``n + 1``'s).
 
 The knobs that do not enter training differentiably (dropout, drop path, mixup,
 augmentation...) are turned by an ``OnlineController`` over them, every ``epochs_every``
@@ -88,6 +96,11 @@ DIFFERENTIABLE = ("weight_decay", "l2", "l1", "elastic_net", "label_smoothing", 
 
 PENALTY_TERMS = ("weight_decay", "l2", "l1", "elastic_net")
 BETAS = (0.9, 0.999)
+AUTO_STEPS = 100
+"""``every=None`` aims at this many hypergradient steps in a run (fewer when 1 in 5 steps
+would not reach them)."""
+MIN_LR = 0.05
+"""The smallest step in log-strength that ``lr=None`` picks."""
 FLOOR = 1e-3
 """A range that starts at 0 is floored at ``FLOOR * high``: in log space 0 is never reached."""
 
@@ -107,11 +120,17 @@ class HypergradientController:
     Pass it to ``fit(task, c.start(), controller=c)``. Args:
         every: optimizer steps between hypergradient steps. Each costs one validation
             forward/backward and ``solve_steps + 1`` Hessian-vector products on the
-            training batch; ``benchmarks/online_cost.py`` prints the share of the step.
-        lr: the step in log-strength per hypergradient step (Adam's rule).
+            training batch, about 5.4 training steps of an MLP with one solve step
+            (``benchmarks/online_cost.py``): 27% of the step at 20, the default, near the
+            30% T1-T2 reported. None: ``AUTO_STEPS`` of them in the run, every 5 to 20 steps.
+        lr: the step in log-strength per hypergradient step (Adam's rule); None: enough for
+            the run's hypergradient steps to cross the widest range twice, at least
+            ``MIN_LR`` (set at the first hypergradient step from the run's length).
         solve_steps: conjugate-gradient iterations per hypergradient step on ``q``.
-        warmup: steps before the first move (None: the first epoch's).
-        start: the strengths to start from (default: each range's floor, its weakest).
+        warmup: steps before the first move (None: a quarter of the run, at least its first
+            epoch; see the module docstring).
+        start: the strengths to start from (default: the middle of each range on its log
+            scale, from which the hypergradient can point either way).
         epochs_every: epochs between the curve controller's turns of the other knobs
             (default 2).
     """
@@ -120,8 +139,8 @@ class HypergradientController:
         self,
         space: Space,
         *,
-        every: int = 20,
-        lr: float = 0.05,
+        every: int | None = 20,
+        lr: float | None = None,
         solve_steps: int = 1,
         warmup: int | None = None,
         start: Mapping[str, float] | None = None,
@@ -130,8 +149,8 @@ class HypergradientController:
         if not isinstance(space, Space):
             fail("space", "a regdial.Space", space)
         self.space = space
-        self.every = check_int("every", every, low=1)
-        self.lr = check_range("lr", lr, low=0.0, high=10.0, low_open=True)
+        self.every = None if every is None else check_int("every", every, low=1)
+        self.lr = None if lr is None else check_range("lr", lr, low=0.0, high=10.0, low_open=True)
         self.solve_steps = check_int("solve_steps", solve_steps, low=0, high=100)
         self.warmup = None if warmup is None else check_int("warmup", warmup, low=0)
         self.ranges = {n: r for n, r in space.knobs.items() if n in DIFFERENTIABLE}
@@ -142,7 +161,7 @@ class HypergradientController:
         self.values: dict[str, float] = {}
         for name, r in self.ranges.items():
             low, high = _floor(r), r.high
-            value = (start or {}).get(name, low)
+            value = (start or {}).get(name, math.sqrt(low * high))
             self.values[name] = check_range(
                 f"start.{name}", value, low=low, high=high
             )  # 0 has no logarithm: the floor is the weakest start
@@ -184,7 +203,7 @@ class HypergradientController:
         for name, value in self.curves.values.items():
             if value != before[name]:
                 self.moves.append(
-                    {"step": self.last_step, "epoch": len(history), "knob": name, "value": value}
+                    {"step": self.last_step, "epoch": len(history) + 1, "knob": name, "value": value}
                 )
         return self.space.setting(self._all_values())
 
@@ -194,15 +213,20 @@ class HypergradientController:
         """After optimizer step ``run.loop.step`` on the clean batch ``(inputs, targets)``."""
         step = run.loop.step
         self.last_step = step
-        warmup = self.warmup if self.warmup is not None else run.source.steps_per_epoch()
+        warmup = self.warmup if self.warmup is not None else self._default_warmup(run)
+        if self.every is None:
+            self.every = self._auto_every(run, max(warmup, 1))
         if step % self.every or step < max(warmup, 1):
             return None
         if run.distributed is not None:
             fail("controller", "a curve controller under data parallelism (the hypergradient runs on one process)",
                  type(self).__name__)  # fmt: skip
+        if self.lr is None:
+            self.lr = self._auto_lr(run, max(warmup, 1))
         grads = self._hypergradients(run, inputs, targets)
         self.updates += 1
         b1, b2 = BETAS
+        lr = self.lr if self.lr is not None else MIN_LR
         for name, grad in grads.items():
             if not math.isfinite(grad):
                 continue
@@ -214,12 +238,31 @@ class HypergradientController:
             v_hat = self.square[name] / (1 - b2**self.updates)
             if v_hat <= 0:
                 continue
-            u = math.log(self.values[name]) - self.lr * m_hat / (math.sqrt(v_hat) + 1e-12)
+            u = math.log(self.values[name]) - lr * m_hat / (math.sqrt(v_hat) + 1e-12)
             value = min(r.high, max(_floor(r), math.exp(u)))
             if value != self.values[name]:
                 self.values[name] = value
                 self.moves.append({"step": step, "epoch": run.loop.epoch + 1, "knob": name, "value": value})
         return self.space.setting(self._all_values())
+
+    @staticmethod
+    def _default_warmup(run: Run) -> int:
+        """A quarter of the run's steps, at least one epoch's."""
+        per_epoch = run.source.steps_per_epoch()
+        return max(per_epoch, int(run.options.epochs or 1) * per_epoch // 4)
+
+    @staticmethod
+    def _auto_every(run: Run, warmup: int) -> int:
+        """``AUTO_STEPS`` hypergradient steps after the warm-up, every 5 to 20 steps."""
+        total = int(run.options.epochs or 1) * run.source.steps_per_epoch()
+        return min(20, max(5, (total - warmup) // AUTO_STEPS))
+
+    def _auto_lr(self, run: Run, warmup: int) -> float:
+        """A step that lets the run's hypergradient steps cross the widest range twice."""
+        total = int(run.options.epochs or 1) * run.source.steps_per_epoch()
+        updates = max(1, (total - warmup) // (self.every or 20))
+        widest = max(math.log(r.high / _floor(r)) for r in self.ranges.values())
+        return max(MIN_LR, 2 * widest / updates)
 
     def _val_batch(self, run: Run) -> Any:
         batches = run.source.split("val")
@@ -379,7 +422,7 @@ class HypergradientController:
         """Plain values, and ``q`` as tensors (the checkpoint writes them as safetensors)."""
         return {
             "values": dict(self.values), "moment": dict(self.moment), "square": dict(self.square),
-            "updates": self.updates, "val_index": self.val_index, "last_step": self.last_step,
+            "lr": self.lr, "every": self.every, "updates": self.updates, "val_index": self.val_index, "last_step": self.last_step,
             "moves": [dict(m) for m in self.moves], "q": None if self.q is None else list(self.q),
             "curves": None if self.curves is None else self.curves.state_dict(),
         }  # fmt: skip
@@ -390,6 +433,8 @@ class HypergradientController:
         self.moment = {name: float(state["moment"][name]) for name in self.ranges}
         self.square = {name: float(state["square"][name]) for name in self.ranges}
         self.updates, self.val_index = int(state["updates"]), int(state["val_index"])
+        self.lr = None if state["lr"] is None else float(state["lr"])
+        self.every = None if state["every"] is None else int(state["every"])
         self.last_step = int(state["last_step"])
         self.moves = [dict(m) for m in state["moves"]]
         q = state.get("q")
