@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import Space, fit
+from regdial import Regularization, Space, fit
 from regdial._checks import InputError
 from regdial.dial.hypergradient import HypergradientController
 from regdial.training.checkpoint import load_weights
@@ -122,6 +122,62 @@ def test_lasso_strength_converges_to_the_validation_optimum_of_sklearns_path(opt
                                  lr=0.05 if optimizer == "adam" else 0.02, high=10.0)  # fmt: skip
     assert controller.values["l1"] == pytest.approx(best, rel=0.1), (controller.values["l1"], best)
     assert history.rows[-1]["zero_fraction"] > 0.5  # a lasso: most weights exactly zero
+
+
+def test_input_noise_converges_to_the_ridge_optimum_it_equals(ridge_data) -> None:
+    """Gaussian input noise on a linear model is ridge in expectation:
+    ``E (w·(x + σξ) - y)² = (w·x - y)² + σ²||w||²``, so ``λ/2 = σ²`` and the best noise is
+    ``sqrt(λ*/2)``. The noise's hypergradient is a single reparameterized draw (antithetic
+    pairs), so the strength wanders around it: its geometric mean over the second half of
+    the run is within 10%."""
+    best, _ = ridge_optimum(ridge_data)
+    x, y, x_val, y_val = ridge_data
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], 1, bias=False)
+    controller = HypergradientController(Space({"noise": (1e-3, 3.0)}), every=4, lr=0.1, warmup=20,
+                                         solve_steps=2, start={"noise": 1e-3})  # fmt: skip
+    fit(model, controller.start(), train=as_batches(x, y), val=as_batches(x_val, y_val), kind="regression",
+        epochs=1500, optimizer="sgd", lr=0.02, lr_schedule="constant", controller=controller, progress=False)  # fmt: skip
+    late = [m["value"] for m in controller.moves if m["step"] > 750]
+    assert len(late) > 100
+    assert float(np.exp(np.mean(np.log(late)))) == pytest.approx((best / 2) ** 0.5, rel=0.1)
+
+
+class Probe(HypergradientController):
+    """Keeps the hypergradients of its last hypergradient step."""
+
+    def _hypergradients(self, run, inputs, targets):
+        self.seen = super()._hypergradients(run, inputs, targets)
+        return self.seen
+
+
+def test_label_smoothings_hypergradient_is_the_derivative_of_the_validation_loss() -> None:
+    """Multinomial logistic regression with a fixed L2 (strongly convex), trained to
+    convergence at ε = 0.1 and at ε ± 0.01: the hypergradient at the end of the first run
+    matches the finite difference of the validation loss to 2%."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 3, generator=g)
+
+    def split(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = torch.randn(n, 10, generator=g)
+        return [(x, (x @ w + 1.5 * torch.randn(n, 3, generator=g)).argmax(1))]
+
+    train, val = split(150), split(300)
+    steps = 800
+
+    def run(smoothing: float) -> tuple[Probe, float]:
+        torch.manual_seed(0)
+        probe = Probe(Space({"label_smoothing": (0.0, 0.5)}, base=Regularization(l2=0.01)), every=steps,
+                      lr=1e-9, warmup=steps, solve_steps=60, start={"label_smoothing": smoothing})  # fmt: skip
+        history = fit(nn.Linear(10, 3), probe.start(), train=train, val=val, num_classes=3, epochs=steps,
+                      optimizer="sgd", momentum=0.0, lr=0.5, lr_schedule="constant", controller=probe,
+                      progress=False)  # fmt: skip
+        return probe, history.rows[-1]["val_loss"]
+
+    probe, _ = run(0.1)
+    (_, above), (_, below) = run(0.11), run(0.09)
+    assert probe.seen["label_smoothing"] == pytest.approx((above - below) / 0.02, rel=0.02)
+    assert probe.seen["label_smoothing"] > 0.05  # not a vanishing number that any estimate matches
 
 
 def test_strengths_stay_within_their_ranges(ridge_data) -> None:

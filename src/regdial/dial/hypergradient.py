@@ -27,7 +27,8 @@ knob                  ``c_λ = ∂(∇_w F)/∂λ`` on the setting's weights (``
                       are restricted to the support)
 ``elastic_net``       ``r·sign(w) + (1 - r)·w`` on the support
 ``label_smoothing``   ``∇_w (CE_uniform - CE_label)``, by autograd (smoothing is linear in ε)
-``noise``             ``d/d(sigma) ∇_w f(x + sigma·ξ)``, by autograd through the reparameterized input
+``noise``             ``d/d(sigma) ∇_w f(x + sigma·ξ)``, by autograd through the reparameterized
+                      input, over antithetic pairs ``±ξ`` (the term linear in ``ξ`` cancels)
 ====================  ====================================================================
 
 The penalties' own Hessians (``λ₂``, ``λ_wd·d``, ``λ_en·(1 - r)`` on the diagonal) are added
@@ -318,7 +319,10 @@ class HypergradientController:
                     run.options.seed * 1_000_003 + run.loop.step
                 )
                 xi = torch.randn(inputs.shape, generator=generator, device=run.device, dtype=inputs.dtype)
-                x, leaves["noise"] = inputs + sigma * xi, sigma
+                # Antithetic pairs: the term linear in the noise, whose mean is zero and which
+                # swamps the O(sigma) signal at small sigma, cancels exactly between +xi and -xi.
+                x, leaves["noise"] = torch.cat([inputs + sigma * xi, inputs - sigma * xi]), sigma
+                targets = torch.cat([targets, targets])
             smoothing = None
             if (
                 "label_smoothing" in self.ranges
@@ -329,7 +333,8 @@ class HypergradientController:
                     float(setting.label_smoothing), device=run.device, requires_grad=True
                 )
                 leaves["label_smoothing"] = smoothing
-            t_loss = self._loss(run, forward(net, x, run.output_fn), None, x, targets, smoothing)
+            form = {} if isinstance(x, dict) else None  # a user's loss_fn gets a batch of its own form
+            t_loss = self._loss(run, forward(net, x, run.output_fn), form, x, targets, smoothing)
             t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
         finally:
             net.train(was_training)
