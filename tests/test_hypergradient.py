@@ -269,3 +269,30 @@ def test_strengths_start_in_the_middle_of_their_ranges_on_a_log_scale() -> None:
     assert controller.start().label_smoothing == pytest.approx((2e-4 * 0.2) ** 0.5)
     with pytest.raises(InputError, match=r"^start\.label_smoothing must be in \[0\.0002, 0\.2\], got 0\.0$"):
         HypergradientController(Space({"label_smoothing": (0.0, 0.2)}), start={"label_smoothing": 0.0})
+
+
+class _Every3:
+    """A step controller: turns weight decay at step 3, and records the steps it saw."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.decay_seen: list[float] = []
+
+    def __call__(self, history, applied):
+        return None
+
+    def after_step(self, run, inputs, targets):
+        self.steps.append(run.loop.step)
+        self.decay_seen.append(run.applied.optimizer.param_groups[0]["weight_decay"])
+        assert isinstance(inputs, torch.Tensor) and len(inputs) == len(targets)
+        return Regularization(weight_decay=0.5) if run.loop.step == 3 else None
+
+
+def test_the_loop_calls_a_step_controller_after_every_step_and_applies_its_setting_next() -> None:
+    controller = _Every3()
+    x, y = torch.randn(40, 4), torch.randn(40)
+    batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+    fit(nn.Linear(4, 1), Regularization(weight_decay=0.1), train=batches, val=batches, kind="regression",
+        epochs=2, controller=controller, progress=False)  # fmt: skip
+    assert controller.steps == list(range(1, 9))
+    assert controller.decay_seen == [0.1] * 3 + [0.5] * 5  # step 3's setting from step 4 on
