@@ -10,6 +10,8 @@ training steps, and the extra cost per training step for ``every`` in (10, 20, 5
 ``solve_steps`` in (0, 1, 2): ``cost of one hypergradient step / every``, a ratio against
 the plain step measured in the same run; and, end to end, the training step with the
 default controller (every 20, one solve step) against the plain one, retunes included.
+The noise knob's antithetic pairs pass twice the batch through the Hessian-vector
+products; a line without it says what the other knobs cost.
 
 Run: ``python benchmarks/online_cost.py`` (about a minute on two CPU cores).
 """
@@ -64,8 +66,10 @@ def plain_step_seconds(train: list[Any], val: list[Any], epochs: int) -> float:
     return sum(r["seconds"] for r in history.rows[1:]) / (len(train) * (epochs - 1))  # epoch 1 warms up
 
 
-def hypergradient_seconds(train: list[Any], val: list[Any], solve_steps: int) -> float:
-    controller = Timed(SPACE, every=5, warmup=0, solve_steps=solve_steps, start=START)
+def hypergradient_seconds(train: list[Any], val: list[Any], solve_steps: int, noise: bool = True) -> float:
+    space = SPACE if noise else Space({k: v for k, v in SPACE.knobs.items() if k != "noise"})
+    start = START if noise else {k: v for k, v in START.items() if k != "noise"}
+    controller = Timed(space, every=5, warmup=0, solve_steps=solve_steps, start=start)
     fit(model(), controller.start(), train=train, val=val, num_classes=10, epochs=2, train_eval_size=256,
         progress=False, controller=controller)  # fmt: skip
     return statistics.median(controller.seconds[2:])
@@ -89,11 +93,13 @@ def main() -> None:
     plain: list[float] = []
     controlled: list[float] = []
     hyper: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    without_noise: list[float] = []
     for _ in range(args.repeats):  # alternately, so drift on a shared machine hits both
         plain.append(plain_step_seconds(train, val, epochs=3))
         controlled.append(controlled_step_seconds(train, val, epochs=3))
         for solve_steps, times in hyper.items():
             times.append(hypergradient_seconds(train, val, solve_steps))
+        without_noise.append(hypergradient_seconds(train, val, 1, noise=False))
     step = statistics.median(plain)
     print(f"plain training step: {1e3 * step:.2f} ms (median of {args.repeats} runs)")
     print("solve_steps  one hypergradient step  extra cost per training step, every = 10 / 20 / 50")
@@ -101,6 +107,11 @@ def main() -> None:
         ratio = statistics.median(times) / step
         shares = " / ".join(f"{ratio / every:5.1%}" for every in (10, 20, 50))
         print(f"{solve_steps:>11}  {ratio:>9.2f} steps           {shares}")
+    ratio = statistics.median(without_noise) / step
+    print(
+        f"without the noise knob (no antithetic pairs), solve_steps 1: {ratio:.2f} steps, "
+        f"{ratio / 20:.1%} of the step at every = 20"
+    )
     ratios = [c / p for c, p in zip(controlled, plain, strict=True)]
     print(
         f"end to end, the default (every 20, solve_steps 1): a training step costs "
