@@ -271,6 +271,8 @@ def test_the_online_strategys_model_is_its_one_run(tmp_path: Path) -> None:
     best = tmp_path / "search" / "best"
     assert (best / "history.csv").is_file() and (best / "baseline" / "history.csv").is_file()
     assert not list((tmp_path / "search").glob(".best-*"))
+    cost = [note for note in result.notes if note.startswith("online: ")]
+    assert len(cost) == 1 and "hypergradient steps" in cost[0] and "% of the training steps" in cost[0]
 
 
 def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -70,6 +70,7 @@ validation batch's position and the moves, so a resumed run continues bit-identi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -180,6 +181,15 @@ class HypergradientController:
         self.moves: list[dict[str, Any]] = []
         self.last_step = 0
         self._val_count: int | None = None
+        self.seconds = {"training": 0.0, "hypergradient": 0.0}  # this process's, for ``cost``
+        self._clock: tuple[int, float] | None = None
+
+    @property
+    def cost(self) -> float:
+        """The hypergradient steps' seconds as a share of the training steps' (since this
+        process started or resumed the run; nan before any training step was timed)."""
+        training = self.seconds["training"]
+        return self.seconds["hypergradient"] / training if training > 0 else math.nan
 
     # -- the setting ----------------------------------------------------------------------
 
@@ -214,6 +224,13 @@ class HypergradientController:
 
     def after_step(self, run: Run, inputs: Any, targets: Tensor) -> Regularization | None:
         """After optimizer step ``run.loop.step`` on the clean batch ``(inputs, targets)``."""
+        if run.distributed is not None:
+            fail("controller", "a curve controller under data parallelism (the hypergradient runs on one process)",
+                 type(self).__name__)  # fmt: skip
+        now = time.perf_counter()
+        if self._clock is not None and self._clock[0] == run.loop.epoch:  # not across an epoch's end
+            self.seconds["training"] += now - self._clock[1]
+        self._clock = (run.loop.epoch, now)
         step = run.loop.step
         self.last_step = step
         warmup = self.warmup if self.warmup is not None else self._default_warmup(run)
@@ -221,12 +238,12 @@ class HypergradientController:
             self.every = self._auto_every(run, max(warmup, 1))
         if step % self.every or step < max(warmup, 1):
             return None
-        if run.distributed is not None:
-            fail("controller", "a curve controller under data parallelism (the hypergradient runs on one process)",
-                 type(self).__name__)  # fmt: skip
         if self.lr is None:
             self.lr = self._auto_lr(run, max(warmup, 1))
         grads = self._hypergradients(run, inputs, targets)
+        done = time.perf_counter()
+        self.seconds["hypergradient"] += done - now
+        self._clock = (run.loop.epoch, done)
         self.updates += 1
         b1, b2 = BETAS
         lr = self.lr if self.lr is not None else MIN_LR
@@ -338,7 +355,9 @@ class HypergradientController:
                     float(setting.label_smoothing), device=run.device, requires_grad=True
                 )
                 leaves["label_smoothing"] = smoothing
-            form = {} if isinstance(x, dict) else None  # a user's loss_fn gets a batch of its own form
+            form: dict[str, Any] | None = (
+                {} if isinstance(x, dict) else None
+            )  # a user's loss_fn gets a batch of its own form
             t_loss = self._loss(run, forward(net, x, run.output_fn), form, x, targets, smoothing)
             t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
         finally:

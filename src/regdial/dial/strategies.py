@@ -124,9 +124,15 @@ def search_online(search: Search) -> TuneResult:
     trial = {"number": 0, "state": "complete", "value": value, "epochs": len(history),
              **search.space.values_of(best.to_dict())}  # fmt: skip
     moves = controller.moves if isinstance(controller, HypergradientController) else []
-    return TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
-                      turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
-                      moves=moves)  # fmt: skip
+    result = TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
+                        turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
+                        moves=moves)  # fmt: skip
+    if isinstance(controller, HypergradientController) and math.isfinite(controller.cost):
+        result.notes.append(
+            f"online: {controller.updates} hypergradient steps (a validation forward/backward and "
+            f"{controller.solve_steps + 1} Hessian-vector products each) cost {controller.cost:.0%} of the training steps"
+        )
+    return result
 
 
 def _in_force(
