@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regdial._checks import check_int, check_range, fail
+from regdial.blocks.schedules import resolve
 from regdial.dial.online import OnlineController
 from regdial.dial.space import Range, Space
 from regdial.setting import Regularization
@@ -366,7 +367,8 @@ class HypergradientController:
         optimizer = applied.optimizer
         metric, precondition = _metrics(optimizer, params)
         l1_ratio = float(setting.l1_ratio)
-        strengths = {name: float(getattr(setting, name) or 0.0) for name in PENALTY_TERMS}
+        # A knob the space holds fixed may be on a schedule: its strength now.
+        strengths = {name: float(resolve(getattr(setting, name), applied.progress)) for name in PENALTY_TERMS}
         sparse = strengths["l1"] > 0 or (strengths["elastic_net"] > 0 and l1_ratio > 0)
         mask = [(p.detach() != 0).to(p.dtype) if sparse and id(p) in weight_ids else None for p in params]
         diagonal: list[Tensor | float | None] = []  # the penalties' Hessian on each parameter's diagonal
