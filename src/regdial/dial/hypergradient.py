@@ -182,15 +182,14 @@ class HypergradientController:
         self.moves: list[dict[str, Any]] = []
         self.last_step = 0
         self._val_count: int | None = None
-        self.seconds = {"training": 0.0, "hypergradient": 0.0}  # this process's, for ``cost``
-        self._clock: tuple[int, float] | None = None
+        self.seconds = 0.0  # in hypergradient steps, in this process (not saved: a clock, not state)
 
-    @property
-    def cost(self) -> float:
-        """The hypergradient steps' seconds as a share of the training steps' (since this
-        process started or resumed the run; nan before any training step was timed)."""
-        training = self.seconds["training"]
-        return self.seconds["hypergradient"] / training if training > 0 else math.nan
+    def cost(self, history: History) -> float:
+        """The hypergradient steps' seconds as a share of the rest of the training steps',
+        from ``history``'s ``seconds`` (which hold both); for a run this process trained
+        from its start (nan when nothing was timed)."""
+        training = sum(float(row.get("seconds", 0.0)) for row in history.rows) - self.seconds
+        return self.seconds / training if training > 0 else math.nan
 
     # -- the setting ----------------------------------------------------------------------
 
@@ -228,10 +227,6 @@ class HypergradientController:
         if run.distributed is not None:
             fail("controller", "a curve controller under data parallelism (the hypergradient runs on one process)",
                  type(self).__name__)  # fmt: skip
-        now = time.perf_counter()
-        if self._clock is not None and self._clock[0] == run.loop.epoch:  # not across an epoch's end
-            self.seconds["training"] += now - self._clock[1]
-        self._clock = (run.loop.epoch, now)
         step = run.loop.step
         self.last_step = step
         warmup = self.warmup if self.warmup is not None else self._default_warmup(run)
@@ -241,10 +236,9 @@ class HypergradientController:
             return None
         if self.lr is None:
             self.lr = self._auto_lr(run, max(warmup, 1))
+        started = time.perf_counter()
         grads = self._hypergradients(run, inputs, targets)
-        done = time.perf_counter()
-        self.seconds["hypergradient"] += done - now
-        self._clock = (run.loop.epoch, done)
+        self.seconds += time.perf_counter() - started
         self.updates += 1
         b1, b2 = BETAS
         lr = self.lr if self.lr is not None else MIN_LR

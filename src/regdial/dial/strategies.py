@@ -127,10 +127,11 @@ def search_online(search: Search) -> TuneResult:
     result = TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
                         turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
                         moves=moves)  # fmt: skip
-    if isinstance(controller, HypergradientController) and math.isfinite(controller.cost):
+    cost = controller.cost(history) if isinstance(controller, HypergradientController) else math.nan
+    if isinstance(controller, HypergradientController) and math.isfinite(cost):
         result.notes.append(
             f"online: {controller.updates} hypergradient steps (a validation forward/backward and "
-            f"{controller.solve_steps + 1} Hessian-vector products each) cost {controller.cost:.0%} of the training steps"
+            f"{controller.solve_steps + 1} Hessian-vector products each) cost {cost:.0%} of the training steps"
         )
     return result
 
