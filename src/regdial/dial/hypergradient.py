@@ -37,28 +37,22 @@ to the data loss's Hessian-vector products analytically.
 
 Short-horizon bias (Wu, Ren, Liao & Grosse, ICLR 2018): a one-step hypergradient (T1-T2,
 Luketina et al., ICML 2016; hypergradient descent, Baydin et al., ICLR 2018) asks what a
-strength does to the validation loss after the next step, and regularization pays off
-later: greedily, weaker always looks better. The implicit hypergradient asks what it does
-at the weights training converges to, an infinite horizon; its error is the linear
-solve's, and ``q`` improves across steps instead of being re-solved from scratch. On
-ridge regression with correlated features its zero is the validation optimum, where the
-one-step version's is not (``tests/test_hypergradient.py``). The theorem holds near a
-stationary point, and early in a network's training the weights are far from one: on
-``digits-small`` (a CNN, AdamW, 420 steps, five solve steps) the hypergradient of weight
-decay pointed weaker until step 300 and stronger from step 340 on, as this project's own
-curves found early epochs to rank regularization backwards. So by default nothing
-moves before a quarter of the run (``warmup``), and the strengths start at the middle of
-their ranges (log scale), not at the weakest, where a hypergradient that points weaker
-at first would hold them at the floor.
+strength does after the next step, and regularization pays off later. The implicit one
+asks what it does at the weights training converges to, an infinite horizon; its error is
+the linear solve's, and ``q`` improves across steps. On ridge regression with correlated
+features its zero is the validation optimum, the one-step version's 44% below it
+(``tests/test_hypergradient.py``). The theorem holds near a stationary point: on
+``digits-small`` (a CNN, AdamW, 420 steps, five solve steps) weight decay's hypergradient
+pointed weaker until step 300 and stronger from step 340 on. So by default nothing moves
+before a quarter of the run (``warmup``), and strengths start mid-range (log scale), not
+at the floor, where one that points weaker at first would hold them.
 
-Each knob moves in log space, ``u = log λ``, by Adam's rule on ``λ·dV/dλ`` (momentum 0.9
-over the hypergradients, their RMS over ~1000 of them, step ``lr``): the step is in
-relative terms (a strength of 1e-4 and one of 1 move alike), the momentum averages the
-validation batches' noise, and as the hypergradient shrinks near the optimum the steps do.
-A strength stays within its range in the space; a range that starts at 0 is floored at
-its top over 1000. Every move is a row of ``moves``: ``{step, epoch, knob, value}``, the
-optimizer steps taken when it was set and the first epoch whose setting at its end holds it
-(a curve turn after epoch ``n`` is in epoch ``n + 1``'s).
+Each knob moves in log space, ``u = log λ``, by Adam's rule on ``λ·dV/dλ`` (momentum 0.9,
+RMS over ~1000 hypergradients, step ``lr``): relative steps, the validation batches' noise
+averaged, and steps that shrink with the hypergradient near the optimum. A strength stays
+in its range in the space; a range that starts at 0 is floored at its top over 1000.
+Every move is a row of ``moves``, ``{step, epoch, knob, value}``: the optimizer steps
+taken when it was set and the first epoch whose setting at its end holds it.
 
 The knobs that do not enter training differentiably (dropout, drop path, mixup,
 augmentation...) are turned by an ``OnlineController`` over them, every ``epochs_every``
@@ -103,6 +97,8 @@ BETAS = (0.9, 0.999)
 AUTO_STEPS = 100
 """``every=None`` aims at this many hypergradient steps in a run (fewer when 1 in 5 steps
 would not reach them)."""
+VAL_ROWS = 4
+"""A validation batch holds at most this many training batches' rows."""
 MIN_LR = 0.05
 """The smallest step in log-strength that ``lr=None`` picks."""
 FLOOR = 1e-3
@@ -111,6 +107,10 @@ FLOOR = 1e-3
 
 def _floor(r: Range) -> float:
     return r.low if r.low > 0 else r.high * FLOOR
+
+
+def _sliceable(batch: Any) -> bool:
+    return isinstance(batch, tuple | list) and len(batch) >= 2 and all(isinstance(t, Tensor) for t in batch)
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -182,6 +182,7 @@ class HypergradientController:
         self.moves: list[dict[str, Any]] = []
         self.last_step = 0
         self._val_count: int | None = None
+        self._val_slices: list[tuple[int, int]] | None = None
         self.seconds = 0.0  # in hypergradient steps, in this process (not saved: a clock, not state)
 
     def cost(self, history: History) -> float:
@@ -279,18 +280,28 @@ class HypergradientController:
         widest = max(math.log(r.high / _floor(r)) for r in self.ranges.values())
         return max(MIN_LR, 2 * widest / updates)
 
-    def _val_batch(self, run: Run) -> Any:
+    def _val_batch(self, run: Run, rows: int) -> Any:
+        """The next validation batch; a long one (regdial's own, 1024 rows) in slices of
+        ``rows``, so its forward/backward costs about what a few training batches cost."""
         batches = run.source.split("val")
         if batches is None:
             fail("val", "a validation split (the hypergradient's held-out batches)", None)
-        if isinstance(batches, Sequence):
-            batch = batches[self.val_index % len(batches)]
-        else:  # the user's loader: counted once, then the batch at our position
+        if not isinstance(
+            batches, Sequence
+        ):  # the user's loader: counted once, then the batch at our position
             if self._val_count is None:
                 self._val_count = sum(1 for _ in batches)
-            batch = next(islice(iter(batches), self.val_index % max(self._val_count, 1), None))
+            self.val_index += 1
+            return next(islice(iter(batches), (self.val_index - 1) % max(self._val_count, 1), None))
+        if self._val_slices is None:
+            self._val_slices = [(i, start) for i, b in enumerate(batches)
+                                for start in (range(0, len(b[1]), rows) if _sliceable(b) else [0])]  # fmt: skip
+        index, start = self._val_slices[self.val_index % len(self._val_slices)]
         self.val_index += 1
-        return batch
+        batch = batches[index]
+        if not _sliceable(batch):
+            return batch
+        return type(batch)(t[start : start + rows] if isinstance(t, Tensor) else t for t in batch)
 
     def _loss(self, run: Run, output: Tensor, batch: Any, inputs: Any, targets: Tensor,
               smoothing: Tensor | None) -> Tensor:  # fmt: skip
@@ -318,7 +329,7 @@ class HypergradientController:
         was_training = net.training
         net.eval()  # no dropout draw, no batch-norm statistics moved: the hypergradient is read-only
         try:
-            batch = self._val_batch(run)
+            batch = self._val_batch(run, VAL_ROWS * len(targets))
             v_inputs, v_targets = split(batch, run.adapter)
             v_inputs, v_targets = to_device(v_inputs, run.device), v_targets.to(run.device)
             v_loss = self._loss(run, forward(net, v_inputs, run.output_fn), batch, v_inputs, v_targets, None)
@@ -474,19 +485,14 @@ def _metrics(optimizer: Optimizer, params: list[Tensor]) -> tuple[list[Tensor | 
     """Per parameter: ``d``, weight decay's metric at the optimizer's fixed point (1 where it
     is coupled), and the preconditioner, ``1/(sqrt(v̂) + eps)`` for Adam's family, else 1."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    decoupled_types = (torch.optim.AdamW,)
-    metric: list[Tensor | float] = []
-    precondition: list[Tensor | float] = []
-    for p in params:
-        group = group_of.get(id(p), {})
-        state = optimizer.state.get(p, {})
+    metric: list[Tensor | float] = [1.0] * len(params)
+    precondition: list[Tensor | float] = [1.0] * len(params)
+    for i, p in enumerate(params):
+        group, state = group_of.get(id(p), {}), optimizer.state.get(p, {})
         if "exp_avg_sq" in state and "betas" in group:
-            steps = float(state["step"])
-            root = (state["exp_avg_sq"] / (1 - group["betas"][1] ** steps)).sqrt().add_(float(group["eps"]))
-            decoupled = isinstance(optimizer, decoupled_types) or bool(group.get("decoupled_weight_decay"))
-            metric.append(root if decoupled else 1.0)
-            precondition.append(root.reciprocal())
-        else:
-            metric.append(1.0)
-            precondition.append(1.0)
+            correction = 1 - group["betas"][1] ** float(state["step"])
+            root = (state["exp_avg_sq"] / correction).sqrt().add_(float(group["eps"]))
+            if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay"):
+                metric[i] = root
+            precondition[i] = root.reciprocal()
     return metric, precondition
