@@ -35,12 +35,12 @@ class Timed(HypergradientController):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seconds: list[float] = []
+        self.timings: list[float] = []
 
     def _hypergradients(self, run: Any, inputs: Any, targets: torch.Tensor) -> dict[str, float]:
         started = time.perf_counter()
         grads = super()._hypergradients(run, inputs, targets)
-        self.seconds.append(time.perf_counter() - started)
+        self.timings.append(time.perf_counter() - started)
         return grads
 
 
@@ -72,7 +72,7 @@ def hypergradient_seconds(train: list[Any], val: list[Any], solve_steps: int, no
     controller = Timed(space, every=5, warmup=0, solve_steps=solve_steps, start=start)
     fit(model(), controller.start(), train=train, val=val, num_classes=10, epochs=2, train_eval_size=256,
         progress=False, controller=controller)  # fmt: skip
-    return statistics.median(controller.seconds[2:])
+    return statistics.median(controller.timings[2:])
 
 
 def controlled_step_seconds(train: list[Any], val: list[Any], epochs: int) -> float:

@@ -124,10 +124,10 @@ class HypergradientController:
     Pass it to ``fit(task, c.start(), controller=c)``. Args:
         every: optimizer steps between hypergradient steps. Each costs one validation
             forward/backward and ``solve_steps + 1`` Hessian-vector products on the
-            training batch: with one solve step, 4.9 training steps of an MLP (8.2 with
-            the noise knob, whose antithetic pairs pass twice the batch;
-            ``benchmarks/online_cost.py``), 25% (41%) of the step at 20, the default (T1-T2
-            reported about 30%). None: ``AUTO_STEPS`` of them in the run, every 5 to 20 steps.
+            training batch: with one solve step, about 5 training steps of an MLP (7-8
+            with the noise knob, whose antithetic pairs pass twice the batch;
+            ``benchmarks/online_cost.py``), 23-25% (35-41%) of the step at 20, the default
+            (T1-T2 reported about 30%). None: ``AUTO_STEPS`` of them in the run, every 5 to 20 steps.
         lr: the step in log-strength per hypergradient step (Adam's rule); None: enough for
             the run's hypergradient steps to cross the widest range twice, at least
             ``MIN_LR`` (set at the first hypergradient step from the run's length).
