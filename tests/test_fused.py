@@ -235,6 +235,17 @@ def test_pick_for_me_stays_eager_for_small_groups() -> None:
     assert not fused.SUMS._calls.get((ws[0].device, ws[0].dtype, (True, True, True), (5, 3)))
 
 
+def test_pick_for_me_keeps_the_sums_eager_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor's CPU reductions measured slower than eager: fused=None never compiles them."""
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fused, "MIN_CALLS", 1)
+    ws = [torch.randn(7, 2), torch.randn(2)]
+    before = len(fused.SUMS._ready)
+    for _ in range(3):
+        torch.testing.assert_close(L1(0.2).value(ws), L1(0.2, fused=False).value(ws))
+    assert len(fused.SUMS._ready) == before and fused.SUMS.pick_on == ("cuda",)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

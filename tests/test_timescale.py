@@ -41,7 +41,7 @@ def test_patience_grows_with_the_validation_noise() -> None:
     for noise in (0.01, 0.02, 0.04):  # a curve still rising 0.1 over 90 epochs: 3 * noise / slope decides
         scales = [TimeScale.read(curve(noise, seed=s, rise=0.1), "val_accuracy", reference=30, cap=240)
                   for s in range(5)]  # fmt: skip
-        assert all(max(5, t.epochs // 4) <= t.patience <= max(5, t.epochs // 2) for t in scales)
+        assert all(max(5, t.epochs // 2) <= t.patience <= max(5, t.epochs) for t in scales)
         patiences.append(sorted(t.patience for t in scales)[2])  # the median over seeds
     assert patiences[0] < patiences[1] < patiences[2]
 
@@ -54,8 +54,8 @@ def test_the_noise_and_slope_of_known_curves() -> None:
     flat = list(rng.normal(0.5, 0.02, size=400))
     noise, slope = noise_and_slope(flat)
     assert noise == pytest.approx(0.02, rel=0.25)  # the five-epoch median takes a little of it
-    assert patience_for(0.02, 0.0, 100) == 50 and patience_for(0.0, 0.0, 100) == 25
-    assert patience_for(0.01, 0.001, 100) == 30  # 3 * noise / slope
+    assert patience_for(0.02, 0.0, 100) == 100 and patience_for(0.0, 0.0, 100) == 50
+    assert patience_for(0.02, 0.001, 100) == 60  # 3 * noise / slope
 
 
 def test_the_recipe_is_the_practitioners_within_the_space() -> None:

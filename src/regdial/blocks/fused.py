@@ -31,6 +31,8 @@ would guard on: a strength on a schedule does not recompile.
   seen ``MIN_CALLS`` times: a small model or a short run never pays a compile it cannot
   repay (8.9 s cold, about 2 s from inductor's cache, for a kernel that saves a few ms a
   step on 6.3M parameters). Where compiling is impossible it logs one line and stays eager.
+  A kernel measured slower than eager on a device type is not picked there
+  (``pick_on``: the penalties' sums stay eager on the CPU).
 
 Either way a compile that fails logs one warning and that kernel stays eager from then
 on; a kernel compiled for more shape sets than dynamo's ``recompile_limit`` takes the
@@ -192,8 +194,9 @@ class FusedKernel(Generic[R]):
     guarded on: ``absolute``, ``squares``, whether there are anchors).
     """
 
-    def __init__(self, function: Callable[..., R]) -> None:
+    def __init__(self, function: Callable[..., R], pick_on: tuple[str, ...] = ("cpu", "cuda")) -> None:
         self.function = function
+        self.pick_on = pick_on  # the device types where fused=None may compile it
         self.name = function.__name__
         self._compiled: Callable[..., R] | None = None
         self._calls: dict[tuple[Any, ...], int] = {}
@@ -221,6 +224,8 @@ class FusedKernel(Generic[R]):
 
     def _wanted(self, fused: bool | None, group: list[Tensor], key: tuple[Any, ...]) -> bool:
         device_type = group[0].device.type
+        if fused is None and device_type not in self.pick_on:
+            return False  # measured slower than the eager path there
         missing = compiler_missing(device_type)
         if missing is not None:
             if fused is True:
@@ -275,7 +280,10 @@ class FusedKernel(Generic[R]):
 _SAID: set[str] = set()
 """Reasons already logged: a missing compiler is said once per process, not per kernel."""
 
-SUMS = FusedKernel(penalty_sums)
+# Inductor's CPU reductions lose to the eager sums (``benchmarks/penalties.py``, 6.3M
+# parameters, 1 thread, --fused on vs off: L1's value 4.6x the floor compiled, 2.2x eager;
+# elastic net 3.1x against 2.6x), so on the CPU "pick for me" keeps the sums eager.
+SUMS = FusedKernel(penalty_sums, pick_on=("cuda",))
 GRADIENTS = FusedKernel(penalty_gradients)
 ELASTIC_PROX = FusedKernel(elastic_prox_)
 QUOTIENT_PROX = FusedKernel(quotient_prox_)

@@ -153,9 +153,9 @@ def noise_and_slope(scores: list[float]) -> tuple[float, float]:
 
 def patience_for(noise: float, slope: float, epochs: int) -> int:
     """Early stopping's patience for trials of ``epochs``: ``3 * noise / slope`` epochs,
-    the time the curve needs to climb out of its own noise, between ``max(5, epochs/4)``
-    and ``max(5, epochs/2)``."""
-    low, high = max(5, epochs // 4), max(5, epochs // 2)
+    the time the curve needs to climb out of its own noise, between ``max(5, epochs/2)``
+    and ``max(5, epochs)`` (the module docstring says why not less)."""
+    low, high = max(5, epochs // 2), max(5, epochs)
     if slope <= 0.0:
         return high if noise > 0.0 else low
     return int(min(high, max(low, math.ceil(3.0 * noise / slope))))
