@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from regdial.diagnosis import Diagnosis as Diagnosis
     from regdial.diagnosis import diagnose as diagnose
     from regdial.dial.budget import Budget as Budget
+    from regdial.dial.hypergradient import HypergradientController as HypergradientController
     from regdial.dial.online import OnlineController as OnlineController
     from regdial.dial.result import TuneResult as TuneResult
     from regdial.dial.space import Space as Space

@@ -52,6 +52,9 @@ class TuneResult:
     path_knob: str | None = None
     turns: list[dict[str, Any]] = field(default_factory=list)  # online: the controller's turns
     curve: list[dict[str, Any]] = field(default_factory=list)  # online: the run, epoch by epoch
+    moves: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # online: every move, {step, epoch, knob, value}
     best_epoch: int | None = None  # online: the epoch whose setting was chosen
     importances: dict[str, float] = field(default_factory=dict)
     retrain: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +86,7 @@ class TuneResult:
                      "trial": self.best_trial, "chosen_by": self.chosen_by},
             "epochs_spent": self.epochs_spent, "trials": _counts(self.trials), "importances": self.importances,
             "path_knob": self.path_knob, "path": self.path, "turns": self.turns, "curve": self.curve,
+            "moves": self.moves,
             "best_epoch": self.best_epoch, "retrain": self.retrain, "space": self.space, "notes": self.notes,
             "identity": self.identity,
         }  # fmt: skip
@@ -130,7 +134,7 @@ class TuneResult:
                 epochs_spent=int(data["epochs_spent"]), best_se=float(best.get("se", math.nan)),
                 best_trial=best.get("trial"), chosen_by=str(best.get("chosen_by", "best validation score")),
                 path=list(data.get("path", [])), path_knob=data.get("path_knob"), turns=list(data.get("turns", [])),
-                curve=list(data.get("curve", [])), best_epoch=data.get("best_epoch"),
+                curve=list(data.get("curve", [])), moves=list(data.get("moves", [])), best_epoch=data.get("best_epoch"),
                 importances=dict(data.get("importances", {})), retrain=dict(data.get("retrain", {})),
                 space=dict(data.get("space", {})), task=data.get("task"), notes=list(data.get("notes", [])),
                 identity=dict(data.get("identity", {})), run_dir=directory,

@@ -10,9 +10,12 @@
     The path alone: the knob swept from strong to weak, each point starting from the
     previous point's weights and trained for a quarter of the epochs.
 ``online``
-    One training run in which, every few epochs, a controller reads the diagnosis of the
-    recent curves and turns every knob of the space one step (``OnlineController``).
-    Its choice is the setting in force at its best epoch; its model is that run.
+    One training run in which the knobs that enter training differentiably (weight decay,
+    L1, L2, elastic net, label smoothing, input noise) follow their validation
+    hypergradient every few steps (``HypergradientController``) and, every few epochs, a
+    controller reads the diagnosis of the recent curves and turns one of the others
+    (``OnlineController``). Its choice is the setting in force at its best epoch; its
+    model is that run.
 ``tpe``, ``random``, ``grid``
     Optuna's plain TPE, random search and a grid, without pruning: references for
     ``benchmarks/dial.py``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from regdial._checks import Described, fail
@@ -35,10 +39,12 @@ from regdial.dial.choice import (
     seeds,
     trial_row,
 )
+from regdial.dial.hypergradient import DIFFERENTIABLE, HypergradientController
 from regdial.dial.objective import FitObjective
 from regdial.dial.online import OnlineController
 from regdial.dial.path import regularization_path
 from regdial.dial.result import TuneResult
+from regdial.dial.space import Space
 from regdial.dial.study import open_storage, path_claim, pruner, sampler, search_trials
 from regdial.dial.timescale import recipe_params
 from regdial.dial.workers import Worker, spawn
@@ -76,39 +82,82 @@ def search_path(search: Search) -> TuneResult:
 
 
 def search_online(search: Search) -> TuneResult:
-    """``online``: one run of twice the epochs, the controller turning the knobs."""
+    """``online``: one run of twice the epochs, the controllers turning the knobs.
+
+    The knobs that enter training differentiably (``DIFFERENTIABLE``) follow their
+    hypergradient every ``HypergradientController.every`` steps; the others are turned from
+    the curves every twelfth of the run (``OnlineController``). A space of only the latter
+    gets the curve controller alone."""
     objective = search.objective
     assert isinstance(objective, FitObjective)  # Search refuses online for the user's own code
     metric = objective.metric
     epochs = 2 * search.epochs
-    controller = OnlineController(search.space, every=max(2, epochs // 12))
-    search.say(
-        f"one run of {epochs} epochs, turning {', '.join(search.space.knobs)} every {controller.every} epochs"
-    )
-    in_force = dict(controller.values)  # the knobs at the start; the controller then turns them
+    every = max(2, epochs // 12)
+    controller: OnlineController | HypergradientController
+    if any(name in DIFFERENTIABLE for name in search.space.knobs):
+        controller = HypergradientController(search.space, every=None, epochs_every=every)
+        hyper = ", ".join(controller.ranges)
+        curves = (
+            f"; {', '.join(controller.curves.space.knobs)} every {every} epochs" if controller.curves else ""
+        )
+        search.say(f"one run of {epochs} epochs, turning {hyper} by their hypergradient every 5 to 20 "
+                   f"steps{curves}")  # fmt: skip
+    else:
+        controller = OnlineController(search.space, every=every)
+        search.say(
+            f"one run of {epochs} epochs, turning {', '.join(search.space.knobs)} every {every} epochs"
+        )
+    start = controller.start()
     # One run is the whole method: its best epoch is the model (as population-based
     # training keeps its trained weights), scored on test once when the search finishes,
     # not refit from scratch with the knobs frozen where they stood at that epoch.
-    history = objective.fit(controller.start(), epochs=epochs, controller=controller, monitor=metric,
+    history = objective.fit(start, epochs=epochs, controller=controller, monitor=metric,
                             restore_best=True, run_dir=search.staging(fresh=True) if search.retrain else None)  # fmt: skip
     search.online_run = history
     summary = history.meta["summary"]
-    best = Regularization.from_dict(summary.get("best_setting", controller.start().to_dict()))
+    best = Regularization.from_dict(summary.get("best_setting", start.to_dict()))
     value = float(summary.get("best", summary.get("final", {})).get(metric, math.nan))
     train_metric = metric.replace("val_", "train_", 1)
-    turns = {turn["epoch"]: turn for turn in controller.turns}
-    curve = []
-    for row in history.rows:  # a turn after epoch n applies from epoch n + 1
-        epoch = int(row["epoch"])
-        curve.append(
-            {"epoch": epoch, metric: row.get(metric), train_metric: row.get(train_metric), **in_force}
-        )
-        if epoch in turns:
-            in_force = {name: turns[epoch][name] for name in search.space.knobs}
+    curve = [{"epoch": int(row["epoch"]), metric: row.get(metric), train_metric: row.get(train_metric),
+              **in_force} for row, in_force in zip(history.rows, _in_force(search.space, start, controller),
+                                                    strict=False)]  # fmt: skip
     trial = {"number": 0, "state": "complete", "value": value, "epochs": len(history),
              **search.space.values_of(best.to_dict())}  # fmt: skip
-    return TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
-                      turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"))  # fmt: skip
+    moves = controller.moves if isinstance(controller, HypergradientController) else []
+    result = TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
+                        turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
+                        moves=moves)  # fmt: skip
+    cost = controller.cost(history) if isinstance(controller, HypergradientController) else math.nan
+    if isinstance(controller, HypergradientController) and math.isfinite(cost):
+        result.notes.append(
+            f"online: {controller.updates} hypergradient steps (a validation forward/backward and "
+            f"{controller.solve_steps + 1} Hessian-vector products each) cost {cost:.0%} of the training steps"
+        )
+    return result
+
+
+def _in_force(
+    space: Space, start: Regularization, controller: OnlineController | HypergradientController
+) -> Iterator[dict[str, float]]:
+    """The knobs in force at the end of each epoch, from the first (a turn after epoch n
+    applies from epoch n + 1; a hypergradient move, from the step after it)."""
+    values = {name: float(getattr(start, name)) for name in space.knobs}
+    if isinstance(controller, HypergradientController):
+        moves = sorted(controller.moves, key=lambda m: (m["epoch"], m["step"]))
+        epoch, index = 1, 0
+        while True:
+            while index < len(moves) and moves[index]["epoch"] <= epoch:
+                values[moves[index]["knob"]] = float(moves[index]["value"])
+                index += 1
+            yield dict(values)
+            epoch += 1
+    turns = {turn["epoch"]: turn for turn in controller.turns}
+    epoch = 1
+    while True:
+        yield dict(values)
+        if epoch in turns:
+            values = {name: turns[epoch][name] for name in space.knobs}
+        epoch += 1
 
 
 def search_study(search: Search) -> TuneResult:

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ from regdial.training.progress import Interrupt, ProgressBar
 from regdial.training.source import Source
 from regdial.training.summary import summary, weights_stats
 
-__all__ = ["Controller", "Run"]
+__all__ = ["Controller", "Run", "StepController"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,15 @@ Controller = Callable[[History, Applied], Regularization | None]
 """Called after each epoch with the history and the live ``Applied``; a setting it
 returns is applied from the next epoch on. Give it ``state_dict``/``load_state_dict`` to
 resume exactly."""
+
+
+class StepController(Protocol):
+    """A controller that also acts after optimizer steps: ``after_step(run, inputs,
+    targets)`` is called after each step with the step's clean batch (before noise,
+    augmentation and mixing), and a setting it returns is applied from the next step on.
+    A controller without ``after_step`` costs the loop nothing per step."""
+
+    def after_step(self, run: Run, inputs: Any, targets: Tensor) -> Regularization | None: ...
 
 
 class Run:
@@ -87,6 +96,10 @@ class Run:
         self.output_fn = output_fn
         self.net, self.source, self.setting, self.options, self.device = net, source, setting, options, device
         self.run_dir, self.on_epoch, self.controller = run_dir, on_epoch, controller
+        after_step = getattr(controller, "after_step", None)
+        self.after_step: Callable[[Run, Any, Tensor], Regularization | None] | None = (
+            after_step if callable(after_step) else None
+        )
         self.loss_fn, self.metrics, self.adapter, self.distributed = (
             loss_fn,
             dict(metrics or {}),
@@ -186,6 +199,7 @@ class Run:
         if num_classes is not None and self.loop.step == 0 and self.loss_fn is None:
             check_labels(targets, num_classes)  # once, on the host: the first batch's labels
         inputs, targets = to_device(inputs, self.device, True), targets.to(self.device, non_blocking=True)
+        clean = inputs, targets
         if isinstance(inputs, Tensor):
             inputs, targets = self.applied.batch(inputs, targets)
         elif self.applied.noise is not None or self.applied.mixer is not None or self.setting.augment:
@@ -225,6 +239,10 @@ class Run:
         self.loop.step += 1
         self.loop.running["loss"] += value * count
         self.loop.running["seen"] += count
+        if self.after_step is not None:
+            turned = self.after_step(self, *clean)
+            if turned is not None and turned != self.applied.setting:
+                self.applied.retune(turned)
         return value
 
     def scores(self, model: nn.Module, name: str) -> dict[str, float] | None:

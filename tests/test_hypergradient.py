@@ -1,0 +1,301 @@
+"""``HypergradientController``: the strengths it reaches on convex problems against their
+closed-form (ridge) and scikit-learn (lasso) optima, exact resume, its limits and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from regdial import Regularization, Space, fit
+from regdial._checks import InputError
+from regdial.dial.hypergradient import HypergradientController
+from regdial.training.checkpoint import load_weights
+
+
+def correlated(seed: int, n: int, n_val: int, d: int, w: np.ndarray, noise: float):
+    """Features with a random covariance (so that the Hessian is far from a multiple of I)."""
+    g = np.random.default_rng(seed)
+    a = g.normal(size=(d, d))
+    root = np.linalg.cholesky(a @ a.T / d + 0.1 * np.eye(d))
+    x, x_val = g.normal(size=(n, d)) @ root.T, g.normal(size=(n_val, d)) @ root.T
+    return x, x @ w + noise * g.normal(size=n), x_val, x_val @ w + noise * g.normal(size=n_val)
+
+
+def as_batches(x: np.ndarray, y: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))]
+
+
+def online(knob: str, data, *, optimizer: str, lr: float, epochs: int = 1200, high: float = 100.0, **kwargs):
+    x, y, x_val, y_val = data
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], 1, bias=False)
+    controller = HypergradientController(
+        Space({knob: (1e-4, high)}), every=4, lr=0.1, warmup=20, solve_steps=2, start={knob: 1e-4}, **kwargs
+    )
+    history = fit(model, controller.start(), train=as_batches(x, y), val=as_batches(x_val, y_val),
+                  kind="regression", epochs=epochs, optimizer=optimizer, lr=lr, lr_schedule="constant",
+                  controller=controller, progress=False)  # fmt: skip
+    return controller, history
+
+
+@pytest.fixture(scope="module")
+def ridge_data():
+    g = np.random.default_rng(0)
+    d = 30
+    return correlated(0, 120, 400, d, 0.5 * g.normal(size=d), noise=2.0)
+
+
+def ridge_optimum(data) -> tuple[float, float]:
+    """The strength minimizing validation MSE for ``(1/n)||Xw - y||² + (λ/2)||w||²``, whose
+    minimizer is ``(XᵀX + nλ/2 I)⁻¹Xᵀy``; and the zero of the one-step (greedy) hypergradient
+    ``-∇V(w(λ))·w(λ)``, for comparison."""
+    from scipy.optimize import minimize_scalar
+
+    x, y, x_val, y_val = data
+    n, d = x.shape
+
+    def weights(log_lam: float) -> np.ndarray:
+        return np.linalg.solve(x.T @ x + n * np.exp(log_lam) / 2 * np.eye(d), x.T @ y)
+
+    def val_loss(log_lam: float) -> float:
+        return float(np.mean((x_val @ weights(log_lam) - y_val) ** 2))
+
+    grid = np.linspace(np.log(1e-4), np.log(100.0), 400)
+    start = grid[int(np.argmin([val_loss(u) for u in grid]))]
+    best = minimize_scalar(val_loss, bracket=(start - 0.1, start, start + 0.1), tol=1e-10).x
+    greedy = [-(2 * x_val.T @ (x_val @ weights(u) - y_val) / len(y_val)) @ weights(u) for u in grid]
+    crossing = next(i for i in range(len(grid) - 1) if np.sign(greedy[i]) != np.sign(greedy[i + 1]))
+    return float(np.exp(best)), float(np.exp(grid[crossing]))
+
+
+def test_the_ridge_problem_is_interior_and_one_step_hypergradients_miss_it(ridge_data) -> None:
+    """The optimum sits well inside the range, and a greedy one-step hypergradient's zero is
+    more than 10% away from it (short-horizon bias): the tests below can tell them apart."""
+    best, greedy = ridge_optimum(ridge_data)
+    assert 1e-2 < best < 10.0
+    assert abs(greedy / best - 1) > 0.2
+
+
+@pytest.mark.parametrize(
+    ("knob", "optimizer", "lr"),
+    [("l2", "adam", 0.05), ("l2", "sgd", 0.02), ("weight_decay", "sgd", 0.02)],
+)
+def test_ridge_strength_converges_to_the_validation_optimum(ridge_data, knob, optimizer, lr) -> None:
+    """L2 (the prox in Adam's metric or SGD's) and SGD's coupled weight decay stop where
+    ``∇f + λw = 0``: the online strength lands on the closed-form validation optimum."""
+    best, _ = ridge_optimum(ridge_data)
+    controller, _ = online(knob, ridge_data, optimizer=optimizer, lr=lr)
+    final = controller.values[knob]
+    assert final == pytest.approx(best, rel=0.1), (final, best)
+    assert controller.moves[0]["value"] < best / 100  # it started far below and climbed
+    last = [m["value"] for m in controller.moves[-20:]]
+    assert max(last) / min(last) < 1.05  # and settled
+
+
+@pytest.mark.parametrize(("knob", "optimizer"), [("l1", "adam"), ("l1", "sgd"), ("elastic_net", "adam")])
+def test_lasso_strength_converges_to_the_validation_optimum_of_sklearns_path(knob, optimizer) -> None:
+    """L1 (and the elastic net, l1_ratio 0.5) through the proximal step: the online strength
+    lands within 10% of the strength of scikit-learn's path with the lowest validation
+    error (``alpha = s/2``: sklearn's objective halves the squared error)."""
+    from sklearn.linear_model import enet_path, lasso_path
+
+    g = np.random.default_rng(1)
+    d = 40
+    w = np.zeros(d)
+    w[:6] = g.normal(size=6)
+    g = np.random.default_rng(1)
+    a = g.normal(size=(d, d))
+    root = np.linalg.cholesky(a @ a.T / d + 0.2 * np.eye(d))
+    x, x_val = g.normal(size=(100, d)) @ root.T, g.normal(size=(400, d)) @ root.T
+    y, y_val = x @ w + 1.5 * g.normal(size=100), x_val @ w + 1.5 * g.normal(size=400)
+    alphas = np.exp(np.linspace(np.log(3.0), np.log(1e-3), 800))
+    if knob == "l1":
+        _, coefs, _ = lasso_path(x, y, alphas=alphas, tol=1e-10, max_iter=100_000)
+    else:
+        _, coefs, _ = enet_path(x, y, l1_ratio=0.5, alphas=alphas, tol=1e-10, max_iter=100_000)
+    val = [np.mean((x_val @ coefs[:, i] - y_val) ** 2) for i in range(len(alphas))]
+    best = 2 * alphas[int(np.argmin(val))]
+    assert 0.05 < best < 3.0
+    controller, history = online(knob, (x, y, x_val, y_val), optimizer=optimizer,
+                                 lr=0.05 if optimizer == "adam" else 0.02, high=10.0)  # fmt: skip
+    assert controller.values[knob] == pytest.approx(best, rel=0.1), (controller.values[knob], best)
+    assert history.rows[-1]["zero_fraction"] > 0.3  # most weights exactly zero
+
+
+def test_input_noise_converges_to_the_ridge_optimum_it_equals(ridge_data) -> None:
+    """Gaussian input noise on a linear model is ridge in expectation:
+    ``E (w·(x + σξ) - y)² = (w·x - y)² + σ²||w||²``, so ``λ/2 = σ²`` and the best noise is
+    ``sqrt(λ*/2)``. The noise's hypergradient is a single reparameterized draw (antithetic
+    pairs), so the strength wanders around it: its geometric mean over the second half of
+    the run is within 10%."""
+    best, _ = ridge_optimum(ridge_data)
+    x, y, x_val, y_val = ridge_data
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], 1, bias=False)
+    controller = HypergradientController(Space({"noise": (1e-3, 3.0)}), every=4, lr=0.1, warmup=20,
+                                         solve_steps=2, start={"noise": 1e-3})  # fmt: skip
+    fit(model, controller.start(), train=as_batches(x, y), val=as_batches(x_val, y_val), kind="regression",
+        epochs=1500, optimizer="sgd", lr=0.02, lr_schedule="constant", controller=controller, progress=False)  # fmt: skip
+    late = [m["value"] for m in controller.moves if m["step"] > 750]
+    assert len(late) > 100
+    assert float(np.exp(np.mean(np.log(late)))) == pytest.approx((best / 2) ** 0.5, rel=0.1)
+
+
+class Probe(HypergradientController):
+    """Keeps the hypergradients of its last hypergradient step."""
+
+    def _hypergradients(self, run, inputs, targets):
+        self.seen = super()._hypergradients(run, inputs, targets)
+        return self.seen
+
+
+def test_label_smoothings_hypergradient_is_the_derivative_of_the_validation_loss() -> None:
+    """Multinomial logistic regression with a fixed L2 (strongly convex), trained to
+    convergence at ε = 0.1 and at ε ± 0.01: the hypergradient at the end of the first run
+    matches the finite difference of the validation loss to 2%."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 3, generator=g)
+
+    def split(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = torch.randn(n, 10, generator=g)
+        return [(x, (x @ w + 1.5 * torch.randn(n, 3, generator=g)).argmax(1))]
+
+    train, val = split(150), split(300)
+    steps = 800
+
+    def run(smoothing: float) -> tuple[Probe, float]:
+        torch.manual_seed(0)
+        probe = Probe(Space({"label_smoothing": (0.0, 0.5)}, base=Regularization(l2=0.01)), every=steps,
+                      lr=1e-9, warmup=steps, solve_steps=60, start={"label_smoothing": smoothing})  # fmt: skip
+        history = fit(nn.Linear(10, 3), probe.start(), train=train, val=val, num_classes=3, epochs=steps,
+                      optimizer="sgd", momentum=0.0, lr=0.5, lr_schedule="constant", controller=probe,
+                      progress=False)  # fmt: skip
+        return probe, history.rows[-1]["val_loss"]
+
+    probe, _ = run(0.1)
+    (_, above), (_, below) = run(0.11), run(0.09)
+    assert probe.seen["label_smoothing"] == pytest.approx((above - below) / 0.02, rel=0.02)
+    assert probe.seen["label_smoothing"] > 0.05  # not a vanishing number that any estimate matches
+
+
+def test_strengths_stay_within_their_ranges(ridge_data) -> None:
+    """An optimum above the range's top: the strength climbs to it and stays there."""
+    best, _ = ridge_optimum(ridge_data)
+    high = best / 10
+    controller, _ = online("l2", ridge_data, optimizer="sgd", lr=0.02, epochs=400, high=high)
+    values = [m["value"] for m in controller.moves]
+    assert all(1e-4 <= v <= high for v in values)
+    assert controller.values["l2"] == high
+    assert {m["knob"] for m in controller.moves} == {"l2"}
+    assert all(set(m) == {"step", "epoch", "knob", "value"} for m in controller.moves)
+
+
+def wine_run(run_dir: Path, **kwargs):
+    space = Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.2), "noise": (0.0, 0.5),
+                   "dropout": (0.0, 0.5)})  # fmt: skip
+    controller = HypergradientController(space, every=3, epochs_every=2, start={"weight_decay": 1e-2})
+    fit("wine", controller.start(), epochs=8, run_dir=run_dir, checkpoint_seconds=0, progress=False,
+        controller=controller, **kwargs)  # fmt: skip
+    return controller
+
+
+class _StopError(Exception):
+    """Stands for a kill between two epochs."""
+
+
+def _stop_at(epoch: int):
+    def on_epoch(row) -> bool:
+        if row["epoch"] == epoch:
+            raise _StopError
+        return False
+
+    return on_epoch
+
+
+def test_a_resumed_online_run_continues_bit_identically(tmp_path: Path) -> None:
+    """Killed after epoch 5 and resumed: the same weights, the same history and the same
+    knob trace as the run that was never stopped (q, the moments and the validation
+    batch's position are in the checkpoint)."""
+    straight = wine_run(tmp_path / "straight")
+    steps_per_epoch = 7  # 106 rows in batches of 16
+    knobs = {m["knob"] for m in straight.moves}
+    assert {"weight_decay", "label_smoothing", "noise"} <= knobs
+    assert any(m["step"] <= 5 * steps_per_epoch for m in straight.moves)
+    assert any(m["step"] > 5 * steps_per_epoch for m in straight.moves)
+    with pytest.raises(_StopError):
+        wine_run(tmp_path / "killed", on_epoch=_stop_at(6))
+    resumed = wine_run(tmp_path / "killed", resume=True)
+    assert resumed.moves == straight.moves
+    assert resumed.values == straight.values
+    a = load_weights(tmp_path / "killed" / "checkpoints" / "final.safetensors")
+    b = load_weights(tmp_path / "straight" / "checkpoints" / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads((tmp_path / d / "history.json").read_text())["rows"] for d in ("killed", "straight")]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows[0]] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in rows[1]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"start": {"l2": 0.0}}, r"^start\.l2 must be in \[0\.0001, 1\], got 0\.0$"),
+        ({"start": {"l2": 5.0}}, r"^start\.l2 must be in \[0\.0001, 1\], got 5\.0$"),
+        ({"start": {"dropout": 0.1}}, r"^start must be strengths of the space's differentiable knobs \(l2\)"),
+        ({"every": 0}, r"^every must be an integer in \[1, inf\), got 0$"),
+        ({"lr": 0.0}, r"^lr must be in \(0, 10\], got 0\.0$"),
+        ({"solve_steps": -1}, r"^solve_steps must be an integer in \[0, 100\], got -1$"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(arguments, message) -> None:
+    with pytest.raises(InputError, match=message):
+        HypergradientController(Space({"l2": (1e-4, 1.0)}), **arguments)
+
+
+def test_a_space_without_differentiable_knobs_is_refused() -> None:
+    with pytest.raises(InputError, match=r"^space must be at least one knob of weight_decay, l2, l1"):
+        HypergradientController(Space({"dropout": (0.0, 0.5)}))
+
+
+def test_strengths_start_in_the_middle_of_their_ranges_on_a_log_scale() -> None:
+    """A range that starts at 0 is floored at a thousandth of its top."""
+    controller = HypergradientController(Space({"label_smoothing": (0.0, 0.2), "l2": (1e-4, 1.0)}))
+    assert controller.values == {
+        "label_smoothing": pytest.approx((2e-4 * 0.2) ** 0.5),
+        "l2": pytest.approx(1e-2),
+    }
+    assert controller.start().label_smoothing == pytest.approx((2e-4 * 0.2) ** 0.5)
+    with pytest.raises(InputError, match=r"^start\.label_smoothing must be in \[0\.0002, 0\.2\], got 0\.0$"):
+        HypergradientController(Space({"label_smoothing": (0.0, 0.2)}), start={"label_smoothing": 0.0})
+
+
+class _Every3:
+    """A step controller: turns weight decay at step 3, and records the steps it saw."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.decay_seen: list[float] = []
+
+    def __call__(self, history, applied):
+        return None
+
+    def after_step(self, run, inputs, targets):
+        self.steps.append(run.loop.step)
+        self.decay_seen.append(run.applied.optimizer.param_groups[0]["weight_decay"])
+        assert isinstance(inputs, torch.Tensor) and len(inputs) == len(targets)
+        return Regularization(weight_decay=0.5) if run.loop.step == 3 else None
+
+
+def test_the_loop_calls_a_step_controller_after_every_step_and_applies_its_setting_next() -> None:
+    controller = _Every3()
+    x, y = torch.randn(40, 4), torch.randn(40)
+    batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+    fit(nn.Linear(4, 1), Regularization(weight_decay=0.1), train=batches, val=batches, kind="regression",
+        epochs=2, controller=controller, progress=False)  # fmt: skip
+    assert controller.steps == list(range(1, 9))
+    assert controller.decay_seen == [0.1] * 3 + [0.5] * 5  # step 3's setting from step 4 on
