@@ -109,3 +109,14 @@ def test_a_built_in_task_or_given_epochs_keep_their_length(long_task: Path, tmp_
     tune(long_task, model="linear", epochs=3, budget="2 trials", strategy="random", retrain=False,
          progress=said.append)  # fmt: skip
     assert not any(line.startswith("probing") for line in said)
+
+
+def test_a_one_run_strategy_prints_no_budget(
+    long_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """online and path refuse a budget: the probe's time scale is said, a budget is not."""
+    monkeypatch.setattr(importlib.import_module("regdial.training.fit"), "default_epochs", lambda task: 4)
+    said: list[str] = []
+    tune(long_task, model="linear", strategy="path", run_dir=tmp_path, retrain=False, progress=said.append)
+    assert any(line.startswith("time scale: ") for line in said)
+    assert not any(line.startswith("budget: ") for line in said)

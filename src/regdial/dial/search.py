@@ -250,7 +250,7 @@ class Search:
         self.say(f"time scale: the practitioner's recipe validated best at epoch {scale.best_epoch} of "
                  f"{scale.probe_epochs} (noise {scale.noise:.3g}, late slope {scale.slope:.3g} per epoch): trials "
                  f"train up to {scale.epochs} epochs, stopping after {scale.patience} without a better score")  # fmt: skip
-        if runs is not None and minutes is not None:
+        if runs is not None and minutes is not None and self.strategy not in ("online", "path"):  # no budget
             self.say(f"budget: about {runs:.0f} runs of ~{scale.epochs} epochs ({self.budget.amount:,.0f} epochs): "
                      f"~{max(1, round(minutes))} minute{'s' * (round(minutes) > 1)} on this machine, after the probe's "
                      f"{scale.probe_epochs}")  # fmt: skip
