@@ -46,6 +46,7 @@ __all__ = [
     "TOP",
     "beyond_edge",
     "in_reserve",
+    "length",
     "next_continuation",
     "still_improving",
     "tidy_checkpoints",

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from regdial._checks import InputError
 from regdial.dial.budget import Budget
 from regdial.dial.choice import extend_ranges
-from regdial.dial.continuation import beyond_edge, in_reserve, next_continuation, tidy_checkpoints, trial_dir
+from regdial.dial.continuation import (
+    beyond_edge,
+    in_reserve,
+    length,
+    next_continuation,
+    tidy_checkpoints,
+    trial_dir,
+)
 from regdial.dial.objective import FitObjective, Objective, UserObjective
 from regdial.dial.seeding import repeats
 from regdial.dial.space import Space
@@ -157,11 +164,10 @@ class Worker:
             study, self.run_dir, self.epochs, self.budget.amount - used, self.budget.unit
         )
         if found is not None:
-            parent, length = found
-            start = int(parent.user_attrs.get("length", parent.user_attrs.get("planned", 0)))
+            parent, to = found
             study.enqueue_trial(
                 parent.params,
-                user_attrs={"continues": parent.number, "length": length, "planned": length - start},
+                user_attrs={"continues": parent.number, "length": to, "planned": to - length(parent)},
             )
 
     def _run_dir(self, ot: optuna.Trial) -> tuple[Path | None, bool]:
