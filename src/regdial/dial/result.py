@@ -52,9 +52,8 @@ class TuneResult:
     path_knob: str | None = None
     turns: list[dict[str, Any]] = field(default_factory=list)  # online: the controller's turns
     curve: list[dict[str, Any]] = field(default_factory=list)  # online: the run, epoch by epoch
-    moves: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # online: every move, {step, epoch, knob, value}
+    # online: every move of a knob, {step, epoch, knob, value}
+    moves: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None  # online: the epoch whose setting was chosen
     importances: dict[str, float] = field(default_factory=dict)
     retrain: dict[str, Any] = field(default_factory=dict)

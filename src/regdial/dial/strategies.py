@@ -123,16 +123,16 @@ def search_online(search: Search) -> TuneResult:
                                                     strict=False)]  # fmt: skip
     trial = {"number": 0, "state": "complete", "value": value, "epochs": len(history),
              **search.space.values_of(best.to_dict())}  # fmt: skip
-    moves = controller.moves if isinstance(controller, HypergradientController) else []
     result = TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
-                        turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
-                        moves=moves)  # fmt: skip
-    cost = controller.cost(history) if isinstance(controller, HypergradientController) else math.nan
-    if isinstance(controller, HypergradientController) and math.isfinite(cost):
-        result.notes.append(
-            f"online: {controller.updates} hypergradient steps (a validation forward/backward and "
-            f"{controller.solve_steps + 1} Hessian-vector products each) cost {cost:.0%} of the training steps"
-        )
+                        turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"))  # fmt: skip
+    if isinstance(controller, HypergradientController):
+        result.moves = controller.moves
+        cost = controller.cost(history)
+        if math.isfinite(cost):
+            result.notes.append(
+                f"online: {controller.updates} hypergradient steps (a validation forward/backward and "
+                f"{controller.solve_steps + 1} Hessian-vector products each) cost {cost:.0%} of the training steps"
+            )
     return result
 
 
