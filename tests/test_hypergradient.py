@@ -299,3 +299,22 @@ def test_the_loop_calls_a_step_controller_after_every_step_and_applies_its_setti
         epochs=2, controller=controller, progress=False)  # fmt: skip
     assert controller.steps == list(range(1, 9))
     assert controller.decay_seen == [0.1] * 3 + [0.5] * 5  # step 3's setting from step 4 on
+
+
+def test_the_hypergradient_turns_a_knob_of_a_real_transformers_model() -> None:
+    """A tiny BERT from its config: its attention (SDPA) is differentiated twice by the
+    Hessian-vector products, which the fused CPU attention kernel cannot do."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=2)  # fmt: skip
+    model = transformers.BertForSequenceClassification(config)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(12):
+        ids = torch.randint(0, 100, (8, 12), generator=generator)
+        batches.append(({"input_ids": ids}, (ids[:, 0] > 50).long()))
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 0.3)}), every=4, warmup=4)
+    fit(model, controller.start(), train=batches[:9], val=batches[9:], num_classes=2, epochs=2,
+        controller=controller, progress=False)  # fmt: skip
+    assert controller.updates > 0 and controller.moves

@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from regdial._checks import check_int, check_range, fail
 from regdial.blocks.schedules import resolve
@@ -364,8 +365,11 @@ class HypergradientController:
             form: dict[str, Any] | None = (
                 {} if isinstance(x, dict) else None
             )  # a user's loss_fn gets a batch of its own form
-            t_loss = self._loss(run, forward(net, x, run.output_fn), form, x, targets, smoothing)
-            t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
+            # The Hessian-vector products differentiate this graph twice; the fused attention
+            # kernels (flash, memory-efficient) have no double backward, the math one has.
+            with sdpa_kernel(SDPBackend.MATH):
+                t_loss = self._loss(run, forward(net, x, run.output_fn), form, x, targets, smoothing)
+                t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
         finally:
             net.train(was_training)
 
