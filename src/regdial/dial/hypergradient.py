@@ -362,11 +362,9 @@ class HypergradientController:
                     float(setting.label_smoothing), device=run.device, requires_grad=True
                 )
                 leaves["label_smoothing"] = smoothing
-            form: dict[str, Any] | None = (
-                {} if isinstance(x, dict) else None
-            )  # a user's loss_fn gets a batch of its own form
-            # The Hessian-vector products differentiate this graph twice; the fused attention
-            # kernels (flash, memory-efficient) have no double backward, the math one has.
+            # a user's loss_fn gets a batch of its own form
+            form: dict[str, Any] | None = {} if isinstance(x, dict) else None
+            # The Hessian-vector products differentiate this twice: fused attention cannot.
             with sdpa_kernel(SDPBackend.MATH):
                 t_loss = self._loss(run, forward(net, x, run.output_fn), form, x, targets, smoothing)
                 t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
