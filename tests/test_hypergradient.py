@@ -146,14 +146,6 @@ def test_input_noise_converges_to_the_ridge_optimum_it_equals(ridge_data) -> Non
     assert float(np.exp(np.mean(np.log(late)))) == pytest.approx((best / 2) ** 0.5, rel=0.1)
 
 
-class Probe(HypergradientController):
-    """Keeps the hypergradients of its last hypergradient step."""
-
-    def _hypergradients(self, run, inputs, targets):
-        self.seen = super()._hypergradients(run, inputs, targets)
-        return self.seen
-
-
 def test_label_smoothings_hypergradient_is_the_derivative_of_the_validation_loss() -> None:
     """Multinomial logistic regression with a fixed L2 (strongly convex), trained to
     convergence at ε = 0.1 and at ε ± 0.01: the hypergradient at the end of the first run
@@ -168,9 +160,9 @@ def test_label_smoothings_hypergradient_is_the_derivative_of_the_validation_loss
     train, val = split(150), split(300)
     steps = 800
 
-    def run(smoothing: float) -> tuple[Probe, float]:
+    def run(smoothing: float) -> tuple[HypergradientController, float]:
         torch.manual_seed(0)
-        probe = Probe(Space({"label_smoothing": (0.0, 0.5)}, base=Regularization(l2=0.01)), every=steps,
+        probe = HypergradientController(Space({"label_smoothing": (0.0, 0.5)}, base=Regularization(l2=0.01)), every=steps,
                       lr=1e-9, warmup=steps, solve_steps=60, start={"label_smoothing": smoothing})  # fmt: skip
         history = fit(nn.Linear(10, 3), probe.start(), train=train, val=val, num_classes=3, epochs=steps,
                       optimizer="sgd", momentum=0.0, lr=0.5, lr_schedule="constant", controller=probe,
@@ -179,8 +171,8 @@ def test_label_smoothings_hypergradient_is_the_derivative_of_the_validation_loss
 
     probe, _ = run(0.1)
     (_, above), (_, below) = run(0.11), run(0.09)
-    assert probe.seen["label_smoothing"] == pytest.approx((above - below) / 0.02, rel=0.02)
-    assert probe.seen["label_smoothing"] > 0.05  # not a vanishing number that any estimate matches
+    assert probe.last_hypergradients["label_smoothing"] == pytest.approx((above - below) / 0.02, rel=0.02)
+    assert probe.last_hypergradients["label_smoothing"] > 0.05  # not a vanishing number that any estimate matches
 
 
 def test_strengths_stay_within_their_ranges(ridge_data) -> None:

@@ -65,26 +65,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
-from itertools import islice
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from regdial._checks import check_int, check_range, fail
-from regdial.blocks.schedules import resolve
+from regdial._checks import Described, check_int, check_range, fail
+from regdial.dial.implicit import Training, hypergradients
 from regdial.dial.online import OnlineController
 from regdial.dial.space import Range, Space
 from regdial.setting import Regularization
-from regdial.training.batches import forward, rebuild, split, to_device
 from regdial.training.history import History
 
 if TYPE_CHECKING:
-    from torch.optim import Optimizer
-
     from regdial.applied import Applied
     from regdial.training.loop import Run
 
@@ -93,7 +86,6 @@ __all__ = ["DIFFERENTIABLE", "HypergradientController"]
 DIFFERENTIABLE = ("weight_decay", "l2", "l1", "elastic_net", "label_smoothing", "noise")
 """The knobs whose hypergradient this controller computes; the others go to the curves."""
 
-PENALTY_TERMS = ("weight_decay", "l2", "l1", "elastic_net")
 BETAS = (0.9, 0.999)
 AUTO_STEPS = 100
 """``every=None`` aims at this many hypergradient steps in a run (fewer when 1 in 5 steps
@@ -112,10 +104,6 @@ def _floor(r: Range) -> float:
 
 def _sliceable(batch: Any) -> bool:
     return isinstance(batch, tuple | list) and len(batch) >= 2 and all(isinstance(t, Tensor) for t in batch)
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
 
 
 class HypergradientController:
@@ -181,8 +169,10 @@ class HypergradientController:
         self.val_index = 0
         self.q: list[Tensor] | None = None
         self.moves: list[dict[str, Any]] = []
+        self.last_hypergradients: dict[str, float] = {}  # dV/dλ per knob at the last hypergradient step
         self.last_step = 0
-        self._val_count: int | None = None
+        self._val_source: Any = None  # a loader of held-out batches, walked in order
+        self._val_iter: Iterator[Any] | None = None
         self._val_slices: list[tuple[int, int]] | None = None
         self.seconds = 0.0  # in hypergradient steps, in this process (not saved: a clock, not state)
 
@@ -225,25 +215,38 @@ class HypergradientController:
     # -- the step -------------------------------------------------------------------------
 
     def after_step(self, run: Run, inputs: Any, targets: Tensor) -> Regularization | None:
-        """After optimizer step ``run.loop.step`` on the clean batch ``(inputs, targets)``."""
+        """After optimizer step ``run.loop.step`` of ``fit`` on the clean batch ``(inputs, targets)``."""
         if run.distributed is not None:
             fail("controller", "a curve controller under data parallelism (the hypergradient runs on one process)",
                  type(self).__name__)  # fmt: skip
-        step = run.loop.step
+        return self.step(Training.of_run(run), inputs, targets)
+
+    def step(self, training: Training, inputs: Any, targets: Tensor) -> Regularization | None:
+        """After optimizer step ``training.step`` on the clean batch ``(inputs, targets)``:
+        the new setting when this step moved a strength (regdial's loop or a trainer's
+        callback applies it from the next step on), else None."""
+        step = training.step
         self.last_step = step
-        warmup = self.warmup if self.warmup is not None else self._default_warmup(run)
+        warmup = max(self.warmup if self.warmup is not None else self._default_warmup(training), 1)
         if self.every is None:
-            self.every = self._auto_every(run, max(warmup, 1))
-        if step % self.every or step < max(warmup, 1):
+            self.every = min(20, max(5, (training.total_steps - warmup) // AUTO_STEPS))
+        if step % self.every or step < warmup:
             return None
         if self.lr is None:
-            self.lr = self._auto_lr(run, max(warmup, 1))
+            updates = max(1, (training.total_steps - warmup) // self.every)
+            widest = max(math.log(r.high / _floor(r)) for r in self.ranges.values())
+            self.lr = max(MIN_LR, 2 * widest / updates)  # the run's steps cross the widest range twice
         started = time.perf_counter()
-        grads = self._hypergradients(run, inputs, targets)
+        val_batch = self._val_batch(training, VAL_ROWS * len(targets))
+        if val_batch is None:  # a trainer that has not built its evaluation data yet
+            return None
+        grads, self.q = hypergradients(
+            training, inputs, targets, val_batch, self.ranges, self.q, self.solve_steps
+        )
         self.seconds += time.perf_counter() - started
+        self.last_hypergradients = grads
         self.updates += 1
         b1, b2 = BETAS
-        lr = self.lr if self.lr is not None else MIN_LR
         for name, grad in grads.items():
             if not math.isfinite(grad):
                 continue
@@ -255,45 +258,45 @@ class HypergradientController:
             v_hat = self.square[name] / (1 - b2**self.updates)
             if v_hat <= 0:
                 continue
-            u = math.log(self.values[name]) - lr * m_hat / (math.sqrt(v_hat) + 1e-12)
+            u = math.log(self.values[name]) - self.lr * m_hat / (math.sqrt(v_hat) + 1e-12)
             value = min(r.high, max(_floor(r), math.exp(u)))
             if value != self.values[name]:
                 self.values[name] = value
-                self.moves.append({"step": step, "epoch": run.loop.epoch + 1, "knob": name, "value": value})
+                self.moves.append({"step": step, "epoch": training.epoch + 1, "knob": name, "value": value})
         return self.space.setting(self._all_values())
 
     @staticmethod
-    def _default_warmup(run: Run) -> int:
+    def _default_warmup(training: Training) -> int:
         """A quarter of the run's steps, at least one epoch's."""
-        per_epoch = run.source.steps_per_epoch()
-        return max(per_epoch, int(run.options.epochs or 1) * per_epoch // 4)
+        return max(training.steps_per_epoch, training.total_steps // 4)
 
-    @staticmethod
-    def _auto_every(run: Run, warmup: int) -> int:
-        """``AUTO_STEPS`` hypergradient steps after the warm-up, every 5 to 20 steps."""
-        total = int(run.options.epochs or 1) * run.source.steps_per_epoch()
-        return min(20, max(5, (total - warmup) // AUTO_STEPS))
-
-    def _auto_lr(self, run: Run, warmup: int) -> float:
-        """A step that lets the run's hypergradient steps cross the widest range twice."""
-        total = int(run.options.epochs or 1) * run.source.steps_per_epoch()
-        updates = max(1, (total - warmup) // (self.every or 20))
-        widest = max(math.log(r.high / _floor(r)) for r in self.ranges.values())
-        return max(MIN_LR, 2 * widest / updates)
-
-    def _val_batch(self, run: Run, rows: int) -> Any:
+    def _val_batch(self, training: Training, rows: int) -> Any:
         """The next validation batch; a long one (regdial's own, 1024 rows) in slices of
-        ``rows``, so its forward/backward costs about what a few training batches cost."""
-        batches = run.source.split("val")
+        ``rows``, so its forward/backward costs about what a few training batches cost. A
+        loader is walked in order, round and round (on resuming, to the saved position)."""
+        batches = training.val
         if batches is None:
+            if training.val_pending:
+                return None
             fail("val", "a validation split (the hypergradient's held-out batches)", None)
-        if not isinstance(
-            batches, Sequence
-        ):  # the user's loader: counted once, then the batch at our position
-            if self._val_count is None:
-                self._val_count = sum(1 for _ in batches)
+        if not isinstance(batches, Sequence):
+            if self._val_iter is None or self._val_source is not batches:
+                self._val_source, self._val_iter = batches, iter(batches)
+                position = self.val_index
+                self.val_index = 0
+                for _ in range(position):
+                    if next(self._val_iter, None) is None:
+                        self._val_iter = iter(batches)
+                        break
+                    self.val_index += 1
+            batch = next(self._val_iter, None)
+            if batch is None:
+                self._val_iter, self.val_index = iter(batches), 0
+                batch = next(self._val_iter, None)
+                if batch is None:
+                    fail("val", "held-out batches for the hypergradient", Described("an empty loader"))
             self.val_index += 1
-            return next(islice(iter(batches), (self.val_index - 1) % max(self._val_count, 1), None))
+            return batch
         if self._val_slices is None:
             self._val_slices = [(i, start) for i, b in enumerate(batches)
                                 for start in (range(0, len(b[1]), rows) if _sliceable(b) else [0])]  # fmt: skip
@@ -303,156 +306,6 @@ class HypergradientController:
         if not _sliceable(batch):
             return batch
         return type(batch)(t[start : start + rows] if isinstance(t, Tensor) else t for t in batch)
-
-    def _loss(self, run: Run, output: Tensor, batch: Any, inputs: Any, targets: Tensor,
-              smoothing: Tensor | None) -> Tensor:  # fmt: skip
-        if run.loss_fn is not None:
-            return run.loss_fn(output, rebuild(batch, inputs, targets))
-        if run.source.num_classes is None:
-            return F.mse_loss(output.reshape(targets.shape).float(), targets.float())
-        logits = output.float()
-        if logits.dim() == 3 and targets.dim() == 2:
-            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        if targets.is_floating_point():  # soft targets
-            return -(targets * logits.log_softmax(-1)).sum(-1).mean()
-        keep = targets != -100
-        logp = logits[keep].log_softmax(-1)
-        hard = F.nll_loss(logp, targets[keep])
-        if smoothing is None:
-            return hard
-        return (1 - smoothing) * hard + smoothing * (-logp.mean(-1)).mean()
-
-    def _hypergradients(self, run: Run, inputs: Any, targets: Tensor) -> dict[str, float]:
-        net, applied = run.net, run.applied
-        params: list[Tensor] = [p for p in net.parameters() if p.requires_grad]
-        weight_ids = {id(p) for p in applied.weights}
-        setting = applied.setting
-        was_training = net.training
-        net.eval()  # no dropout draw, no batch-norm statistics moved: the hypergradient is read-only
-        try:
-            batch = self._val_batch(run, VAL_ROWS * len(targets))
-            v_inputs, v_targets = split(batch, run.adapter)
-            v_inputs, v_targets = to_device(v_inputs, run.device), v_targets.to(run.device)
-            v_loss = self._loss(run, forward(net, v_inputs, run.output_fn), batch, v_inputs, v_targets, None)
-            v_grad = [g if g is not None else torch.zeros_like(p)
-                      for g, p in zip(torch.autograd.grad(v_loss, params, allow_unused=True), params, strict=True)]  # fmt: skip
-
-            leaves: dict[str, Tensor] = {}
-            x = inputs
-            if "noise" in self.ranges and isinstance(inputs, Tensor) and inputs.is_floating_point():
-                sigma = torch.tensor(float(setting.noise), device=run.device, requires_grad=True)
-                generator = torch.Generator(device=run.device).manual_seed(
-                    run.options.seed * 1_000_003 + run.loop.step
-                )
-                # Antithetic pairs: the term linear in the noise, whose mean is zero and which
-                # swamps the O(sigma) signal at small sigma, cancels exactly between +xi and -xi.
-                # The whole batch, twice: on half of it, the Hessian of a ridge problem with
-                # 2 rows per feature was so far off that the noise settled 9% low (the
-                # inverse of a sampled Hessian is biased), against 2% above with the whole batch.
-                xi = torch.randn(inputs.shape, generator=generator, device=run.device, dtype=inputs.dtype)
-                x, leaves["noise"] = torch.cat([inputs + sigma * xi, inputs - sigma * xi]), sigma
-                targets = torch.cat([targets, targets])
-            smoothing = None
-            if (
-                "label_smoothing" in self.ranges
-                and run.loss_fn is None
-                and run.source.num_classes is not None
-            ):
-                smoothing = torch.tensor(
-                    float(setting.label_smoothing), device=run.device, requires_grad=True
-                )
-                leaves["label_smoothing"] = smoothing
-            # a user's loss_fn gets a batch of its own form
-            form: dict[str, Any] | None = {} if isinstance(x, dict) else None
-            # The Hessian-vector products differentiate this twice: fused attention cannot.
-            with sdpa_kernel(SDPBackend.MATH):
-                t_loss = self._loss(run, forward(net, x, run.output_fn), form, x, targets, smoothing)
-                t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
-        finally:
-            net.train(was_training)
-
-        optimizer = applied.optimizer
-        metric, precondition = _metrics(optimizer, params)
-        l1_ratio = float(setting.l1_ratio)
-        # A knob the space holds fixed may be on a schedule: its strength now.
-        strengths = {name: float(resolve(getattr(setting, name), applied.progress)) for name in PENALTY_TERMS}
-        sparse = strengths["l1"] > 0 or (strengths["elastic_net"] > 0 and l1_ratio > 0)
-        mask = [(p.detach() != 0).to(p.dtype) if sparse and id(p) in weight_ids else None for p in params]
-        diagonal: list[Tensor | float | None] = []  # the penalties' Hessian on each parameter's diagonal
-        for p, d in zip(params, metric, strict=True):
-            if id(p) not in weight_ids:
-                diagonal.append(None)
-                continue
-            term = strengths["weight_decay"] * d if strengths["weight_decay"] else None
-            flat = strengths["l2"] + strengths["elastic_net"] * (1 - l1_ratio)
-            diagonal.append(term + flat if term is not None else (torch.full_like(p, flat) if flat else None))
-
-        names = list(leaves)
-        inputs_of_hvp = [*params, *leaves.values()]
-
-        def masked(vectors: Sequence[Tensor]) -> list[Tensor]:
-            return [v if m is None else v * m for v, m in zip(vectors, mask, strict=True)]
-
-        def hvp(v: Sequence[Tensor]) -> tuple[list[Tensor], list[float]]:
-            terms = [(g * vv).sum() for g, vv in zip(t_grad, v, strict=True) if g is not None]
-            if not terms:
-                return [torch.zeros_like(vv) for vv in v], [0.0] * len(names)
-            dot = torch.stack(terms).sum()
-            out = torch.autograd.grad(dot, inputs_of_hvp, retain_graph=True, allow_unused=True)
-            hv = [
-                o.detach() if o is not None else torch.zeros_like(p)
-                for o, p in zip(out, params, strict=False)
-            ]
-            hv = [h + dg * vv if dg is not None else h for h, dg, vv in zip(hv, diagonal, v, strict=True)]
-            mixed = [float(o) if o is not None else 0.0 for o in out[len(params) :]]
-            return masked(hv), mixed
-
-        rhs = masked(v_grad)
-        q = masked(self._warm_q(params))  # a weight that left the support leaves q too
-        hq, mixed_q = hvp(q)
-        residual = [b - a for b, a in zip(rhs, hq, strict=True)]
-        z = [r * c for r, c in zip(residual, precondition, strict=True)]
-        direction, rz = z, float(_dot(residual, z))
-        for _ in range(self.solve_steps):
-            if rz <= 0:
-                break
-            hp, mixed_p = hvp(direction)
-            curvature = float(_dot(direction, hp))
-            if not curvature > 0:  # negative curvature: not a minimum along it; keep q
-                break
-            alpha = rz / curvature
-            q = [a + alpha * b for a, b in zip(q, direction, strict=True)]
-            mixed_q = [a + alpha * b for a, b in zip(mixed_q, mixed_p, strict=True)]
-            residual = [r - alpha * h for r, h in zip(residual, hp, strict=True)]
-            z = [r * c for r, c in zip(residual, precondition, strict=True)]
-            rz_new = float(_dot(residual, z))
-            direction = [a + (rz_new / rz) * b for a, b in zip(z, direction, strict=True)]
-            rz = rz_new
-        self.q = [t.detach() for t in q]
-
-        grads = {name: -mixed_q[names.index(name)] for name in names}
-        weights = [(p.detach(), qq, d, m) for p, qq, d, m in zip(params, q, metric, mask, strict=True)
-                   if id(p) in weight_ids]  # fmt: skip
-        cross = {
-            "l2": lambda w, d, m: w,
-            "weight_decay": lambda w, d, m: d * w,
-            "l1": lambda w, d, m: w.sign() if m is None else w.sign() * m,
-            "elastic_net": lambda w, d, m: l1_ratio * w.sign() + (1 - l1_ratio) * w,
-        }
-        for name in self.ranges:
-            if name in cross:
-                grads[name] = -float(sum((qq * cross[name](w, d, m)).sum() for w, qq, d, m in weights))
-        return grads
-
-    def _warm_q(self, params: list[Tensor]) -> list[Tensor]:
-        q = self.q
-        if (
-            q is None
-            or len(q) != len(params)
-            or any(a.shape != p.shape for a, p in zip(q, params, strict=True))
-        ):
-            return [torch.zeros_like(p) for p in params]
-        return [a.to(device=p.device, dtype=p.dtype) for a, p in zip(q, params, strict=True)]
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -481,20 +334,3 @@ class HypergradientController:
         self.q = None if q is None else [t.clone() for t in q]
         if self.curves is not None:
             self.curves.load_state_dict(dict(state["curves"]))
-
-
-def _metrics(optimizer: Optimizer, params: list[Tensor]) -> tuple[list[Tensor | float], list[Tensor | float]]:
-    """Per parameter: ``d``, weight decay's metric at the optimizer's fixed point (1 where it
-    is coupled), and the preconditioner, ``1/(sqrt(v̂) + eps)`` for Adam's family, else 1."""
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    metric: list[Tensor | float] = [1.0] * len(params)
-    precondition: list[Tensor | float] = [1.0] * len(params)
-    for i, p in enumerate(params):
-        group, state = group_of.get(id(p), {}), optimizer.state.get(p, {})
-        if "exp_avg_sq" in state and "betas" in group:
-            correction = 1 - group["betas"][1] ** float(state["step"])
-            root = (state["exp_avg_sq"] / correction).sqrt().add_(float(group["eps"]))
-            if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay"):
-                metric[i] = root
-            precondition[i] = root.reciprocal()
-    return metric, precondition

@@ -1,0 +1,270 @@
+"""The implicit hypergradient of the differentiable knobs, on the training it rides on.
+
+``hypergradients`` computes, for each knob ``λ`` of ``ranges``::
+
+    dV/dλ = -qᵀ c_λ,     q ≈ H⁻¹ ∇V(w),  H = ∇²_w F
+
+(see ``regdial.dial.hypergradient`` for the derivation and the table of cross terms
+``c_λ``): one validation batch's gradient ``∇V`` (eval mode, the plain loss), ``q``
+improved by ``solve_steps`` preconditioned conjugate-gradient steps from its last value,
+with Hessian-vector products by double backward on the training batch just trained on.
+
+``Training`` is what a hypergradient step reads of that training, so that one controller
+serves regdial's own loop (``Training.of_run``) and a trainer's callbacks
+(``regdial.integrations``): the model, the applied setting, where the run stands, its
+held-out batches and its loss as a function of the inputs, the targets and a label
+smoothing strength.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from regdial._checks import Described, fail
+from regdial.blocks.schedules import resolve
+from regdial.training.batches import forward, rebuild, split, to_device
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from regdial.applied import Applied
+    from regdial.training.loop import Run
+
+__all__ = ["FLOAT_INPUTS", "LossOf", "Training", "classifier_loss", "hypergradients"]
+
+PENALTY_TERMS = ("weight_decay", "l2", "l1", "elastic_net")
+FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features")
+"""The keys of a dict of inputs that the noise knob perturbs (as the trainers' callbacks do)."""
+
+LossOf = Callable[[Any, Tensor, "Tensor | None", Any], Tensor]
+"""``loss(inputs, targets, smoothing, batch)``: the data loss of the model on ``inputs``,
+differentiable; with ``smoothing`` (a 0-d tensor) the label-smoothed cross-entropy
+``(1 - ε)·CE + ε·CE_uniform``. ``batch`` is the batch's own form, or None."""
+
+
+@dataclass
+class Training:
+    """Where a hypergradient step stands in the training it rides on.
+
+    ``val`` holds the held-out batches (a sequence, or a loader walked in order), read
+    with ``split``; ``smooths`` says whether ``loss`` takes a smoothing strength (a
+    classifier's cross-entropy); ``seed`` seeds the noise knob's draws, with the step.
+    """
+
+    net: nn.Module
+    applied: Applied
+    device: torch.device
+    step: int
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+    seed: int
+    val: Iterable[Any] | None
+    split: Callable[[Any], tuple[Any, Tensor]]
+    loss: LossOf
+    smooths: bool
+    val_pending: bool = False
+    """No held-out batches yet, but there will be (a trainer builds its evaluation data at
+    its first evaluation): the step waits."""
+
+    @classmethod
+    def of_run(cls, run: Run) -> Training:
+        """regdial's own loop (``fit``)."""
+        net, source = run.net, run.source
+
+        def loss(inputs: Any, targets: Tensor, smoothing: Tensor | None, batch: Any) -> Tensor:
+            output = forward(net, inputs, run.output_fn)
+            if run.loss_fn is not None:
+                return run.loss_fn(output, rebuild({} if batch is None and isinstance(inputs, dict) else batch,
+                                                   inputs, targets))  # fmt: skip
+            return classifier_loss(output, targets, smoothing) if source.num_classes is not None else (
+                F.mse_loss(output.reshape(targets.shape).float(), targets.float()))  # fmt: skip
+
+        return cls(
+            net=net, applied=run.applied, device=run.device, step=run.loop.step, epoch=run.loop.epoch,
+            total_steps=int(run.options.epochs or 1) * source.steps_per_epoch(),
+            steps_per_epoch=source.steps_per_epoch(), seed=run.options.seed, val=source.split("val"),
+            split=lambda batch: split(batch, run.adapter), loss=loss,
+            smooths=run.loss_fn is None and source.num_classes is not None,
+        )  # fmt: skip
+
+
+def classifier_loss(logits: Tensor, targets: Tensor, smoothing: Tensor | None) -> Tensor:
+    """Cross-entropy over the labels that are not -100 (token-level logits flattened; soft
+    targets as they are), label-smoothed by ``smoothing`` when given."""
+    logits = logits.float()
+    if logits.dim() == 3 and targets.dim() == 2:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if targets.is_floating_point():  # soft targets
+        return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    keep = targets != -100
+    logp = logits[keep].log_softmax(-1)
+    hard = F.nll_loss(logp, targets[keep])
+    if smoothing is None:
+        return hard
+    return (1 - smoothing) * hard + smoothing * (-logp.mean(-1)).mean()
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
+
+
+def _perturbed(inputs: Any, training: Training) -> tuple[Any, Tensor]:
+    """``inputs`` twice, ``+sigmaξ`` and ``-sigmaξ`` (antithetic pairs: the term linear in the noise,
+    whose mean is zero and which swamps the O(sigma) signal at small sigma, cancels exactly), and
+    the leaf ``sigma``. The whole batch, twice: on half of it, the Hessian of a ridge problem
+    with 2 rows per feature was so far off that the noise settled 9% low (the inverse of a
+    sampled Hessian is biased), against 2% above with the whole batch."""
+    key = None
+    if isinstance(inputs, dict):
+        key = next((k for k in FLOAT_INPUTS if isinstance(inputs.get(k), Tensor)), None)
+    x = inputs[key] if key is not None else inputs
+    if not (isinstance(x, Tensor) and x.is_floating_point()):
+        fail("online.noise", "a knob of a model whose inputs are a float tensor (or " + ", ".join(FLOAT_INPUTS)
+             + "): its hypergradient perturbs them", Described(f"inputs {type(x).__name__}"))  # fmt: skip
+    sigma = torch.tensor(float(training.applied.setting.noise), device=x.device, requires_grad=True)
+    generator = torch.Generator(device=x.device).manual_seed(training.seed * 1_000_003 + training.step)
+    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    both = torch.cat([x + sigma * xi, x - sigma * xi])
+    if key is None:
+        return both, sigma
+    doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.shape[:1] == x.shape[:1] else v
+               for k, v in inputs.items()}  # fmt: skip
+    doubled[key] = both
+    return doubled, sigma
+
+
+def hypergradients(
+    training: Training, inputs: Any, targets: Tensor, val_batch: Any, knobs: Iterable[str],
+    q: list[Tensor] | None, solve_steps: int,
+) -> tuple[dict[str, float], list[Tensor]]:  # fmt: skip
+    """``dV/dλ`` for each of ``knobs`` (the differentiable ones), and the improved ``q``."""
+    knobs = list(knobs)
+    net, applied = training.net, training.applied
+    params: list[Tensor] = [p for p in net.parameters() if p.requires_grad]
+    weight_ids = {id(p) for p in applied.weights}
+    setting = applied.setting
+    was_training = net.training
+    net.eval()  # no dropout draw, no batch-norm statistics moved: the hypergradient is read-only
+    try:
+        v_inputs, v_targets = training.split(val_batch)
+        v_inputs, v_targets = to_device(v_inputs, training.device), v_targets.to(training.device)
+        v_loss = training.loss(v_inputs, v_targets, None, val_batch)
+        v_grad = [g if g is not None else torch.zeros_like(p)
+                  for g, p in zip(torch.autograd.grad(v_loss, params, allow_unused=True), params, strict=True)]  # fmt: skip
+
+        leaves: dict[str, Tensor] = {}
+        x = inputs
+        if "noise" in knobs:
+            x, leaves["noise"] = _perturbed(inputs, training)
+            targets = torch.cat([targets, targets])
+        smoothing = None
+        if "label_smoothing" in knobs and training.smooths:
+            smoothing = torch.tensor(
+                float(setting.label_smoothing), device=training.device, requires_grad=True
+            )
+            leaves["label_smoothing"] = smoothing
+        # The Hessian-vector products differentiate this twice: fused attention cannot.
+        with sdpa_kernel(SDPBackend.MATH):
+            t_loss = training.loss(x, targets, smoothing, None)
+            t_grad = torch.autograd.grad(t_loss, params, create_graph=True, allow_unused=True)
+    finally:
+        net.train(was_training)
+
+    metric, precondition = _metrics(applied.optimizer, params)
+    l1_ratio = float(setting.l1_ratio)
+    # A knob the space holds fixed may be on a schedule: its strength now.
+    strengths = {name: float(resolve(getattr(setting, name), applied.progress)) for name in PENALTY_TERMS}
+    sparse = strengths["l1"] > 0 or (strengths["elastic_net"] > 0 and l1_ratio > 0)
+    mask = [(p.detach() != 0).to(p.dtype) if sparse and id(p) in weight_ids else None for p in params]
+    diagonal: list[Tensor | float | None] = []  # the penalties' Hessian on each parameter's diagonal
+    for p, d in zip(params, metric, strict=True):
+        if id(p) not in weight_ids:
+            diagonal.append(None)
+            continue
+        term = strengths["weight_decay"] * d if strengths["weight_decay"] else None
+        flat = strengths["l2"] + strengths["elastic_net"] * (1 - l1_ratio)
+        diagonal.append(term + flat if term is not None else (torch.full_like(p, flat) if flat else None))
+
+    names = list(leaves)
+    inputs_of_hvp = [*params, *leaves.values()]
+
+    def masked(vectors: Sequence[Tensor]) -> list[Tensor]:
+        return [v if m is None else v * m for v, m in zip(vectors, mask, strict=True)]
+
+    def hvp(v: Sequence[Tensor]) -> tuple[list[Tensor], list[float]]:
+        terms = [(g * vv).sum() for g, vv in zip(t_grad, v, strict=True) if g is not None]
+        if not terms:
+            return [torch.zeros_like(vv) for vv in v], [0.0] * len(names)
+        dot = torch.stack(terms).sum()
+        out = torch.autograd.grad(dot, inputs_of_hvp, retain_graph=True, allow_unused=True)
+        hv = [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params, strict=False)]
+        hv = [h + dg * vv if dg is not None else h for h, dg, vv in zip(hv, diagonal, v, strict=True)]
+        mixed = [float(o) if o is not None else 0.0 for o in out[len(params) :]]
+        return masked(hv), mixed
+
+    rhs = masked(v_grad)
+    q = masked(_warm(q, params))  # a weight that left the support leaves q too
+    hq, mixed_q = hvp(q)
+    residual = [b - a for b, a in zip(rhs, hq, strict=True)]
+    z = [r * c for r, c in zip(residual, precondition, strict=True)]
+    direction, rz = z, float(_dot(residual, z))
+    for _ in range(solve_steps):
+        if rz <= 0:
+            break
+        hp, mixed_p = hvp(direction)
+        curvature = float(_dot(direction, hp))
+        if not curvature > 0:  # negative curvature: not a minimum along it; keep q
+            break
+        alpha = rz / curvature
+        q = [a + alpha * b for a, b in zip(q, direction, strict=True)]
+        mixed_q = [a + alpha * b for a, b in zip(mixed_q, mixed_p, strict=True)]
+        residual = [r - alpha * h for r, h in zip(residual, hp, strict=True)]
+        z = [r * c for r, c in zip(residual, precondition, strict=True)]
+        rz_new = float(_dot(residual, z))
+        direction = [a + (rz_new / rz) * b for a, b in zip(z, direction, strict=True)]
+        rz = rz_new
+
+    grads = {name: -mixed_q[names.index(name)] for name in names}
+    weights = [(p.detach(), qq, d, m) for p, qq, d, m in zip(params, q, metric, mask, strict=True)
+               if id(p) in weight_ids]  # fmt: skip
+    cross = {
+        "l2": lambda w, d, m: w,
+        "weight_decay": lambda w, d, m: d * w,
+        "l1": lambda w, d, m: w.sign() if m is None else w.sign() * m,
+        "elastic_net": lambda w, d, m: l1_ratio * w.sign() + (1 - l1_ratio) * w,
+    }
+    for name in knobs:
+        if name in cross:
+            grads[name] = -float(sum((qq * cross[name](w, d, m)).sum() for w, qq, d, m in weights))
+    return grads, [t.detach() for t in q]
+
+
+def _warm(q: list[Tensor] | None, params: list[Tensor]) -> list[Tensor]:
+    if q is None or len(q) != len(params) or any(a.shape != p.shape for a, p in zip(q, params, strict=True)):
+        return [torch.zeros_like(p) for p in params]
+    return [a.to(device=p.device, dtype=p.dtype) for a, p in zip(q, params, strict=True)]
+
+
+def _metrics(optimizer: Optimizer, params: list[Tensor]) -> tuple[list[Tensor | float], list[Tensor | float]]:
+    """Per parameter: ``d``, weight decay's metric at the optimizer's fixed point (1 where it
+    is coupled), and the preconditioner, ``1/(sqrt(v̂) + eps)`` for Adam's family, else 1."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    metric: list[Tensor | float] = [1.0] * len(params)
+    precondition: list[Tensor | float] = [1.0] * len(params)
+    for i, p in enumerate(params):
+        group, state = group_of.get(id(p), {}), optimizer.state.get(p, {})
+        if "exp_avg_sq" in state and "betas" in group:
+            correction = 1 - group["betas"][1] ** float(state["step"])
+            root = (state["exp_avg_sq"] / correction).sqrt().add_(float(group["eps"]))
+            if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay"):
+                metric[i] = root
+            precondition[i] = root.reciprocal()
+    return metric, precondition
