@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from regdial._checks import Described, check_int, check_range, fail
-from regdial.dial.implicit import Training, hypergradients
+from regdial.dial.implicit import Training, check_knobs, hypergradients
 from regdial.dial.online import OnlineController
 from regdial.dial.space import Range, Space
 from regdial.setting import Regularization
@@ -169,6 +169,7 @@ class HypergradientController:
         self.val_index = 0
         self.q: list[Tensor] | None = None
         self.moves: list[dict[str, Any]] = []
+        self.checked = False  # the knobs against the training, at the first step
         self.last_hypergradients: dict[str, float] = {}  # dV/dλ per knob at the last hypergradient step
         self.last_step = 0
         self._val_source: Any = None  # a loader of held-out batches, walked in order
@@ -226,6 +227,9 @@ class HypergradientController:
         the new setting when this step moved a strength (regdial's loop or a trainer's
         callback applies it from the next step on), else None."""
         step = training.step
+        if not self.checked:
+            check_knobs(training, inputs, self.ranges)
+            self.checked = True
         self.last_step = step
         warmup = max(self.warmup if self.warmup is not None else self._default_warmup(training), 1)
         if self.every is None:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from regdial.applied import Applied
     from regdial.training.loop import Run
 
-__all__ = ["FLOAT_INPUTS", "LossOf", "Training", "classifier_loss", "hypergradients"]
+__all__ = ["FLOAT_INPUTS", "LossOf", "Training", "check_knobs", "classifier_loss", "hypergradients"]
 
 PENALTY_TERMS = ("weight_decay", "l2", "l1", "elastic_net")
 FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features")
@@ -116,12 +116,8 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
 
 
-def _perturbed(inputs: Any, training: Training) -> tuple[Any, Tensor]:
-    """``inputs`` twice, ``+sigmaξ`` and ``-sigmaξ`` (antithetic pairs: the term linear in the noise,
-    whose mean is zero and which swamps the O(sigma) signal at small sigma, cancels exactly), and
-    the leaf ``sigma``. The whole batch, twice: on half of it, the Hessian of a ridge problem
-    with 2 rows per feature was so far off that the noise settled 9% low (the inverse of a
-    sampled Hessian is biased), against 2% above with the whole batch."""
+def _noised(inputs: Any) -> tuple[str | None, Tensor]:
+    """The key of the float input the noise knob perturbs (None: ``inputs`` itself), and it."""
     key = None
     if isinstance(inputs, dict):
         key = next((k for k in FLOAT_INPUTS if isinstance(inputs.get(k), Tensor)), None)
@@ -129,6 +125,25 @@ def _perturbed(inputs: Any, training: Training) -> tuple[Any, Tensor]:
     if not (isinstance(x, Tensor) and x.is_floating_point()):
         fail("online.noise", "a knob of a model whose inputs are a float tensor (or " + ", ".join(FLOAT_INPUTS)
              + "): its hypergradient perturbs them", Described(f"inputs {type(x).__name__}"))  # fmt: skip
+    return key, x
+
+
+def check_knobs(training: Training, inputs: Any, knobs: Iterable[str]) -> None:
+    """One line, at the first step, for a knob whose hypergradient this training cannot give."""
+    if "label_smoothing" in knobs and not training.smooths:
+        fail("online.label_smoothing", "a knob of a classifier trained on regdial's cross-entropy (through "
+             "another loss, its strength has no derivative regdial can take)", Described("another loss"))  # fmt: skip
+    if "noise" in knobs:
+        _noised(inputs)
+
+
+def _perturbed(inputs: Any, training: Training) -> tuple[Any, Tensor]:
+    """``inputs`` twice, ``+sigmaξ`` and ``-sigmaξ`` (antithetic pairs: the term linear in the noise,
+    whose mean is zero and which swamps the O(sigma) signal at small sigma, cancels exactly), and
+    the leaf ``sigma``. The whole batch, twice: on half of it, the Hessian of a ridge problem
+    with 2 rows per feature was so far off that the noise settled 9% low (the inverse of a
+    sampled Hessian is biased), against 2% above with the whole batch."""
+    key, x = _noised(inputs)
     sigma = torch.tensor(float(training.applied.setting.noise), device=x.device, requires_grad=True)
     generator = torch.Generator(device=x.device).manual_seed(training.seed * 1_000_003 + training.step)
     xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -166,7 +181,7 @@ def hypergradients(
             x, leaves["noise"] = _perturbed(inputs, training)
             targets = torch.cat([targets, targets])
         smoothing = None
-        if "label_smoothing" in knobs and training.smooths:
+        if "label_smoothing" in knobs:
             smoothing = torch.tensor(
                 float(setting.label_smoothing), device=training.device, requires_grad=True
             )

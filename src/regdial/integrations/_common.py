@@ -264,14 +264,15 @@ class Session:
             self.applied.remove()
         if len(self.history) == 0:
             return
-        reading = diagnose(self.history, self.setting)
+        setting = self.applied.setting if self.applied is not None else self.setting  # in force at the end
+        reading = diagnose(self.history, setting)
         # One line for a person watching a run; quieter inside a search, where every trial ends so.
         logger.log(
             logging.INFO if self.trial is not None else logging.WARNING, "regdial: %s", reading.message
         )
         self.history.meta.update(status="completed", diagnosis=reading.message)
         if output_dir is not None and self.trial is None:  # a search records its own trials
-            write_record(Path(output_dir), self.history, self.setting)
+            write_record(Path(output_dir), self.history, setting)
 
 
 def _averaged(model: nn.Module, average: nn.Module) -> dict[str, Tensor]:

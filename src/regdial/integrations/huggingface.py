@@ -60,7 +60,7 @@ Needs the ``huggingface`` extra: ``pip install 'regdial[huggingface]'``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -68,9 +68,12 @@ from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_int, fail
 from regdial.blocks.mixing import soft_cross_entropy
+from regdial.dial.hypergradient import HypergradientController
+from regdial.dial.implicit import Training
 from regdial.dial.space import Space
 from regdial.dial.trial import Trial
 from regdial.integrations._common import Session
+from regdial.integrations._online import Online, no_held_out, smoothed
 from regdial.setting import Regularization
 from regdial.training.logs import normalize
 
@@ -122,17 +125,36 @@ class HuggingFaceCallback(TrainerCallback):
         causal_lm: whether label smoothing shifts the labels by one (a causal language
             model). None: as transformers' Trainer decides (its causal-LM mapping); give it
             for a model transformers does not know that returns token-level logits.
+        online: a ``Space`` (or a ``HypergradientController`` on one) whose knobs this
+            one run turns itself (``regdial.integrations._online``); ``setting`` is then
+            None, the space's base holding the fixed knobs. The hypergradient's loss is
+            the model's own (``model(**inputs, labels=labels).loss``), label-smoothed as
+            transformers' ``LabelSmoother`` smooths it.
+        online_data: the held-out batches of the hypergradient (a DataLoader of the
+            Trainer's batch form, on any device). None: the Trainer's evaluation data,
+            from its first evaluation on (no hypergradient step before it).
     """
 
     def __init__(
         self,
-        setting: Regularization,
+        setting: Regularization | None = None,
         trial: Trial | None = None,
         *,
         monitor: str = "eval_loss",
         num_classes: int | None = None,
         causal_lm: bool | None = None,
+        online: Space | HypergradientController | None = None,
+        online_data: Iterable[Any] | None = None,
     ) -> None:
+        self.online: Online | None = None
+        if online is not None:
+            Online.check_setting(setting)
+            if trial is not None:
+                fail("online", "None inside a search trial (a trial's knobs are the search's)", online)
+            self.online = Online(online, online_data)
+            setting = self.online.controller.start()
+        elif online_data is not None:
+            fail("online_data", "None without online= (it is the hypergradient's held-out data)", online_data)
         if not isinstance(monitor, str):
             fail("monitor", "the name of an evaluation metric (eval_loss, eval_accuracy...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
@@ -147,6 +169,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._built: dict[str, Any] = {}  # the TrainingArguments the Trainer read when it was built
         self._shift: bool | None = None
         self._checked_inputs = False
+        self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
 
     # -- before training ----------------------------------------------------------------
 
@@ -184,6 +207,17 @@ class HuggingFaceCallback(TrainerCallback):
             fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
                  Described("two on the same model"))  # fmt: skip
         object.__setattr__(model, "_regdial_callback", self)
+        if self.online is not None:
+            if state.global_step > 0:
+                fail("online", "a run from its start (the controller's strengths do not travel in a Hugging Face "
+                     "checkpoint)", Described(f"a run resumed at step {state.global_step}"))  # fmt: skip
+            strategy = getattr(args, "eval_strategy", "no")
+            if self.online.data is None and getattr(strategy, "value", strategy) == "no":
+                no_held_out(
+                    "a Trainer that evaluates (eval_strategy 'steps' or 'epoch', with an eval_dataset)"
+                )
+            self.online.say_data("the Trainer's evaluation data (eval_dataset)")
+            self.setting = self.online.start()
         # A new run (a search's next trial): its own setting, record and early stopping.
         self.session = self.session.fresh(self._trial_setting(args))
         setting = self.session.setting
@@ -232,7 +266,9 @@ class HuggingFaceCallback(TrainerCallback):
         applied = self.session.applied
         if applied is None or not module.training:
             return None
-        active = [k for k in BATCH_KNOBS if getattr(self.session.setting, k)]
+        if self.online is not None:
+            self._batch = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+        active = [k for k in BATCH_KNOBS if getattr(applied.setting, k)]
         if not active:
             return None
         name = next((k for k in FLOAT_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
@@ -241,7 +277,7 @@ class HuggingFaceCallback(TrainerCallback):
                 (k for k, v in kwargs.items() if isinstance(v, Tensor) and k != "labels"), self._main_input
             )
             fail(f"regularization.{active[0]}", f"0 for a model whose inputs are {given} (token ids: there is "
-                 "nothing to add noise to or mix; use embedding_noise)", getattr(self.session.setting, active[0]))  # fmt: skip
+                 "nothing to add noise to or mix; use embedding_noise)", getattr(applied.setting, active[0]))  # fmt: skip
         x = kwargs[name]
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor):
@@ -257,7 +293,7 @@ class HuggingFaceCallback(TrainerCallback):
         if not module.training or self.session.applied is None:
             return output
         labels, logits = kwargs.get("labels"), getattr(output, "logits", None)
-        smoothing = float(self.session.setting.label_smoothing)
+        smoothing = float(self.session.applied.setting.label_smoothing)
         if (
             isinstance(logits, Tensor)
             and isinstance(labels, Tensor)
@@ -291,8 +327,42 @@ class HuggingFaceCallback(TrainerCallback):
         applied = self.session.applied
         if applied is not None:
             applied.set_progress(min(1.0, state.global_step / self._max_steps))
+            if self.online is not None and model is not None and self._batch is not None:
+                self._online_step(args, state, model, kwargs)
         if model is not None and (control.should_evaluate or control.should_save):
             self.session.use_average(model)
+
+    def _online_step(self, args: Any, state: Any, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        assert self.online is not None and self.session.applied is not None and self._batch is not None
+        batch = self._batch
+        self._batch = None
+        if "labels" not in batch:
+            fail("online", "a Trainer whose batches have labels (the hypergradient's loss is the model's own)",
+                 Described(f"keys {sorted(batch)[:6]}"))  # fmt: skip
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets: Tensor = batch["labels"]
+        loader = kwargs.get("train_dataloader")
+        accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+        epochs = max(1.0, float(getattr(args, "num_train_epochs", 1) or 1))
+        per_epoch = (
+            len(loader) // accumulation if hasattr(loader, "__len__") else int(self._max_steps / epochs)
+        )
+        val = self.online.data if self.online.data is not None else kwargs.get("eval_dataloader")
+        shift = bool(self._shift)
+
+        def loss(x: Any, y: Tensor, smoothing: Tensor | None, _: Any) -> Tensor:
+            output = model(**x, labels=y)
+            return smoothed(output["loss"], output["logits"], y, smoothing, shift)
+
+        training = Training(
+            net=model, applied=self.session.applied, device=targets.device, step=int(state.global_step),
+            epoch=int(state.epoch or 0), total_steps=self._max_steps, steps_per_epoch=max(1, per_epoch),
+            seed=int(getattr(args, "seed", 0)), val=val, split=_labelled, loss=loss,
+            smooths=not targets.is_floating_point(), val_pending=val is None,
+        )  # fmt: skip
+        turned = self.online.step(training, inputs, targets)
+        if turned is not None:
+            self.session.applied.retune(turned)
 
     def on_epoch_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -314,6 +384,11 @@ class HuggingFaceCallback(TrainerCallback):
                 self.session.use_live(model)
         if stop:
             control.should_training_stop = True
+        applied = self.session.applied
+        if self.online is not None and applied is not None:
+            turned = self.online.controller(self.session.history, applied)
+            if turned is not None and turned != applied.setting:
+                applied.retune(turned)
 
     def on_save(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -330,12 +405,25 @@ class HuggingFaceCallback(TrainerCallback):
         if model is not None:
             if getattr(model, "_regdial_callback", None) is self:
                 object.__delattr__(model, "_regdial_callback")
+            if self.online is not None:
+                self.online.finish(self.session.history.meta)
             self.session.finish(model, getattr(args, "output_dir", None))
 
     @property
     def history(self) -> Any:
         """The run's ``History`` so far (one row per evaluation)."""
         return self.session.history
+
+
+def _labelled(batch: Any) -> tuple[dict[str, Any], Tensor]:
+    """A Trainer batch (a dict with ``labels``) as the model's keyword arguments and its labels."""
+    if not hasattr(batch, "keys") or "labels" not in batch:
+        fail(
+            "online_data",
+            "batches of the Trainer's form (dicts with labels)",
+            Described(type(batch).__name__),
+        )
+    return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
 
 
 # -- Trainer.hyperparameter_search ---------------------------------------------------------

@@ -38,14 +38,22 @@ Needs the ``lightning`` extra: ``pip install 'regdial[lightning]'``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdial._checks import Described, check_int, fail
+from regdial.dial.hypergradient import HypergradientController
+from regdial.dial.implicit import Training, classifier_loss
+from regdial.dial.space import Space
 from regdial.dial.trial import Trial
 from regdial.integrations._common import Session
+from regdial.integrations._online import Online, no_held_out
 from regdial.setting import Regularization
+from regdial.training.batches import forward, rebuild, split
 from regdial.training.history import History
 from regdial.training.logs import normalize
 
@@ -72,18 +80,44 @@ class LightningCallback(pl.Callback):
         num_classes: a classifier's classes, for mixing and label smoothing.
         data_kind: the inputs' kind for augmentation ("image", "signal", "tabular"),
             inferred from the batch when not given.
+        online: a ``Space`` (or a ``HypergradientController`` on one) whose knobs this
+            one run turns itself (``regdial.integrations._online``); ``setting`` is then
+            None, the space's base holding the fixed knobs. The hypergradient reads a
+            batch as ``fit`` does (``(x, y)`` or a dict with ``labels``), runs
+            ``pl_module(x)`` and takes cross-entropy (``num_classes`` given) or MSE, or
+            ``loss_fn(output, batch)``.
+        online_data: the hypergradient's held-out batches (a DataLoader). None: the
+            Trainer's validation data, from its first validation on.
+        loss_fn: the module's data loss for the hypergradient, as ``fit``'s ``loss_fn``.
     """
 
     def __init__(
         self,
-        setting: Regularization,
+        setting: Regularization | None = None,
         trial: Trial | None = None,
         *,
         monitor: str = "val_loss",
         num_classes: int | None = None,
         data_kind: str | None = None,
+        online: Space | HypergradientController | None = None,
+        online_data: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Any], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        self.online: Online | None = None
+        if online is not None:
+            Online.check_setting(setting)
+            if trial is not None:
+                fail("online", "None inside a search trial (a trial's knobs are the search's)", online)
+            self.online = Online(online, online_data)
+            setting = self.online.controller.start()
+        elif online_data is not None or loss_fn is not None:
+            fail("online_data" if online_data is not None else "loss_fn", "None without online= (it is the "
+                 "hypergradient's)", online_data if online_data is not None else loss_fn)  # fmt: skip
+        if loss_fn is not None and not callable(loss_fn):
+            fail("loss_fn", "a function (output, batch) -> loss", loss_fn)
+        self.loss_fn = loss_fn
+        self._last_step = 0
         if not isinstance(monitor, str):
             fail("monitor", "the name of a logged validation value (val_loss, val_acc...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
@@ -107,6 +141,14 @@ class LightningCallback(pl.Callback):
             self.session = self.session.fresh()
             self._checked = False
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        if self.online is not None:
+            from lightning.pytorch.utilities.model_helpers import is_overridden
+
+            if self.online.data is None and (not trainer.limit_val_batches
+                                             or not is_overridden("validation_step", pl_module)):  # fmt: skip
+                no_held_out("a Trainer that validates (a validation_step and val_dataloaders)")
+            self.online.say_data("the Trainer's validation data (val_dataloaders)")
+            self._last_step = trainer.global_step
         applied = self.session.start(
             pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
         )
@@ -134,6 +176,40 @@ class LightningCallback(pl.Callback):
                      getattr(self.setting, name))  # fmt: skip
         total = max(1, int(trainer.estimated_stepping_batches or 1))
         applied.set_progress(min(1.0, trainer.global_step / total))
+        if self.online is not None and trainer.global_step > self._last_step:  # an optimizer step was taken
+            self._last_step = trainer.global_step
+            self._online_step(trainer, pl_module, batch, total)
+
+    def _online_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, total: int) -> None:
+        assert self.online is not None and self.session.applied is not None
+        inputs, targets = split(batch)
+        val = self.online.data
+        if val is None:
+            val = trainer.val_dataloaders
+            if isinstance(val, Mapping):
+                val = next(iter(val.values()), None)
+            elif isinstance(val, Sequence):
+                val = val[0] if val else None
+        loss_fn, num_classes = self.loss_fn, self.num_classes
+
+        def loss(x: Any, y: Tensor, smoothing: Tensor | None, form: Any) -> Tensor:
+            output = forward(pl_module, x)
+            if loss_fn is not None:
+                return loss_fn(output, rebuild({} if form is None and isinstance(x, dict) else form, x, y))
+            if num_classes is not None:
+                return classifier_loss(output, y, smoothing)
+            return F.mse_loss(output.reshape(y.shape).float(), y.float())
+
+        epochs = max(1, int(trainer.max_epochs or 1)) if (trainer.max_epochs or 0) > 0 else 1
+        training = Training(
+            net=pl_module, applied=self.session.applied, device=pl_module.device, step=int(trainer.global_step),
+            epoch=int(trainer.current_epoch), total_steps=total, steps_per_epoch=max(1, total // epochs),
+            seed=int(torch.initial_seed() % 2**31), val=val, split=split, loss=loss,
+            smooths=loss_fn is None and num_classes is not None, val_pending=val is None and len(self.history) == 0,
+        )  # fmt: skip
+        turned = self.online.step(training, inputs, targets)
+        if turned is not None:
+            self.session.applied.retune(turned)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -153,9 +229,16 @@ class LightningCallback(pl.Callback):
             self.session.use_live(pl_module)
         if stop:
             trainer.should_stop = True
+        applied = self.session.applied
+        if self.online is not None and applied is not None:
+            turned = self.online.controller(self.session.history, applied)
+            if turned is not None and turned != applied.setting:
+                applied.retune(turned)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = trainer.log_dir or trainer.default_root_dir
+        if self.online is not None:
+            self.online.finish(self.session.history.meta)
         self.session.finish(pl_module, directory if trainer.is_global_zero else None)
 
     @property
@@ -169,12 +252,15 @@ class LightningCallback(pl.Callback):
             "applied": None if applied is None else applied.state_dict(),
             "early_stopping": self.session.stopper.state_dict(),
             "history": self.session.history.to_dict(),
+            "online": None if self.online is None else self.online.controller.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
         self.session.stopper.load_state_dict(state_dict["early_stopping"])
         self.session.history = History.from_dict(state_dict["history"], "the Lightning checkpoint")
+        if self.online is not None and state_dict.get("online") is not None:
+            self.online.controller.load_state_dict(state_dict["online"])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         restored = getattr(self, "_restored", None)

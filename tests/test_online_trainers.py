@@ -1,0 +1,166 @@
+"""``online=Space(...)``: one run inside the real Hugging Face and Lightning Trainers turns its own knobs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from regdial import Regularization, Space
+from regdial.dial.hypergradient import HypergradientController
+
+transformers = pytest.importorskip("transformers")
+lightning = pytest.importorskip("lightning")
+
+from tests.test_integrations import Classifier, TokenTask, blobs, hf_trainer, lightning_fit, tiny_bert  # noqa: E402
+
+from regdial.integrations import huggingface as hf  # noqa: E402
+from regdial.integrations import lightning as pl_integration  # noqa: E402
+from regdial.integrations._online import smoothed  # noqa: E402
+
+
+def test_the_hypergradients_smoothed_loss_is_transformers_label_smoother() -> None:
+    """On a tiny GPT-2 (labels shifted) and a BERT classifier (not shifted), ignored labels included."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                                               n_head=2)).eval()  # fmt: skip
+    ids = torch.randint(0, 50, (3, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = gpt(input_ids=ids, labels=labels)
+    expected = LabelSmoother(epsilon=0.2)(out, labels, shift_labels=True)
+    assert float(smoothed(out.loss, out.logits, labels, torch.tensor(0.2), True).detach()) == pytest.approx(
+        float(expected), rel=1e-5
+    )
+    bert = tiny_bert().eval()
+    y = torch.tensor([0, 1, 1])
+    out = bert(input_ids=ids, labels=y)
+    expected = LabelSmoother(epsilon=0.2)(out, y)
+    assert float(smoothed(out.loss, out.logits, y, torch.tensor(0.2), False).detach()) == pytest.approx(
+        float(expected), rel=1e-5
+    )
+
+
+def test_online_turns_the_knobs_inside_a_hugging_face_trainer(tmp_path: Path, caplog) -> None:
+    space = Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.3)})
+    controller = HypergradientController(space, every=2)
+    callback = hf.HuggingFaceCallback(online=controller)
+    trainer = hf_trainer(tiny_bert(), callback, tmp_path / "out", epochs=3)
+    with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
+        trainer.train()
+    assert "held-out batches from the Trainer's evaluation data" in caplog.text
+    assert controller.updates >= 8
+    assert {m["knob"] for m in controller.moves} == {"weight_decay", "label_smoothing"}
+    applied_decay = [g["weight_decay"] for g in trainer.optimizer.param_groups if g["regularize"]]
+    assert applied_decay == [pytest.approx(controller.values["weight_decay"])] * len(applied_decay)
+    in_force = callback.session.applied.setting  # what the training forward smooths with
+    assert in_force.label_smoothing == pytest.approx(controller.values["label_smoothing"])
+    meta = callback.history.meta["online"]
+    assert meta["hypergradient_steps"] == controller.updates and meta["moves"] == controller.moves
+    assert 0 < meta["cost"] < 10
+    # the strengths moved away from where they started (the middle of each range, on its log scale)
+    assert controller.values["weight_decay"] != pytest.approx(0.01, rel=1e-3)
+
+
+def test_online_on_a_causal_lm_inside_the_trainer_smooths_shifted_labels(tmp_path: Path) -> None:
+    class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+        def __init__(self, seed: int, n: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            start = torch.randint(0, 40, (n, 1), generator=g)
+            self.ids = (start + torch.arange(12)) % 40  # counting: a next token the model can learn
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                                                 n_head=2))  # fmt: skip
+    controller = HypergradientController(Space({"label_smoothing": (0.0, 0.3), "l2": (1e-5, 1e-1)}), every=2)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=4, per_device_train_batch_size=16,
+                                          learning_rate=3e-3, eval_strategy="epoch", save_strategy="no",
+                                          logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
+    callback = hf.HuggingFaceCallback(online=controller)
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens(0, 128), eval_dataset=Tokens(1, 64),
+                         callbacks=[callback]).train()  # fmt: skip
+    assert {m["knob"] for m in controller.moves} == {"label_smoothing", "l2"}
+    assert callback._shift is True
+
+
+def test_online_in_a_trainer_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    space = Space({"weight_decay": (1e-4, 1.0)})
+    with pytest.raises(ValueError, match=r"^setting must be None when online= is given"):
+        hf.HuggingFaceCallback(Regularization(dropout=0.1), online=space)
+    with pytest.raises(ValueError, match=r"^online_data must be None without online="):
+        hf.HuggingFaceCallback(Regularization(), online_data=[1])
+    callback = hf.HuggingFaceCallback(online=space)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, eval_strategy="no",
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = transformers.Trainer(model=tiny_bert(), args=args, train_dataset=TokenTask(0, 64), callbacks=[callback])
+    with pytest.raises(
+        ValueError, match=r"^online_data must be held-out batches for the hypergradient: a Trainer that evaluates"
+    ):
+        trainer.train()
+    noise = hf.HuggingFaceCallback(
+        online=HypergradientController(Space({"noise": (0.0, 0.5)}), every=1, warmup=0)
+    )
+    with pytest.raises(ValueError, match=r"^regularization\.noise must be 0 for a model whose inputs are input_ids"):
+        hf_trainer(tiny_bert(), noise, tmp_path / "noise", epochs=1).train()
+
+
+def test_online_data_replaces_the_trainers_evaluation_data(tmp_path: Path, caplog) -> None:
+    held_out = torch.utils.data.DataLoader(TokenTask(5, 64), batch_size=32)
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}), every=1, warmup=0)
+    callback = hf.HuggingFaceCallback(online=controller, online_data=held_out)
+    with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
+        hf_trainer(tiny_bert(), callback, tmp_path, epochs=1).train()
+    assert "held-out batches from online_data" in caplog.text
+    assert (
+        controller.updates == 8 and controller.val_index == 2
+    )  # 8 steps over the 2 held-out batches, in order
+
+
+# -- Lightning -------------------------------------------------------------------------------
+
+
+def test_online_turns_the_knobs_inside_a_lightning_trainer(tmp_path: Path) -> None:
+    space = Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.3), "dropout": (0.0, 0.5)})
+    controller = HypergradientController(space, every=1, epochs_every=1)
+    callback = pl_integration.LightningCallback(online=controller, num_classes=3)
+    module = Classifier()
+    trainer = lightning_fit(module, callback, tmp_path, epochs=8)
+    assert controller.updates >= 20
+    assert {"weight_decay", "label_smoothing"} <= {m["knob"] for m in controller.moves}
+    decay = [g["weight_decay"] for g in trainer.optimizers[0].param_groups if g["regularize"]]
+    assert decay == [pytest.approx(controller.values["weight_decay"])] * len(decay)
+    assert module.regdial.setting.label_smoothing == pytest.approx(controller.values["label_smoothing"])
+    assert module.net[2].p == module.regdial.setting.dropout  # the curve controller's knob, applied
+    assert callback.history.meta["online"]["moves"] == controller.moves
+    state = callback.state_dict()["online"]
+    assert state["updates"] == controller.updates and len(state["q"]) == len(list(module.parameters()))
+
+
+def test_lightning_online_needs_held_out_data(tmp_path: Path) -> None:
+    class NoValidation(Classifier):
+        validation_step = lightning.pytorch.LightningModule.validation_step
+
+    callback = pl_integration.LightningCallback(online=Space({"weight_decay": (1e-4, 1.0)}), num_classes=3)
+    trainer = lightning.pytorch.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
+                                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
+                                        enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^online_data must be held-out batches for the hypergradient: a Trainer that validates"):
+        trainer.fit(NoValidation(), blobs(0, 64))
+
+
+def test_lightning_online_refuses_label_smoothing_through_a_loss_of_its_own(tmp_path: Path) -> None:
+    controller = HypergradientController(Space({"label_smoothing": (0.0, 0.3)}), every=1, warmup=0)
+    callback = pl_integration.LightningCallback(online=controller, num_classes=3,
+                                                loss_fn=lambda output, batch: torch.nn.functional.cross_entropy(output, batch[1]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^online\.label_smoothing must be a knob of a classifier"):
+        lightning_fit(Classifier(), callback, tmp_path, epochs=1)
