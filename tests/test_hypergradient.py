@@ -172,7 +172,9 @@ def test_label_smoothings_hypergradient_is_the_derivative_of_the_validation_loss
     probe, _ = run(0.1)
     (_, above), (_, below) = run(0.11), run(0.09)
     assert probe.last_hypergradients["label_smoothing"] == pytest.approx((above - below) / 0.02, rel=0.02)
-    assert probe.last_hypergradients["label_smoothing"] > 0.05  # not a vanishing number that any estimate matches
+    assert (
+        probe.last_hypergradients["label_smoothing"] > 0.05
+    )  # not a vanishing number that any estimate matches
 
 
 def test_strengths_stay_within_their_ranges(ridge_data) -> None:

@@ -102,15 +102,20 @@ def test_online_in_a_trainer_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     callback = hf.HuggingFaceCallback(online=space)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, eval_strategy="no",
                                           save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
-    trainer = transformers.Trainer(model=tiny_bert(), args=args, train_dataset=TokenTask(0, 64), callbacks=[callback])
+    trainer = transformers.Trainer(
+        model=tiny_bert(), args=args, train_dataset=TokenTask(0, 64), callbacks=[callback]
+    )
     with pytest.raises(
-        ValueError, match=r"^online_data must be held-out batches for the hypergradient: a Trainer that evaluates"
+        ValueError,
+        match=r"^online_data must be held-out batches for the hypergradient: a Trainer that evaluates",
     ):
         trainer.train()
     noise = hf.HuggingFaceCallback(
         online=HypergradientController(Space({"noise": (0.0, 0.5)}), every=1, warmup=0)
     )
-    with pytest.raises(ValueError, match=r"^regularization\.noise must be 0 for a model whose inputs are input_ids"):
+    with pytest.raises(
+        ValueError, match=r"^regularization\.noise must be 0 for a model whose inputs are input_ids"
+    ):
         hf_trainer(tiny_bert(), noise, tmp_path / "noise", epochs=1).train()
 
 
@@ -154,7 +159,10 @@ def test_lightning_online_needs_held_out_data(tmp_path: Path) -> None:
     trainer = lightning.pytorch.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
                                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
                                         enable_model_summary=False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"^online_data must be held-out batches for the hypergradient: a Trainer that validates"):
+    with pytest.raises(
+        ValueError,
+        match=r"^online_data must be held-out batches for the hypergradient: a Trainer that validates",
+    ):
         trainer.fit(NoValidation(), blobs(0, 64))
 
 

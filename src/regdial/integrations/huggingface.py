@@ -60,7 +60,7 @@ Needs the ``huggingface`` extra: ``pip install 'regdial[huggingface]'``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 from torch import Tensor, nn
@@ -155,6 +155,8 @@ class HuggingFaceCallback(TrainerCallback):
             setting = self.online.controller.start()
         elif online_data is not None:
             fail("online_data", "None without online= (it is the hypergradient's held-out data)", online_data)
+        if not isinstance(setting, Regularization):
+            fail("setting", "a regdial.Regularization (or None with online=Space(...))", setting)
         if not isinstance(monitor, str):
             fail("monitor", "the name of an evaluation metric (eval_loss, eval_accuracy...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
@@ -345,7 +347,7 @@ class HuggingFaceCallback(TrainerCallback):
         accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         epochs = max(1.0, float(getattr(args, "num_train_epochs", 1) or 1))
         per_epoch = (
-            len(loader) // accumulation if hasattr(loader, "__len__") else int(self._max_steps / epochs)
+            len(loader) // accumulation if isinstance(loader, Sized) else int(self._max_steps / epochs)
         )
         val = self.online.data if self.online.data is not None else kwargs.get("eval_dataloader")
         shift = bool(self._shift)

@@ -118,6 +118,8 @@ class LightningCallback(pl.Callback):
             fail("loss_fn", "a function (output, batch) -> loss", loss_fn)
         self.loss_fn = loss_fn
         self._last_step = 0
+        if not isinstance(setting, Regularization):
+            fail("setting", "a regdial.Regularization (or None with online=Space(...))", setting)
         if not isinstance(monitor, str):
             fail("monitor", "the name of a logged validation value (val_loss, val_acc...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
@@ -180,7 +182,9 @@ class LightningCallback(pl.Callback):
             self._last_step = trainer.global_step
             self._online_step(trainer, pl_module, batch, total)
 
-    def _online_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, total: int) -> None:
+    def _online_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, total: int
+    ) -> None:
         assert self.online is not None and self.session.applied is not None
         inputs, targets = split(batch)
         val = self.online.data
