@@ -188,8 +188,8 @@ class Task:
                 options["grid_points"] = self.grid_points
                 options["budget"] = f"{self.grid_points ** len(self.grid_space.knobs)} trials"
             space = self.grid_space if grid else self.space
-            if self.generated:
-                result = tune(self.data_path, space, model=MODEL, **options)
+            if self.generated:  # online's default space: the knobs that can turn in its one run
+                result = tune(self.data_path, None if strategy == "online" else space, model=MODEL, **options)
             else:
                 if strategy in ("tpe", "random"):  # the built-in tasks' old cap for plain searches
                     grid_trials = self.grid_points ** len(self.space.knobs)

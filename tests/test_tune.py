@@ -229,12 +229,12 @@ def test_online_turns_the_knobs_from_inside_one_run(tmp_path: Path) -> None:
     space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
     result = tune("digits-small", space, epochs=30, strategy="online", retrain=False, run_dir=tmp_path)
     assert result.strategy == "online"
-    assert result.epochs_spent == 60
+    assert result.epochs_spent == 30  # one run of the trial length
     decay = [m for m in result.moves if m["knob"] == "weight_decay"]
-    # 7 steps an epoch: nothing moves before a quarter of the 420 steps, then every 5 steps
-    # (100 hypergradient steps would need one every 3; 5 is the least).
-    assert len(decay) > 20 and all(1e-4 <= m["value"] <= 1.0 for m in decay)
-    assert min(m["step"] for m in decay) == 105 and all(m["step"] % 5 == 0 for m in decay)
+    # 7 steps an epoch: nothing moves before a quarter of the 210 steps, then every 15 steps
+    # (a hypergradient step costs about 5 training steps: a third of the training's cost).
+    assert len(decay) >= 3 and all(1e-4 <= m["value"] <= 1.0 for m in decay)
+    assert min(m["step"] for m in decay) == 60 and all(m["step"] % 15 == 0 for m in decay)
     assert all(set(m) == {"step", "epoch", "knob", "value"} for m in result.moves)
     # Each turn of dropout moves it one step its way (a fifth of its range) or undoes the
     # previous turn; weight decay is not the curve controller's.
@@ -246,9 +246,9 @@ def test_online_turns_the_knobs_from_inside_one_run(tmp_path: Path) -> None:
         before = turn["dropout"]
     # The curve says which setting was in force at the end of each epoch.
     by_epoch = {row["epoch"]: row for row in result.curve}
-    assert len(result.curve) == 60
+    assert len(result.curve) == 30
     last = max(decay, key=lambda m: m["step"])
-    assert by_epoch[60]["weight_decay"] == last["value"]
+    assert by_epoch[30]["weight_decay"] == last["value"]
     if result.turns:
         turn = result.turns[0]
         assert by_epoch[turn["epoch"]]["dropout"] == 0.0
@@ -267,7 +267,7 @@ def test_the_online_strategys_model_is_its_one_run(tmp_path: Path) -> None:
     space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
     result = tune("breast-cancer", space, epochs=8, strategy="online", run_dir=tmp_path / "search")
     tuned = result.retrain["tuned"]
-    assert tuned["epochs_run"] == 16 and result.epochs_spent == 16
+    assert tuned["epochs_run"] == 8 and result.epochs_spent == 8  # one run of the trial length
     assert tuned["best_epoch"] == result.best_epoch
     assert tuned["best"]["val_accuracy"] == pytest.approx(result.best_value)
     assert "test_accuracy" in tuned["best"]

@@ -87,9 +87,11 @@ DIFFERENTIABLE = ("weight_decay", "l2", "l1", "elastic_net", "label_smoothing", 
 """The knobs whose hypergradient this controller computes; the others go to the curves."""
 
 BETAS = (0.9, 0.999)
-AUTO_STEPS = 100
-"""``every=None`` aims at this many hypergradient steps in a run (fewer when 1 in 5 steps
-would not reach them)."""
+STEP_COST = {"plain": 5, "noise": 8}
+"""A hypergradient step's cost in training steps, with one solve step: measured 4.6-4.9 on an
+MLP, 7.1-8.2 with the noise knob (``benchmarks/online_cost.py``)."""
+SHARE = 1 / 3
+"""``every=None`` spaces the hypergradient steps so that they cost this share of training."""
 VAL_ROWS = 4
 """A validation batch holds at most this many training batches' rows."""
 MIN_LR = 0.05
@@ -116,7 +118,8 @@ class HypergradientController:
             training batch: with one solve step, about 5 training steps of an MLP (7-8
             with the noise knob, whose antithetic pairs pass twice the batch;
             ``benchmarks/online_cost.py``), 23-25% (35-41%) of the step at 20, the default
-            (T1-T2 reported about 30%). None: ``AUTO_STEPS`` of them in the run, every 5 to 20 steps.
+            (T1-T2 reported about 30%). None: ``STEP_COST / SHARE`` steps, a third of the
+            training's cost (15, or 24 with the noise knob).
         lr: the step in log-strength per hypergradient step (Adam's rule); None: enough for
             the run's hypergradient steps to cross the widest range twice, at least
             ``MIN_LR`` (set at the first hypergradient step from the run's length).
@@ -143,13 +146,14 @@ class HypergradientController:
         if not isinstance(space, Space):
             fail("space", "a regdial.Space", space)
         self.space = space
-        self.every = None if every is None else check_int("every", every, low=1)
+        every = None if every is None else check_int("every", every, low=1)
         self.lr = None if lr is None else check_range("lr", lr, low=0.0, high=10.0, low_open=True)
         self.solve_steps = check_int("solve_steps", solve_steps, low=0, high=100)
         self.warmup = None if warmup is None else check_int("warmup", warmup, low=0)
         self.ranges = {n: r for n, r in space.knobs.items() if n in DIFFERENTIABLE}
         if not self.ranges:
             fail("space", "at least one knob of " + ", ".join(DIFFERENTIABLE), repr(space))
+        self.every: int = every or round(STEP_COST["noise" if "noise" in self.ranges else "plain"] / SHARE)
         others = {n: r for n, r in space.knobs.items() if n not in self.ranges}
         self.curves = OnlineController(Space(others, space.base), every=epochs_every) if others else None
         self.values: dict[str, float] = {}
@@ -170,6 +174,7 @@ class HypergradientController:
         self.q: list[Tensor] | None = None
         self.moves: list[dict[str, Any]] = []
         self.checked = False  # the knobs against the training, at the first step
+        self.horizon = 0.0  # the learning rates summed over the steps so far
         self.last_hypergradients: dict[str, float] = {}  # dV/dλ per knob at the last hypergradient step
         self.last_step = 0
         self._val_source: Any = None  # a loader of held-out batches, walked in order
@@ -231,9 +236,8 @@ class HypergradientController:
             check_knobs(training, inputs, self.ranges)
             self.checked = True
         self.last_step = step
+        self.horizon += float(training.applied.optimizer.param_groups[0]["lr"])  # τ = Σ η_t, the damping's
         warmup = max(self.warmup if self.warmup is not None else self._default_warmup(training), 1)
-        if self.every is None:
-            self.every = min(20, max(5, (training.total_steps - warmup) // AUTO_STEPS))
         if step % self.every or step < warmup:
             return None
         if self.lr is None:
@@ -245,7 +249,7 @@ class HypergradientController:
         if val_batch is None:  # a trainer that has not built its evaluation data yet
             return None
         grads, self.q = hypergradients(
-            training, inputs, targets, val_batch, self.ranges, self.q, self.solve_steps
+            training, inputs, targets, val_batch, self.ranges, self.q, self.solve_steps, self.horizon
         )
         self.seconds += time.perf_counter() - started
         self.last_hypergradients = grads
@@ -317,7 +321,7 @@ class HypergradientController:
         """Plain values, and ``q`` as tensors (the checkpoint writes them as safetensors)."""
         return {
             "values": dict(self.values), "moment": dict(self.moment), "square": dict(self.square),
-            "lr": self.lr, "every": self.every, "updates": self.updates, "val_index": self.val_index, "last_step": self.last_step,
+            "lr": self.lr, "every": self.every, "horizon": self.horizon, "updates": self.updates, "val_index": self.val_index, "last_step": self.last_step,
             "moves": [dict(m) for m in self.moves], "q": None if self.q is None else list(self.q),
             "curves": None if self.curves is None else self.curves.state_dict(),
         }  # fmt: skip
@@ -329,7 +333,8 @@ class HypergradientController:
         self.square = {name: float(state["square"][name]) for name in self.ranges}
         self.updates, self.val_index = int(state["updates"]), int(state["val_index"])
         self.lr = None if state["lr"] is None else float(state["lr"])
-        self.every = None if state["every"] is None else int(state["every"])
+        self.every = int(state["every"])
+        self.horizon = float(state.get("horizon", 0.0))
         self.last_step = int(state["last_step"])
         self.moves = [dict(m) for m in state["moves"]]
         q = state.get("q")

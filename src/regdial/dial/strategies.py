@@ -82,7 +82,7 @@ def search_path(search: Search) -> TuneResult:
 
 
 def search_online(search: Search) -> TuneResult:
-    """``online``: one run of twice the epochs, the controllers turning the knobs.
+    """``online``: one run of the trial length, the controllers turning the knobs.
 
     The knobs that enter training differentiably (``DIFFERENTIABLE``) follow their
     hypergradient every ``HypergradientController.every`` steps; the others are turned from
@@ -91,7 +91,7 @@ def search_online(search: Search) -> TuneResult:
     objective = search.objective
     assert isinstance(objective, FitObjective)  # Search refuses online for the user's own code
     metric = objective.metric
-    epochs = 2 * search.epochs
+    epochs = search.epochs
     every = max(2, epochs // 12)
     controller: OnlineController | HypergradientController
     if any(name in DIFFERENTIABLE for name in search.space.knobs):
@@ -100,8 +100,8 @@ def search_online(search: Search) -> TuneResult:
         curves = (
             f"; {', '.join(controller.curves.space.knobs)} every {every} epochs" if controller.curves else ""
         )
-        search.say(f"one run of {epochs} epochs, turning {hyper} by their hypergradient every 5 to 20 "
-                   f"steps{curves}")  # fmt: skip
+        search.say(f"one run of {epochs} epochs, turning {hyper} by their hypergradient every "
+                   f"{controller.every} steps{curves}")  # fmt: skip
     else:
         controller = OnlineController(search.space, every=every)
         search.say(
