@@ -62,6 +62,11 @@ def test_online_turns_the_knobs_inside_a_hugging_face_trainer(tmp_path: Path, ca
     meta = callback.history.meta["online"]
     assert meta["hypergradient_steps"] == controller.updates and meta["moves"] == controller.moves
     assert 0 < meta["cost"] < 10
+    report = tmp_path / "out" / "regdial_report.html"
+    assert (
+        "Knobs over training" in report.read_text()
+        and (tmp_path / "out" / "regdial_report" / "knobs.png").is_file()
+    )
     # the strengths moved away from where they started (the middle of each range, on its log scale)
     assert controller.values["weight_decay"] != pytest.approx(0.01, rel=1e-3)
 

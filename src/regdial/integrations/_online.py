@@ -91,10 +91,11 @@ class Online:
         total = time.perf_counter() - self.started - c.seconds
         share = c.seconds / total if total > 0 else math.nan
         meta["online"] = {"moves": [dict(m) for m in c.moves], "turns": c.turns, "hypergradient_steps": c.updates,
-                          "cost": share, "values": c.start().to_dict()}  # fmt: skip
+                          "cost": share if math.isfinite(share) else None,
+                          "values": c.start().to_dict()}  # fmt: skip
         if c.updates == 0:
-            logger.warning("regdial: online: no hypergradient step was taken (the run ended within the warm-up of "
-                           "%s steps, or had no held-out batches)", c.warmup)  # fmt: skip
+            logger.warning("regdial: online: no hypergradient step was taken (the run ended within the warm-up, a "
+                           "quarter of it by default, or had no held-out batches)")  # fmt: skip
             return
         logger.warning("regdial: online: %d hypergradient steps, %d moves; they took %.0f%% of the rest of "
                        "training's time; last strengths %s", c.updates, len(c.moves), 100 * share,

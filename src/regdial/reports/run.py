@@ -94,6 +94,28 @@ def _gap(history: History, baseline: History | None, diagnosis: Diagnosis, path:
     plt.close(figure)
 
 
+def _knobs(online: Mapping[str, Any], path: Path) -> bool:
+    """Each knob the run turned itself (``online=``), over its optimizer steps; False: none moved."""
+    moves = [m for m in online.get("moves", []) if isinstance(m, Mapping)]
+    knobs = sorted({str(m["knob"]) for m in moves})
+    if not knobs:
+        return False
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(knobs), figsize=(min(11, 3.7 * len(knobs)), 3.2), squeeze=False)
+    for ax, knob in zip(axes[0], knobs, strict=True):
+        steps = [float(m["step"]) for m in moves if m["knob"] == knob]
+        values = [float(m["value"]) for m in moves if m["knob"] == knob]
+        ax.step(steps, values, where="post", color=COLORS["val"])
+        if min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(knob)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return True
+
+
 def _weights(weights: Mapping[str, Any], path: Path) -> list[tuple[str, int, float, int]]:
     """Histograms of each weight matrix; returns (name, size, share of exact zeros, non-finite count)."""
     plt = pyplot()
@@ -237,6 +259,17 @@ def run_report(run_dir: str | Path) -> Path:
             "<img src='sparsity.png' alt='share of exact zeros per layer'>",
             table([[n, f"{c:,}", f"{z:.1%}", f"{b:,}"] for n, c, z, b in layer_rows],
                   ["layer", "weights", "exact zeros", "not finite"]),
+        ]  # fmt: skip
+    online = history.meta.get("online")
+    if isinstance(online, Mapping) and _knobs(online, run_dir / "knobs.png"):
+        cost = online.get("cost")
+        parts += [
+            "<h2>Knobs over training</h2>",
+            "<img src='knobs.png' alt='each knob the run turned, over its optimizer steps'>",
+            f"<p class='muted'>{int(online.get('hypergradient_steps', 0))} hypergradient steps, "
+            f"{len(online.get('moves', []))} moves"
+            + (f"; they took {float(cost):.0%} of the rest of training's time" if isinstance(cost, float)
+               and math.isfinite(cost) else "") + "</p>",
         ]  # fmt: skip
     if isinstance(summary.get("support"), dict):
         support = summary["support"]
