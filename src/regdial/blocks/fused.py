@@ -91,12 +91,12 @@ def penalty_sums(
 ) -> list[Tensor]:
     """``[sum|x|]`` and/or ``[sum x^2]`` over the group, ``x = w - w0`` (or ``w``)."""
     xs = group if anchors is None else [w - a for w, a in zip(group, anchors, strict=True)]
-    sums = []
-    if absolute:
-        sums.append(torch.stack([x.abs().sum() for x in xs]).sum())
-    if squares:
-        sums.append(torch.stack([(x * x).sum() for x in xs]).sum())
-    return sums
+    # Both sums of a tensor side by side: inductor then reduces them in one loop over it
+    # (elastic net 1.7x the floor on the CPU, against 2.4x as two lists of sums).
+    parts = [torch.stack([x.abs().sum(), (x * x).sum()]) for x in xs] if absolute and squares else (
+        [x.abs().sum() for x in xs] if absolute else [(x * x).sum() for x in xs])  # fmt: skip
+    total = torch.stack(parts).sum(0)
+    return [total[0], total[1]] if absolute and squares else [total]
 
 
 def penalty_gradients(
@@ -212,6 +212,11 @@ class FusedKernel(Generic[R]):
     def _apply(self, fused: bool | None, group: list[Tensor], args: tuple[Any, ...]) -> tuple[bool, R | None]:
         if fused is False or self._broken or group[0].dtype not in FUSED_DTYPES:
             return False, None
+        if fused is None and group[0].device.type not in self.pick_on:
+            return False, None  # before the key: building it costs a tuple per tensor a call
+        # Detached views (the same storage and version counter): the compiled call's guards
+        # and wrappers skip autograd's, 0.14 ms of 0.53 on 96 small parameters.
+        group = [w.detach() for w in group]
         variant = tuple(arg if isinstance(arg, bool) else arg is None for arg in args)
         key = (group[0].device, group[0].dtype, variant, *(tuple(w.shape) for w in group))
         if key not in self._ready:
