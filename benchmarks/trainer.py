@@ -180,30 +180,6 @@ def bookkeeping(repeats: int, steps: int = 20, batch: int = 256) -> None:
     print(
         f"timed directly: {total:.2f} ms a step = {100 * total / step_ms:.1f}% of the minimal step ({parts} ms)"
     )
-    hooks_ms = _hooks_in_a_step(applied.optimizer, steps * repeats)
-    print(f"step hooks inside AdamW steps (with against without, alternating): {hooks_ms:.2f} ms = "
-          f"{100 * hooks_ms / step_ms:.1f}% of the minimal step")  # fmt: skip
-
-
-def _hooks_in_a_step(optimizer, repeats: int) -> float:
-    """The post-step hooks' cost where training pays it, right after the optimizer's own
-    pass over the weights and its state: ``step()`` with the hooks against ``step()`` with
-    them removed, alternating (ms, medians). Called back to back, as above, the same hooks
-    measured nearly twice as much on this project's 2-core CPU (10 ms against 5.7)."""
-    from _timing import paired_ms
-
-    hooks = optimizer._optimizer_step_post_hooks
-
-    def without_hooks() -> None:
-        saved = dict(hooks)
-        hooks.clear()
-        try:
-            optimizer.step()
-        finally:
-            hooks.update(saved)
-
-    with_ms, without_ms = paired_ms(optimizer.step, without_hooks, repeats)
-    return max(0.0, with_ms - without_ms)
 
 
 def _bookkeeping_parts(applied, model, x, y, repeats: int) -> dict[str, float]:
