@@ -19,7 +19,7 @@ def perturb(model: nn.Module, step: int) -> None:
         for p in model.parameters():
             p.add_(0.1 * step)
     model.train()
-    model(torch.randn(8, 3))  # moves BN statistics and num_batches_tracked
+    model(torch.randn(8, 3).to(model[0].weight.dtype))  # moves BN statistics and num_batches_tracked
 
 
 def test_ema_matches_a_hand_computed_average() -> None:
@@ -84,3 +84,62 @@ def test_recompute_batchnorm_uses_the_data() -> None:
 def test_bad_decay() -> None:
     with pytest.raises(ValueError, match=r"^EMA.decay must be in \[0, 1\], got 1.5$"):
         EMA(nn.Linear(1, 1), decay=1.5)
+
+
+def _torch_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's own EMA with the integer buffers copied: the oracle of EMA's kept groups."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def average(averaged: list[torch.Tensor], current: list[torch.Tensor], n: object) -> None:
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
+def test_ema_follows_replaced_added_and_moved_tensors_as_torch_does() -> None:
+    """The groups EMA keeps between updates are rebuilt when the model's tensors change:
+    a parameter replaced, a module added to both, a tensor's dtype changed by ``.data =``."""
+    model, twin = model_with_bn(), model_with_bn()
+    ema, oracle = EMA(model, decay=0.8), _torch_ema(twin, 0.8)
+
+    def update(step: int) -> None:
+        for m in (model, twin):
+            torch.manual_seed(step)  # the same batch through both
+            perturb(m, step)
+        ema.update_parameters(model)
+        oracle.update_parameters(twin)
+        torch.testing.assert_close(ema.module.state_dict(), oracle.module.state_dict(), rtol=0, atol=0)
+
+    for step in range(1, 4):
+        update(step)
+    for m in (model, twin):  # a new tensor for the first layer's bias
+        m[0].bias = nn.Parameter(m[0].bias.detach() + 1.0)
+    update(4)
+    for m in (model, twin, ema.module, oracle.module):  # a module added everywhere
+        m.append(nn.Linear(4, 2))
+        with torch.no_grad():
+            m[-1].weight.fill_(0.5)
+            m[-1].bias.zero_()
+    update(5)
+    for m in (model, twin, ema.module, oracle.module):
+        m.double()  # the same parameter objects, their data replaced (``.data =``)
+    update(6)
+    assert ema.module[-1].weight.dtype == torch.float64
+
+
+def test_a_copied_ema_updates_its_own_average() -> None:
+    import copy
+
+    model = model_with_bn()
+    ema = EMA(model, decay=0.5)
+    ema.update_parameters(model)
+    ema.update_parameters(model)  # the groups are kept now
+    twin = copy.deepcopy(ema)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    perturb(model, 1)
+    twin.update_parameters(model)
+    torch.testing.assert_close(ema.module.state_dict(), before, rtol=0, atol=0)  # untouched
+    assert not torch.equal(twin.module[0].weight, before["0.weight"])

@@ -71,6 +71,27 @@ def test_value_and_gradient_match_eager(name: str, dtype: torch.dtype) -> None:
         assert torch.equal(got == 0, want == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("absolute", "squares", "with_anchors"),
+    [(True, False, False), (False, True, False), (True, True, False), (False, True, True)],
+)
+def test_penalty_sums_are_the_formulas(
+    dtype: torch.dtype, absolute: bool, squares: bool, with_anchors: bool
+) -> None:
+    """The kernel's own arithmetic (run eagerly here; compiled above): sum|x| and sum x^2
+    in the order asked, x = w - w0 with anchors."""
+    ws = weights(dtype)
+    anchors = [w * 0.5 + 0.25 for w in ws] if with_anchors else None
+    xs = ws if anchors is None else [w - a for w, a in zip(ws, anchors, strict=True)]
+    expected = [sum(float(v) for x in xs for v in x.abs().flatten())] if absolute else []
+    expected += [sum(float(v) ** 2 for x in xs for v in x.flatten())] if squares else []
+    got = fused.penalty_sums(ws, anchors, absolute, squares)
+    assert [s.dtype for s in got] == [dtype] * len(expected)
+    tight = 1e-6 if dtype == torch.float32 else 1e-13
+    assert [s.item() for s in got] == pytest.approx(expected, rel=tight)
+
+
 @pytest.mark.parametrize("name", ["L1", "L2", "ElasticNet"])
 def test_prox_matches_eager(name: str) -> None:
     eager, compiled = weights(torch.float32), weights(torch.float32)
@@ -235,15 +256,18 @@ def test_pick_for_me_stays_eager_for_small_groups() -> None:
     assert not fused.SUMS._calls.get((ws[0].device, ws[0].dtype, (True, True, True), (5, 3)))
 
 
-def test_pick_for_me_keeps_the_sums_eager_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inductor's CPU reductions measured slower than eager: fused=None never compiles them."""
+def test_pick_for_me_keeps_l2s_squares_eager_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager's foreach 2-norm beats the compiled sum of squares on the CPU: fused=None never
+    compiles L2's; the sums eager takes with a temporary per tensor (L1's) it compiles."""
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(fused, "MIN_CALLS", 1)
     ws = [torch.randn(7, 2), torch.randn(2)]
-    before = len(fused.SUMS._ready)
+    squares, sums = len(fused.SQUARES._ready), len(fused.SUMS._ready)
     for _ in range(3):
+        torch.testing.assert_close(L2(0.2).value(ws), L2(0.2, fused=False).value(ws))
         torch.testing.assert_close(L1(0.2).value(ws), L1(0.2, fused=False).value(ws))
-    assert len(fused.SUMS._ready) == before and fused.SUMS.pick_on == ("cuda",)
+    assert len(fused.SQUARES._ready) == squares and fused.SQUARES.pick_on == ("cuda",)
+    assert len(fused.SUMS._ready) == sums + (fused.compiler_missing("cpu") is None)
 
 
 @pytest.mark.parametrize(

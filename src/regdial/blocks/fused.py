@@ -32,7 +32,7 @@ would guard on: a strength on a schedule does not recompile.
   repay (8.9 s cold, about 2 s from inductor's cache, for a kernel that saves a few ms a
   step on 6.3M parameters). Where compiling is impossible it logs one line and stays eager.
   A kernel measured slower than eager on a device type is not picked there
-  (``pick_on``: the penalties' sums stay eager on the CPU).
+  (``pick_on``: L2's sum of squares stays eager on the CPU).
 
 Either way a compile that fails logs one warning and that kernel stays eager from then
 on; a kernel compiled for more shape sets than dynamo's ``recompile_limit`` takes the
@@ -91,12 +91,13 @@ def penalty_sums(
 ) -> list[Tensor]:
     """``[sum|x|]`` and/or ``[sum x^2]`` over the group, ``x = w - w0`` (or ``w``)."""
     xs = group if anchors is None else [w - a for w, a in zip(group, anchors, strict=True)]
-    sums = []
-    if absolute:
-        sums.append(torch.stack([x.abs().sum() for x in xs]).sum())
-    if squares:
-        sums.append(torch.stack([(x * x).sum() for x in xs]).sum())
-    return sums
+    if absolute and squares:
+        # A tensor's two sums side by side: inductor reduces them in one loop over it
+        # (elastic net 1.65x the floor on the CPU, against 1.8x per-tensor pairs and 2.4x
+        # as two lists of sums, benchmarks/penalties.py's model).
+        both = torch.stack([s for x in xs for s in (x.abs().sum(), (x * x).sum())]).view(-1, 2).sum(0)
+        return [both[0], both[1]]
+    return [torch.stack([x.abs().sum() if absolute else (x * x).sum() for x in xs]).sum()]
 
 
 def penalty_gradients(
@@ -212,6 +213,11 @@ class FusedKernel(Generic[R]):
     def _apply(self, fused: bool | None, group: list[Tensor], args: tuple[Any, ...]) -> tuple[bool, R | None]:
         if fused is False or self._broken or group[0].dtype not in FUSED_DTYPES:
             return False, None
+        if fused is None and group[0].device.type not in self.pick_on:
+            return False, None  # before the key: building it costs a tuple per tensor a call
+        # Detached views (the same storage and version counter): the compiled call's guards
+        # and wrappers skip autograd's, 0.14 ms of 0.53 on 96 small parameters.
+        group = [w.detach() for w in group]
         variant = tuple(arg if isinstance(arg, bool) else arg is None for arg in args)
         key = (group[0].device, group[0].dtype, variant, *(tuple(w.shape) for w in group))
         if key not in self._ready:
@@ -280,10 +286,13 @@ class FusedKernel(Generic[R]):
 _SAID: set[str] = set()
 """Reasons already logged: a missing compiler is said once per process, not per kernel."""
 
-# Inductor's CPU reductions lose to the eager sums (``benchmarks/penalties.py``, 6.3M
-# parameters, 1 thread, --fused on vs off: L1's value 4.6x the floor compiled, 2.2x eager;
-# elastic net 3.1x against 2.6x), so on the CPU "pick for me" keeps the sums eager.
-SUMS = FusedKernel(penalty_sums, pick_on=("cuda",))
+# The sums as written here beat eager on the CPU where eager takes a temporary per tensor
+# (``benchmarks/penalties.py``, 6.3M parameters, 1 thread, --fused on vs off: L1's value
+# 1.7x the floor against 1.9x, elastic net's 2.1x against 2.4x, L2-SP's 2.0x against
+# 2.9x), but not the plain squares, L2's, which eager takes in one foreach 2-norm (1.3x
+# against 1.5x compiled): on the CPU "pick for me" keeps those eager (``SQUARES``).
+SUMS = FusedKernel(penalty_sums)
+SQUARES = FusedKernel(penalty_sums, pick_on=("cuda",))
 GRADIENTS = FusedKernel(penalty_gradients)
 ELASTIC_PROX = FusedKernel(elastic_prox_)
 QUOTIENT_PROX = FusedKernel(quotient_prox_)

@@ -143,7 +143,9 @@ class Penalty(Scheduled, ABC):
         if terms is None:
             return None
         a, b = terms
-        sums = kernels.SUMS(self.fused, group, self._fused_anchors(group), a != 0.0, b != 0.0)
+        anchors = self._fused_anchors(group)
+        kernel = kernels.SQUARES if a == 0.0 and anchors is None else kernels.SUMS
+        sums = kernel(self.fused, group, anchors, a != 0.0, b != 0.0)
         if sums is None:
             return None
         return a * sums[0] + b * sums[-1] if a and b else (a * sums[0] if a else b * sums[0])

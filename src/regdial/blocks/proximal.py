@@ -417,7 +417,12 @@ def _refuse_sharded(penalty: Prox, optimizer: Optimizer) -> None:
 def _report_zeroed(params: list[Tensor], zeroed: set[int], names: dict[int, str], penalty: Prox) -> None:
     """Log, once per tensor, a parameter that has become entirely zero."""
     for p in params:
-        if id(p) not in zeroed and p.numel() > 1 and not bool(p.detach().any()):
+        if id(p) in zeroed or p.numel() <= 1:
+            continue
+        # A live tensor shows a nonzero in its first elements: the full pass (6 ms over 6.3M
+        # weights on one CPU core, benchmarks/trainer.py's model) only where those are all zero.
+        flat = p.detach().reshape(-1)
+        if not bool(flat[:64].any()) and not bool(flat.any()):
             zeroed.add(id(p))
             name = names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
             logger.warning("%s has become entirely zero under %r", name, penalty)
