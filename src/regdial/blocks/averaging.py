@@ -138,7 +138,8 @@ class EMA(_Averaged):
         module is replaced, added or moved (``_members``: every module's own entries)."""
         cached = self._cache
         if cached is not None and cached[0] is model and cached[2] == _members(cached[1]):
-            return cached[3]
+            kept: list[tuple[list[Tensor], list[Tensor]]] | None = cached[3]
+            return kept
         modules = list(model.modules()) + list(self.module.modules())
         by_kind: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         pairs = zip(
@@ -162,7 +163,7 @@ class EMA(_Averaged):
         return groups
 
     def __getstate__(self) -> dict[str, Any]:
-        state: dict[str, Any] = super().__getstate__()
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state["_cache"] = None  # this average's tensors and the model's: a copy builds its own
         return state
 
