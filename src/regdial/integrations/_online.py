@@ -62,11 +62,27 @@ class Online:
         self.started = time.perf_counter()
         self.said = False
 
-    @staticmethod
-    def check_setting(setting: Regularization | None) -> None:
-        if setting is not None:
-            fail("setting", "None when online= is given (the space's base holds the fixed knobs: "
-                 "Space({...}, base=Regularization(...)))", setting)  # fmt: skip
+    @classmethod
+    def of(
+        cls, setting: Regularization | None, trial: Any, online: Space | HypergradientController | None,
+        data: Iterable[Any] | None,
+    ) -> tuple[Online | None, Regularization]:  # fmt: skip
+        """A callback's arguments checked: its ``Online`` (None without ``online=``) and the
+        setting to start from (the controller's, with ``online=``)."""
+        made = None
+        if online is not None:
+            if setting is not None:
+                fail("setting", "None when online= is given (the space's base holds the fixed knobs: "
+                     "Space({...}, base=Regularization(...)))", setting)  # fmt: skip
+            if trial is not None:
+                fail("online", "None inside a search trial (a trial's knobs are the search's)", online)
+            made = cls(online, data)
+            setting = made.controller.start()
+        elif data is not None:
+            fail("online_data", "None without online= (it is the hypergradient's held-out data)", data)
+        if not isinstance(setting, Regularization):
+            fail("setting", "a regdial.Regularization (or None with online=Space(...))", setting)
+        return made, setting
 
     def start(self) -> Regularization:
         self.started = time.perf_counter()

@@ -146,17 +146,7 @@ class HuggingFaceCallback(TrainerCallback):
         online: Space | HypergradientController | None = None,
         online_data: Iterable[Any] | None = None,
     ) -> None:
-        self.online: Online | None = None
-        if online is not None:
-            Online.check_setting(setting)
-            if trial is not None:
-                fail("online", "None inside a search trial (a trial's knobs are the search's)", online)
-            self.online = Online(online, online_data)
-            setting = self.online.controller.start()
-        elif online_data is not None:
-            fail("online_data", "None without online= (it is the hypergradient's held-out data)", online_data)
-        if not isinstance(setting, Regularization):
-            fail("setting", "a regdial.Regularization (or None with online=Space(...))", setting)
+        self.online, setting = Online.of(setting, trial, online, online_data)
         if not isinstance(monitor, str):
             fail("monitor", "the name of an evaluation metric (eval_loss, eval_accuracy...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))

@@ -104,22 +104,13 @@ class LightningCallback(pl.Callback):
         loss_fn: Callable[[Tensor, Any], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        self.online: Online | None = None
-        if online is not None:
-            Online.check_setting(setting)
-            if trial is not None:
-                fail("online", "None inside a search trial (a trial's knobs are the search's)", online)
-            self.online = Online(online, online_data)
-            setting = self.online.controller.start()
-        elif online_data is not None or loss_fn is not None:
-            fail("online_data" if online_data is not None else "loss_fn", "None without online= (it is the "
-                 "hypergradient's)", online_data if online_data is not None else loss_fn)  # fmt: skip
+        self.online, setting = Online.of(setting, trial, online, online_data)
+        if loss_fn is not None and online is None:
+            fail("loss_fn", "None without online= (it is the hypergradient's)", loss_fn)
         if loss_fn is not None and not callable(loss_fn):
             fail("loss_fn", "a function (output, batch) -> loss", loss_fn)
         self.loss_fn = loss_fn
         self._last_step = 0
-        if not isinstance(setting, Regularization):
-            fail("setting", "a regdial.Regularization (or None with online=Space(...))", setting)
         if not isinstance(monitor, str):
             fail("monitor", "the name of a logged validation value (val_loss, val_acc...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
