@@ -14,7 +14,7 @@ from torch import nn
 
 from regdial import Regularization, Space, fit
 from regdial._checks import InputError
-from regdial.dial.hypergradient import HypergradientController
+from regdial.dial.hypergradient import HypergradientController, recipe_start
 from regdial.dial.implicit import calibrated_cross_entropy
 from regdial.training.checkpoint import load_weights
 
@@ -336,3 +336,25 @@ def test_the_calibrated_cross_entropy_is_the_cross_entropy_at_its_best_temperatu
     (expected,) = torch.autograd.grad(F.cross_entropy(logits[keep] / best, targets[keep]), logits)
     assert torch.allclose(grad, expected, atol=1e-4)
     assert grad[:4].abs().sum() == 0
+
+
+def test_the_online_start_is_the_recipe_where_there_is_one() -> None:
+    """The knobs practitioners set start at ``RECIPE``'s strengths, kept inside their
+    ranges; the others are left to the controller's own start (mid-range)."""
+    space = Space(
+        {
+            "weight_decay": (1e-4, 1.0),
+            "l1": (1e-4, 1.0),
+            "dropout": (0.2, 0.5),
+            "label_smoothing": (0.0, 0.05),
+        }
+    )
+    start = recipe_start(space)
+    assert start == {"weight_decay": 0.05, "dropout": 0.2, "label_smoothing": 0.05}
+    controller = HypergradientController(space, start=start)
+    assert controller.values == {
+        "weight_decay": 0.05,
+        "l1": pytest.approx(1e-2),
+        "label_smoothing": 0.05,
+    }
+    assert controller.start().dropout == 0.2

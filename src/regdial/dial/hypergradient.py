@@ -45,7 +45,9 @@ features its zero is the validation optimum, the one-step version's 44% below it
 ``digits-small`` (a CNN, AdamW, 420 steps, five solve steps) weight decay's hypergradient
 pointed weaker until step 300 and stronger from step 340 on. So by default nothing moves
 before a quarter of the run (``warmup``), and strengths start mid-range (log scale), not
-at the floor, where one that points weaker at first would hold them.
+at the floor, where one that points weaker at first would hold them (the ``online``
+strategy and the callbacks start the knobs practitioners set at their recipe instead,
+``recipe_start``).
 
 Each knob moves in log space, ``u = log λ``, by Adam's rule on ``λ·dV/dλ`` (momentum 0.9,
 RMS over ~1000 hypergradients, step ``lr``): relative steps, the validation batches' noise
@@ -81,7 +83,7 @@ if TYPE_CHECKING:
     from regdial.applied import Applied
     from regdial.training.loop import Run
 
-__all__ = ["DIFFERENTIABLE", "HypergradientController"]
+__all__ = ["DIFFERENTIABLE", "HypergradientController", "recipe_start"]
 
 DIFFERENTIABLE = ("weight_decay", "l2", "l1", "elastic_net", "label_smoothing", "noise")
 """The knobs whose hypergradient this controller computes; the others go to the curves."""
@@ -98,6 +100,19 @@ MIN_LR = 0.05
 """The smallest step in log-strength that ``lr=None`` picks."""
 FLOOR = 1e-3
 """A range that starts at 0 is floored at ``FLOOR * high``: in log space 0 is never reached."""
+
+
+def recipe_start(space: Space) -> dict[str, float]:
+    """Where the online dial starts the knobs practitioners set: ``timescale.RECIPE``'s
+    strengths, inside each range (above a floored range's floor). Measured on
+    ``benchmarks/online.py`` against mid-range (and weakest, for the curves' knobs) starts:
+    better on six of eight tasks (digits-small 0.914 to 0.954, motifs 0.670 to 0.741), worse
+    on digits-transfer (0.927 to 0.857: dropout from the first epoch costs it 4 points)."""
+    from regdial.dial.timescale import RECIPE
+
+    return {
+        name: min(max(RECIPE[name], _floor(r)), r.high) for name, r in space.knobs.items() if name in RECIPE
+    }
 
 
 def _floor(r: Range) -> float:
@@ -126,8 +141,10 @@ class HypergradientController:
         solve_steps: conjugate-gradient iterations per hypergradient step on ``q``.
         warmup: steps before the first move (None: a quarter of the run, at least its first
             epoch; see the module docstring).
-        start: the strengths to start from (default: the middle of each range on its log
-            scale, from which the hypergradient can point either way).
+        start: the strengths to start from, of any of the space's knobs (default: a
+            differentiable knob at the middle of its range on its log scale, from which the
+            hypergradient can point either way; another at its weakest). ``regdial tune
+            --strategy online`` starts the knobs of ``timescale.RECIPE`` at the recipe.
         epochs_every: epochs between the curve controller's turns of the other knobs
             (default 2).
     """
@@ -155,7 +172,10 @@ class HypergradientController:
             fail("space", "at least one knob of " + ", ".join(DIFFERENTIABLE), repr(space))
         self.every: int = every or round(STEP_COST["noise" if "noise" in self.ranges else "plain"] / SHARE)
         others = {n: r for n, r in space.knobs.items() if n not in self.ranges}
-        self.curves = OnlineController(Space(others, space.base), every=epochs_every) if others else None
+        self.curves = (
+            OnlineController(Space(others, space.base), every=epochs_every, start=dict(start or {}))
+            if others else None
+        )  # fmt: skip
         self.values: dict[str, float] = {}
         for name, r in self.ranges.items():
             low, high = _floor(r), r.high
@@ -163,7 +183,7 @@ class HypergradientController:
             self.values[name] = check_range(
                 f"start.{name}", value, low=low, high=high
             )  # 0 has no logarithm: the floor is the weakest start
-        unknown = set(start or {}) - set(self.ranges)
+        unknown = set(start or {}) - set(space.knobs)
         if unknown:
             fail("start", "strengths of the space's differentiable knobs (" + ", ".join(self.ranges) + ")",
                  sorted(unknown)[0])  # fmt: skip
@@ -254,24 +274,31 @@ class HypergradientController:
         self.seconds += time.perf_counter() - started
         self.last_hypergradients = grads
         self.updates += 1
-        b1, b2 = BETAS
         for name, grad in grads.items():
-            if not math.isfinite(grad):
-                continue
-            r = self.ranges[name]
-            u_grad = grad * self.values[name]  # d/d(log λ)
-            self.moment[name] = b1 * self.moment[name] + (1 - b1) * u_grad
-            self.square[name] = b2 * self.square[name] + (1 - b2) * u_grad * u_grad
-            m_hat = self.moment[name] / (1 - b1**self.updates)
-            v_hat = self.square[name] / (1 - b2**self.updates)
-            if v_hat <= 0:
-                continue
-            u = math.log(self.values[name]) - self.lr * m_hat / (math.sqrt(v_hat) + 1e-12)
-            value = min(r.high, max(_floor(r), math.exp(u)))
+            value = self._move(name, grad)
             if value != self.values[name]:
                 self.values[name] = value
                 self.moves.append({"step": step, "epoch": training.epoch + 1, "knob": name, "value": value})
         return self.space.setting(self._all_values())
+
+    def _move(self, name: str, grad: float) -> float:
+        """Knob ``name``'s strength after hypergradient ``grad`` (``dV/dλ``): Adam's rule on
+        ``log λ`` (the module docstring), inside the knob's range."""
+        value = self.values[name]
+        if not math.isfinite(grad):
+            return value
+        b1, b2 = BETAS
+        u_grad = grad * value  # d/d(log λ)
+        self.moment[name] = b1 * self.moment[name] + (1 - b1) * u_grad
+        self.square[name] = b2 * self.square[name] + (1 - b2) * u_grad * u_grad
+        m_hat = self.moment[name] / (1 - b1**self.updates)
+        v_hat = self.square[name] / (1 - b2**self.updates)
+        if v_hat <= 0:
+            return value
+        assert self.lr is not None
+        u = math.log(value) - self.lr * m_hat / (math.sqrt(v_hat) + 1e-12)
+        r = self.ranges[name]
+        return min(r.high, max(_floor(r), math.exp(u)))
 
     @staticmethod
     def _default_warmup(training: Training) -> int:

@@ -60,9 +60,13 @@ class OnlineController:
     for all knobs cannot reach. ``turns`` records each step and each undo.
     """
 
-    def __init__(self, space: Space, every: int) -> None:
+    def __init__(self, space: Space, every: int, start: dict[str, float] | None = None) -> None:
         self.space, self.every = space, every
         self.values = {name: r.low for name, r in space.knobs.items()}  # start weak: loosen nothing yet
+        for name, value in (start or {}).items():
+            if name in self.values:
+                r = space.knobs[name]
+                self.values[name] = min(max(float(value), r.low), r.high)
         # Log-scale knobs step by at least x2, and by enough to cross their range in six turns.
         self.factors = {
             name: max(2.0, (r.high / r.low) ** (1 / 6)) for name, r in space.knobs.items() if r.log

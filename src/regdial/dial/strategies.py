@@ -39,7 +39,7 @@ from regdial.dial.choice import (
     seeds,
     trial_row,
 )
-from regdial.dial.hypergradient import DIFFERENTIABLE, HypergradientController
+from regdial.dial.hypergradient import DIFFERENTIABLE, HypergradientController, recipe_start
 from regdial.dial.objective import FitObjective
 from regdial.dial.online import OnlineController
 from regdial.dial.path import regularization_path
@@ -95,7 +95,11 @@ def search_online(search: Search) -> TuneResult:
     every = max(2, epochs // 12)
     controller: OnlineController | HypergradientController
     if any(name in DIFFERENTIABLE for name in search.space.knobs):
-        controller = HypergradientController(search.space, every=None, epochs_every=every)
+        # The knobs practitioners set start where they set them (RECIPE), the rest mid-range.
+        recipe_values = recipe_start(search.space)
+        controller = HypergradientController(
+            search.space, every=None, epochs_every=every, start=recipe_values
+        )
         hyper = ", ".join(controller.ranges)
         curves = (
             f"; {', '.join(controller.curves.space.knobs)} every {every} epochs" if controller.curves else ""

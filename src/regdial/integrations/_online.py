@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from regdial._checks import Described, fail
-from regdial.dial.hypergradient import HypergradientController
+from regdial.dial.hypergradient import HypergradientController, recipe_start
 from regdial.dial.implicit import Training
 from regdial.dial.space import Space
 from regdial.setting import Regularization
@@ -54,7 +54,7 @@ class Online:
 
     def __init__(self, online: Space | HypergradientController, data: Iterable[Any] | None) -> None:
         if isinstance(online, Space):
-            online = HypergradientController(online)
+            online = HypergradientController(online, start=recipe_start(online))
         if not isinstance(online, HypergradientController):
             fail("online", "a regdial.Space or a HypergradientController", online)
         self.controller = online
