@@ -244,7 +244,7 @@ def test_a_resumed_online_run_continues_bit_identically(tmp_path: Path) -> None:
     [
         ({"start": {"l2": 0.0}}, r"^start\.l2 must be in \[0\.0001, 1\], got 0\.0$"),
         ({"start": {"l2": 5.0}}, r"^start\.l2 must be in \[0\.0001, 1\], got 5\.0$"),
-        ({"start": {"dropout": 0.1}}, r"^start must be strengths of the space's differentiable knobs \(l2\)"),
+        ({"start": {"dropout": 0.1}}, r"^start must be strengths of the space's knobs \(l2\)"),
         ({"every": 0}, r"^every must be an integer in \[1, inf\), got 0$"),
         ({"lr": 0.0}, r"^lr must be in \(0, 10\], got 0\.0$"),
         ({"solve_steps": -1}, r"^solve_steps must be an integer in \[0, 100\], got -1$"),
@@ -358,3 +358,10 @@ def test_the_online_start_is_the_recipe_where_there_is_one() -> None:
         "label_smoothing": 0.05,
     }
     assert controller.start().dropout == 0.2
+
+
+def test_a_curve_knobs_start_outside_its_range_is_one_line() -> None:
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    with pytest.raises(InputError, match=r"^start\.dropout must be in \[0, 0\.5\], got 0\.9$"):
+        HypergradientController(space, start={"dropout": 0.9})
+    assert HypergradientController(space, start={"dropout": 0.3}).start().dropout == 0.3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from regdial._checks import check_range
 from regdial.diagnosis import RISE, diagnose, smooth
 from regdial.dial.space import Space
 from regdial.setting import Regularization
@@ -40,7 +41,7 @@ class OnlineController:
     """Turn the knobs of a space from inside one run, each on its own evidence.
 
     Pass it to ``fit(..., controller=c)`` and start from ``c.start()`` (every knob at its
-    weakest). Every ``every`` epochs, from epoch ``2 * every`` on:
+    weakest, or at ``start``'s strength). Every ``every`` epochs, from epoch ``2 * every`` on:
 
     1. The previous turn is judged: the validation metric's mean over the ``every``
        epochs since the turn is compared with its mean over the ``every`` before it.
@@ -66,7 +67,7 @@ class OnlineController:
         for name, value in (start or {}).items():
             if name in self.values:
                 r = space.knobs[name]
-                self.values[name] = min(max(float(value), r.low), r.high)
+                self.values[name] = check_range(f"start.{name}", value, low=r.low, high=r.high)
         # Log-scale knobs step by at least x2, and by enough to cross their range in six turns.
         self.factors = {
             name: max(2.0, (r.high / r.low) ** (1 / 6)) for name, r in space.knobs.items() if r.log
