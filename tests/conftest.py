@@ -25,6 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # the tests that kill workers do not sit out long grace periods. Child processes inherit it.
 os.environ.setdefault("REGDIAL_HEARTBEAT", "1,5")
 
+# A child process the tests abort as stuck (tests/children.py) prints every thread's stack.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 # Pre-trained weights (regdial.training.pretrained) are made once per test session, in a
 # cache of its own: never the user's, and shared by the parallel test processes.
 if "REGDIAL_CACHE" not in os.environ:

@@ -54,7 +54,8 @@ def postgres_server() -> Iterator[str]:
     port = _free_port()
 
     def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(_as_postgres(command, root), check=True, capture_output=True, text=True)
+        return subprocess.run(_as_postgres(command, root), check=True, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
 
     try:
         run([str(BIN / "initdb"), "-D", str(data), "--auth=trust", "--username=postgres", "--encoding=UTF8"])

@@ -21,6 +21,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from children import finish, stop_all
 from postgres import available, postgres_server
 from regdial import tune
 from regdial._io import DiskFullError, atomic_write, remove_orphans
@@ -134,10 +135,13 @@ def _terminals(count: int, run_dir: Path, trials: int, strategy: str, storage: s
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(count)
     ]
-    for process in processes:
-        _, err = process.communicate(timeout=240)
-        assert process.returncode == 0, err
-        assert "Traceback" not in err
+    try:
+        for process in processes:
+            _, err = finish(process, 240)
+            assert process.returncode == 0, err
+            assert "Traceback" not in err
+    finally:
+        stop_all(processes)
 
 
 @pytest.mark.slow
@@ -177,7 +181,10 @@ def test_two_searches_on_one_directory_finish_once(tmp_path: Path) -> None:
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(2)
     ]
-    outputs = [process.communicate(timeout=300) for process in processes]
+    try:
+        outputs = [finish(process, 300) for process in processes]
+    finally:
+        stop_all(processes)
     for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err
         assert "Traceback" not in out + err
@@ -187,6 +194,42 @@ def test_two_searches_on_one_directory_finish_once(tmp_path: Path) -> None:
     assert (tmp_path / "best" / "checkpoints" / "final.safetensors").is_file()
     assert (tmp_path / "best" / "baseline" / "summary.json").is_file()
     assert exit_code(["diagnose", str(tmp_path / "best")]) == 0
+
+
+def test_a_trial_marked_as_a_workers_has_its_heartbeat_on_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``worker`` mark is what tells ``fail_stale`` that Optuna's heartbeat rule covers
+    a trial. Optuna's heartbeat thread records its first beat concurrently with the
+    objective: a worker killed before that beat (seen in CI: a resumed search then waited
+    forever on the dead trial's share of the budget) must still leave a beat on record.
+    Here the thread never beats at all, the worst case of that race."""
+    import sqlite3
+
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    monkeypatch.setattr(HeartbeatThread, "_record_heartbeat", staticmethod(lambda *_: None))
+    seen: list[tuple[str, int]] = []
+    database = tmp_path / "study.db"
+
+    def objective(setting: object, trial: object) -> float:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            (trial_id,) = db.execute("SELECT trial_id FROM trials WHERE state = 'RUNNING'").fetchone()
+            (mark,) = db.execute(
+                "SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = 'worker'",
+                (trial_id,),
+            ).fetchone()
+            (beats,) = db.execute(
+                "SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = ?", (trial_id,)
+            ).fetchone()
+        seen.append((mark, beats))
+        return 0.0
+
+    space = Space({"weight_decay": (1e-3, 1.0)})
+    tune(
+        objective, space, budget="2 trials", strategy="random", run_dir=tmp_path, retrain=False, report=False
+    )
+    assert len(seen) == 2 and all(mark and beats == 1 for mark, beats in seen)
 
 
 def test_the_finish_claim_waits_for_a_live_owner_and_takes_over_from_a_dead_one(tmp_path: Path) -> None:

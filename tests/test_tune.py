@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from children import finish, run, stop_all
 from postgres import available, postgres_server
 from regdial import Regularization, Trial, tune
 from regdial.cli import main
@@ -156,7 +157,7 @@ def test_a_search_killed_mid_trial_resumes(tmp_path: Path) -> None:
     )
     _wait_for_a_trial_after_a_finished_one(process, tmp_path / "study.db")
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=30)
+    finish(process, 30)
     crashed = study_of(tmp_path, "regdial-digits-small-tpe").get_trials()
     kept = {t.number: t.value for t in crashed if t.state == TrialState.COMPLETE}
     assert kept and crashed[-1].state == TrialState.RUNNING
@@ -369,9 +370,12 @@ def test_a_killed_worker_loses_only_its_trial(tmp_path: Path) -> None:
                 killed_trial = running[0].number
         assert killed_trial is not None, "the first worker never started a trial"
         victim.send_signal(signal.SIGKILL)
-        for worker in workers[1:]:
-            _, err = worker.communicate(timeout=180)
-            assert worker.returncode == 0, err
+        try:
+            for worker in workers[1:]:
+                _, err = finish(worker, 180)
+                assert worker.returncode == 0, err
+        finally:
+            stop_all(workers)
         trials = optuna.load_study(study_name="regdial-digits-small-tpe", storage=url).get_trials()
     by_number = {t.number: t for t in trials}
     assert by_number[killed_trial].state == TrialState.FAIL  # marked failed by the others' heartbeat check
@@ -446,7 +450,7 @@ def test_ctrl_c_stops_the_search_and_the_same_command_resumes_it(tmp_path: Path)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_a_trial_after_a_finished_one(process, tmp_path / "study.db")
     process.send_signal(signal.SIGINT)
-    printed, _ = process.communicate(timeout=120)
+    printed, _ = finish(process, 120)
     assert process.returncode == 130
     assert "interrupted: the finished trials are kept in" in printed and "Traceback" not in printed
     states = _trial_states(tmp_path / "study.db")
@@ -454,7 +458,8 @@ def test_ctrl_c_stops_the_search_and_the_same_command_resumes_it(tmp_path: Path)
     # was in progress); none is left running, and no other started after Ctrl-C.
     assert "RUNNING" not in states and states.count("FAIL") <= 1 and states.count("COMPLETE") < 3
     interrupted = states.count("FAIL")
-    finished = subprocess.run(command, capture_output=True, text=True, check=True)
+    finished = run(command, 300)
+    assert finished.returncode == 0, finished.stderr
     assert "searching" in finished.stdout
     states = _trial_states(tmp_path / "study.db")
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == interrupted
@@ -505,7 +510,10 @@ def test_two_terminals_on_one_directory_share_the_search(tmp_path: Path) -> None
     terminals = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    outputs = [terminal.communicate(timeout=300) for terminal in terminals]
+    try:
+        outputs = [finish(terminal, 300) for terminal in terminals]
+    finally:
+        stop_all(terminals)
     for terminal, (out, err) in zip(terminals, outputs, strict=True):
         assert terminal.returncode == 0, err
         assert "Traceback" not in out + err

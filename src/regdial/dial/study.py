@@ -201,9 +201,10 @@ def fail_stale(study: optuna.Study) -> None:
     heartbeats leaves such a trial; Optuna passes over it (it has no heartbeat to be stale),
     and it would hold its share of the budget forever.
 
-    A trial's ``worker`` attribute marks that its heartbeats have started: a search trial
-    sets it first thing in its objective (Optuna starts the heartbeat thread before calling
-    it), and the path's claim sets it once its own heartbeat is recorded."""
+    A trial's ``worker`` attribute marks that its heartbeat is on record: a search trial
+    records one itself and then sets it, first thing in its objective (``first_heartbeat``:
+    Optuna's heartbeat thread beats concurrently, and may not have yet), and the path's
+    claim sets it once its own heartbeat is recorded."""
     import optuna
     from optuna.trial import TrialState
 
@@ -218,6 +219,16 @@ def fail_stale(study: optuna.Study) -> None:
             and trial.datetime_start < cutoff
         ):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)  # it may just have ended
+
+
+def first_heartbeat(storage: Any, study_name: str, number: int) -> None:
+    """Record trial ``number``'s heartbeat now (where the storage keeps heartbeats), so
+    that once its ``worker`` mark is set, the trial is on Optuna's heartbeat record: if its
+    worker dies, ``fail_stale`` fails it after the grace period."""
+    record = getattr(storage, "record_heartbeat", None)
+    if callable(record) and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+        study_id = storage.get_study_id_from_name(study_name)
+        record(storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
 def usage(study: optuna.Study, budget: Budget, started: float) -> tuple[float, float]:

@@ -34,7 +34,16 @@ from regdial.dial.continuation import (
 from regdial.dial.objective import FitObjective, Objective, UserObjective
 from regdial.dial.seeding import repeats
 from regdial.dial.space import Space
-from regdial.dial.study import ROLE, fail_stale, open_storage, pruner, sampler, search_trials, usage
+from regdial.dial.study import (
+    ROLE,
+    fail_stale,
+    first_heartbeat,
+    open_storage,
+    pruner,
+    sampler,
+    search_trials,
+    usage,
+)
 from regdial.dial.trial import Trial, trial_summary
 from regdial.setting import Regularization
 from regdial.training.history import higher_is_better
@@ -195,7 +204,11 @@ class Worker:
         import optuna
         from optuna.trial import TrialState
 
-        ot.set_user_attr("worker", process_name())  # first: its heartbeats have started (see fail_stale)
+        # First: its heartbeat is on record, then the mark that says so (see fail_stale).
+        # Optuna's heartbeat thread records its first beat concurrently with this objective;
+        # a worker killed before that beat left a trial that no rule could ever fail.
+        first_heartbeat(self.storage, study.study_name, ot.number)
+        ot.set_user_attr("worker", process_name())
         if self.interrupt.requested:  # inside Optuna's try: the trial is told failed, the search stops
             raise KeyboardInterrupt("Ctrl-C before this trial trained")
         if self.budget.unit == "trials":
