@@ -22,6 +22,7 @@ from children import finish, run, stop_all
 from postgres import available, postgres_server
 from regdial import Regularization, Trial, tune
 from regdial.cli import main
+from regdial.diagnosis import diagnose
 from regdial.dial.budget import Budget
 from regdial.dial.objective import FitObjective
 from regdial.dial.online import gap_trend
@@ -640,3 +641,26 @@ def test_the_controller_repeats_a_kept_turn_and_moves_on_from_an_undone_one() ->
         controller(History(history.kind, worse[:end], num_classes=3), None)  # type: ignore[arg-type]
     assert controller.turns[1]["undone"] == "weight_decay"
     assert controller.turns[2]["knob"] == "dropout"
+
+
+@pytest.mark.parametrize("rise_only", [False, True])
+def test_beside_the_hypergradient_the_curves_tighten_on_a_rise_not_a_gap(rise_only: bool) -> None:
+    """Validation still falling while training falls faster (a widening gap): the curve
+    controller alone tightens; beside the hypergradient (``rise_only``) it holds, and
+    tightens only once the validation loss rises above its minimum."""
+    from regdial.dial.online import OnlineController
+
+    space = Space({"dropout": (0.0, 0.5)})
+    n = 8
+    gap = _window([0.5 - 0.04 * i for i in range(n)], [1.0 - 0.005 * i for i in range(n)])
+    controller = OnlineController(space, every=4, rise_only=rise_only)
+    assert gap_trend(gap) == 1 and "rise" not in diagnose(gap).details  # the gap alone
+    turned = controller(gap, None)  # type: ignore[arg-type]
+    assert (turned is None) is rise_only
+    rise = _window(
+        [0.5 - 0.04 * i for i in range(n)], [1.0 - 0.02 * min(i, 3) + 0.03 * max(0, i - 3) for i in range(n)]
+    )
+    assert diagnose(rise).state == "overfitting" and "rise" in diagnose(rise).details
+    controller = OnlineController(space, every=4, rise_only=rise_only)
+    assert controller(rise, None) is not None  # type: ignore[arg-type]
+    assert controller.turns[-1]["dropout"] > 0.0

@@ -174,7 +174,9 @@ class HypergradientController:
         self.every: int = every or round(STEP_COST["noise" if "noise" in self.ranges else "plain"] / SHARE)
         others = {n: r for n, r in space.knobs.items() if n not in self.ranges}
         self.curves = (
-            OnlineController(Space(others, space.base), every=epochs_every, start=dict(start or {}))
+            OnlineController(
+                Space(others, space.base), every=epochs_every, start=dict(start or {}), rise_only=True
+            )
             if others else None
         )  # fmt: skip
         self.values: dict[str, float] = {}
