@@ -95,9 +95,19 @@ def penalty_sums(
         # A tensor's two sums side by side: inductor reduces them in one loop over it
         # (elastic net 1.65x the floor on the CPU, against 1.8x per-tensor pairs and 2.4x
         # as two lists of sums, benchmarks/penalties.py's model).
-        both = torch.stack([s for x in xs for s in (x.abs().sum(), (x * x).sum())]).view(-1, 2).sum(0)
+        both = torch.stack([s for x in xs for s in (_by_rows(x.abs()), _by_rows(x * x))]).view(-1, 2).sum(0)
         return [both[0], both[1]]
-    return [torch.stack([x.abs().sum() if absolute else (x * x).sum() for x in xs]).sum()]
+    if absolute:
+        return [torch.stack([_by_rows(x.abs()) for x in xs]).sum()]
+    return [torch.stack([(x * x).sum() for x in xs]).sum()]
+
+
+def _by_rows(x: Tensor) -> Tensor:
+    """``x.sum()``, a matrix's rows first: inductor's CPU loop over the rows' sums of
+    ``|w|`` vectorizes where one flat reduction of it does not (L1's sums in 0.67 of the
+    time, elastic net's both in 0.87, on benchmarks/penalties.py's model; a plain sum of
+    squares was 7% slower so, and is not)."""
+    return x.sum(-1).sum() if x.dim() > 1 else x.sum()
 
 
 def penalty_gradients(
