@@ -664,3 +664,19 @@ def test_beside_the_hypergradient_the_curves_tighten_on_a_rise_not_a_gap(rise_on
     controller = OnlineController(space, every=4, rise_only=rise_only)
     assert controller(rise, None) is not None  # type: ignore[arg-type]
     assert controller.turns[-1]["dropout"] > 0.0
+
+
+def test_the_curves_first_turn_waits_for_first() -> None:
+    """``first``: the curve controller turns no knob before that epoch (the online strategy
+    sets a quarter of the run); then it turns as before. ``first`` is checked (one line)."""
+    from regdial.dial.online import OnlineController
+
+    space = Space({"dropout": (0.0, 0.5)})
+    history = _window([0.5 - 0.01 * i for i in range(24)], [1.0 + 0.01 * i for i in range(24)])  # overfitting
+    controller = OnlineController(space, every=4, first=16)
+    for end in (8, 12):
+        assert controller(History(history.kind, history.rows[:end], num_classes=3), None) is None  # type: ignore[arg-type]
+    assert controller(History(history.kind, history.rows[:16], num_classes=3), None) is not None  # type: ignore[arg-type]
+    assert [turn["epoch"] for turn in controller.turns] == [16]
+    with pytest.raises(ValueError, match=r"^first must be an integer in \[1, inf\), got 0$"):
+        OnlineController(space, every=4, first=0)

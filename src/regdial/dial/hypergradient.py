@@ -148,6 +148,9 @@ class HypergradientController:
             --strategy online`` starts the knobs of ``timescale.RECIPE`` at the recipe.
         epochs_every: epochs between the curve controller's turns of the other knobs
             (default 2).
+        epochs_first: the curve controller's first turn no sooner than this epoch (None:
+            at ``2 * epochs_every``, its own rule); ``regdial tune --strategy online`` waits
+            a quarter of the run, as the hypergradient's own ``warmup`` does.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class HypergradientController:
         warmup: int | None = None,
         start: Mapping[str, float] | None = None,
         epochs_every: int = 2,
+        epochs_first: int | None = None,
     ) -> None:
         if not isinstance(space, Space):
             fail("space", "a regdial.Space", space)
@@ -175,7 +179,8 @@ class HypergradientController:
         others = {n: r for n, r in space.knobs.items() if n not in self.ranges}
         self.curves = (
             OnlineController(
-                Space(others, space.base), every=epochs_every, start=dict(start or {}), rise_only=True
+                Space(others, space.base), every=epochs_every, start=dict(start or {}), rise_only=True,
+                first=epochs_first
             )
             if others else None
         )  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from regdial._checks import check_range
+from regdial._checks import check_int, check_range
 from regdial.diagnosis import RISE, diagnose, smooth
 from regdial.dial.space import Space
 from regdial.setting import Regularization
@@ -60,6 +60,8 @@ class OnlineController:
     sparse-regression L1 climbs while L2 stays near its floor, which a single direction
     for all knobs cannot reach. ``turns`` records each step and each undo.
 
+    ``first``: no turn before this epoch (at least ``2 * every``).
+
     ``rise_only``: tighten only when the validation loss rose above its minimum (the
     diagnosis's first overfitting rule), not on a gap alone (a widening gap, or training
     data memorized while validation still improves). ``HypergradientController`` sets it
@@ -70,10 +72,17 @@ class OnlineController:
     """
 
     def __init__(
-        self, space: Space, every: int, start: dict[str, float] | None = None, *, rise_only: bool = False
+        self,
+        space: Space,
+        every: int,
+        start: dict[str, float] | None = None,
+        *,
+        rise_only: bool = False,
+        first: int | None = None,
     ) -> None:
         self.space, self.every = space, every
         self.rise_only = rise_only
+        self.first = max(2 * every, check_int("first", first, low=1) if first is not None else 0)
         self.values = {name: r.low for name, r in space.knobs.items()}  # start weak: loosen nothing yet
         for name, value in (start or {}).items():
             if name in self.values:
@@ -140,7 +149,7 @@ class OnlineController:
 
     def __call__(self, history: History, applied: Applied) -> Regularization | None:
         n = len(history)
-        if n < 2 * self.every or n % self.every:
+        if n < self.first or n % self.every:
             return None
         before = dict(self.values)
         kept = self._judge(history, n)

@@ -98,11 +98,20 @@ def search_online(search: Search) -> TuneResult:
         # The knobs practitioners set start where they set them (RECIPE), the rest mid-range.
         recipe_values = recipe_start(search.space)
         controller = HypergradientController(
-            search.space, every=None, epochs_every=every, start=recipe_values
+            search.space,
+            every=None,
+            epochs_every=every,
+            start=recipe_values,
+            # The curves' knobs wait a quarter of the run too, as the hypergradient does: early
+            # curves read as underfitting, and loosening on them is the short horizon's trap
+            # (motifs: dropout 0.1 -> 0 and augmentation 0.5 -> 0.3 by epoch 21 of 85).
+            epochs_first=epochs // 4,
         )
         hyper = ", ".join(controller.ranges)
         curves = (
-            f"; {', '.join(controller.curves.space.knobs)} every {every} epochs" if controller.curves else ""
+            f"; {', '.join(controller.curves.space.knobs)} every {every} epochs from epoch {controller.curves.first}"
+            if controller.curves
+            else ""
         )
         search.say(f"one run of {epochs} epochs, turning {hyper} by their hypergradient every "
                    f"{controller.every} steps{curves}")  # fmt: skip
