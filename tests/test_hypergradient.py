@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regdial import Regularization, Space, fit
+from regdial import Regularization, Space, fit, tune
 from regdial._checks import InputError
 from regdial.dial.hypergradient import HypergradientController, recipe_start
 from regdial.dial.implicit import calibrated_cross_entropy
@@ -365,3 +365,18 @@ def test_a_curve_knobs_start_outside_its_range_is_one_line() -> None:
     with pytest.raises(InputError, match=r"^start\.dropout must be in \[0, 0\.5\], got 0\.9$"):
         HypergradientController(space, start={"dropout": 0.9})
     assert HypergradientController(space, start={"dropout": 0.3}).start().dropout == 0.3
+
+
+def test_the_curves_first_epoch_is_checked_under_its_own_name() -> None:
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    with pytest.raises(InputError, match=r"^epochs_first must be an integer in \[1, inf\), got 0$"):
+        HypergradientController(space, epochs_first=0)
+    curves = HypergradientController(space, epochs_every=2, epochs_first=9).curves
+    assert curves is not None and curves.first == 9
+
+
+def test_a_short_online_search_turns_its_curve_knobs_from_their_usual_epoch() -> None:
+    """A quarter of a 3-epoch run is no epoch: the curves keep their own first turn."""
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    result = tune("wine", space, epochs=3, strategy="online", retrain=False)
+    assert result.epochs_spent == 3

@@ -172,6 +172,7 @@ class HypergradientController:
         self.lr = None if lr is None else check_range("lr", lr, low=0.0, high=10.0, low_open=True)
         self.solve_steps = check_int("solve_steps", solve_steps, low=0, high=100)
         self.warmup = None if warmup is None else check_int("warmup", warmup, low=0)
+        epochs_first = None if epochs_first is None else check_int("epochs_first", epochs_first, low=1)
         self.ranges = {n: r for n, r in space.knobs.items() if n in DIFFERENTIABLE}
         if not self.ranges:
             fail("space", "at least one knob of " + ", ".join(DIFFERENTIABLE), repr(space))

@@ -105,7 +105,7 @@ def search_online(search: Search) -> TuneResult:
             # The curves' knobs wait a quarter of the run too, as the hypergradient does: early
             # curves read as underfitting, and loosening on them is the short horizon's trap
             # (motifs: dropout 0.1 -> 0 and augmentation 0.5 -> 0.3 by epoch 21 of 85).
-            epochs_first=epochs // 4,
+            epochs_first=max(1, epochs // 4),
         )
         hyper = ", ".join(controller.ranges)
         curves = (
