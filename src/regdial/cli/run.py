@@ -114,6 +114,28 @@ def run(
         ended = True
     finally:  # the group ends in order: every rank done (rank 0's report written), then destroyed
         distributed.close(wait=ended)
+    if distributed.owned:
+        _leave_without_teardown()
+
+
+def _leave_without_teardown() -> None:
+    """End a finished torchrun rank at once, its output flushed, without the interpreter's
+    teardown. Gloo's ``pt_gloo_runloop`` threads outlive ``destroy_process_group`` (they
+    were still running after it and after a garbage collection); one that touches Python
+    once finalization has begun is ended by ``pthread_exit`` inside C++ code that may not
+    unwind, and the rank died with ``terminate called without an active exception``
+    (SIGABRT: torchrun then reports a run that finished as failed). Seen in CI, and in 1
+    of 8-12 runs here under load, in a gdb backtrace (``Py_FinalizeEx`` on the main
+    thread, a forced unwind on the gloo thread). Every file the run wrote is closed by now
+    (atomic writes), and regdial's own exit hook (``distributed._destroy``) has run as
+    ``close``."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _data_parallel(device: str | None) -> Any:
