@@ -180,6 +180,12 @@ def bookkeeping(repeats: int, steps: int = 20, batch: int = 256) -> None:
     print(
         f"timed directly: {total:.2f} ms a step = {100 * total / step_ms:.1f}% of the minimal step ({parts} ms)"
     )
+    traffic = _traffic_floor(applied, steps * repeats)
+    print(
+        f"its memory traffic by bare foreach ops (the prox reads w and Adam's v and writes w; the EMA reads "
+        f"its copy and w and writes its copy): {traffic:.2f} ms = {100 * traffic / step_ms:.1f}% of the step, "
+        f"the bookkeeping {total / traffic:.2f}x that floor"
+    )
 
 
 def _bookkeeping_parts(applied, model, x, y, repeats: int) -> dict[str, float]:
@@ -212,6 +218,22 @@ def _bookkeeping_parts(applied, model, x, y, repeats: int) -> dict[str, float]:
         "penalty": median_ms(applied.penalty, repeats),
         "step hooks": median_ms(run_hooks, repeats),
     }
+
+
+def _traffic_floor(applied, repeats: int) -> float:
+    """What the step hooks' memory traffic costs at the least (ms): on copies of the
+    weights, a ``maximum_`` with Adam's second moments (read two tensors, write one: the
+    prox's traffic) and a ``lerp_`` of a third copy toward them (the EMA's)."""
+    from _timing import median_ms
+
+    optimizer = applied.optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    weights = [p.detach().clone() for p in params]
+    moments = [optimizer.state[p]["exp_avg_sq"].clone() for p in params]
+    average = [w.clone() for w in weights]
+    prox = median_ms(lambda: torch._foreach_maximum_(weights, moments), repeats)
+    ema = median_ms(lambda: torch._foreach_lerp_(average, weights, 1e-3), repeats)
+    return prox + ema
 
 
 def _fit_to_disk(data, setting, epochs: int, batch_size: int, lr: float, seed: int) -> None:

@@ -80,6 +80,40 @@ def test_state_dict_resumes_exactly() -> None:
     assert resumed.state_dict() == full.state_dict()
 
 
+def test_an_exact_tie_goes_to_the_epoch_with_the_lower_tiebreak() -> None:
+    # An accuracy on a few hundred rows ties: 0.88 at epochs 2, 4 and 5. The validation
+    # loss decides: epoch 4's is the lowest of the three, epoch 5's is higher again.
+    accuracy = [0.80, 0.88, 0.86, 0.88, 0.88, 0.87]
+    loss = [0.60, 0.50, 0.45, 0.40, 0.42, 0.41]
+    model = nn.Linear(1, 1, bias=False)
+    stopper = EarlyStopping(patience=2, mode="max")
+    plain = EarlyStopping(patience=2, mode="max", restore_best=False)
+    stops = []
+    for epoch, (value, second) in enumerate(zip(accuracy, loss, strict=True), start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        stops.append(stopper.step(value, model, tiebreak=second))
+        plain.step(value)
+    assert stopper.best_epoch == 4 and stopper.best == 0.88 and stopper.best_tiebreak == 0.40
+    assert stops.index(True) == 5  # the tie at epoch 4 reset the patience: stopped after epoch 6
+    assert stopper.restore(model) and model.weight.item() == 4
+    assert plain.best_epoch == 2  # without a tiebreak the first of the ties stays
+    # A NaN tiebreak, or one the best epoch lacked, never wins a tie; a near tie is no tie.
+    other = EarlyStopping(patience=None, mode="max", restore_best=False)
+    other.step(0.5)
+    other.step(0.5, tiebreak=0.1)
+    assert other.best_epoch == 1
+    other.step(0.6, tiebreak=0.3)
+    other.step(0.6, tiebreak=NAN)
+    other.step(0.6 - 1e-12, tiebreak=0.0)
+    assert other.best_epoch == 3
+    # The tiebreak's best survives a resume.
+    resumed = EarlyStopping(patience=None, mode="max", restore_best=False)
+    resumed.load_state_dict(other.state_dict())
+    resumed.step(0.6, tiebreak=0.2)
+    assert resumed.best_epoch == 6 and resumed.best_tiebreak == 0.2
+
+
 def test_restore_needs_a_model_when_improving() -> None:
     with pytest.raises(
         ValueError, match=r"^model must be the model being trained when restore_best=True, got None$"
@@ -102,3 +136,17 @@ def test_restore_needs_a_model_when_improving() -> None:
 def test_bad_values(kwargs, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EarlyStopping(**kwargs)
+
+
+def test_the_trainer_callbacks_break_an_accuracys_ties_on_the_validation_loss() -> None:
+    from regdial import Regularization
+    from regdial.integrations._common import Session
+
+    session = Session(Regularization(early_stopping=3), None, "val_accuracy")
+    model = nn.Linear(1, 1, bias=False)
+    for epoch, (accuracy, loss) in enumerate([(0.9, 0.5), (0.9, 0.3), (0.9, 0.4)], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        session.evaluated(float(epoch), {"val_accuracy": accuracy, "val_loss": loss}, model)
+    assert session.stopper.best_epoch == 2
+    assert session.stopper.restore(model) and model.weight.item() == 2

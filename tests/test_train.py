@@ -219,6 +219,21 @@ def test_early_stopping_ends_the_run_and_says_why() -> None:
     assert len(history) < 200
 
 
+@pytest.mark.parametrize("early_stopping", [0, 30])
+def test_an_accuracys_tied_epochs_are_told_apart_by_the_validation_loss(early_stopping: int) -> None:
+    """Wine's 36 validation rows are all right from the first epoch on: every epoch ties
+    on val_accuracy, and the best is the one with the lowest val_loss, not the first."""
+    history = fit("wine", Regularization(early_stopping=early_stopping), epochs=12, lr=3e-3,
+                  monitor="val_accuracy", progress=False)  # fmt: skip
+    top = max(row["val_accuracy"] for row in history)
+    tied = [row for row in history if row["val_accuracy"] == top]
+    assert len(tied) > 1 and tied[0]["val_loss"] > min(row["val_loss"] for row in tied)
+    expected = int(min(tied, key=lambda row: row["val_loss"])["epoch"])
+    assert history.meta["summary"]["best_epoch"] == expected == history.best_epoch("val_accuracy")
+    best = next(row for row in history if row["epoch"] == expected)
+    assert history.meta["summary"]["best"]["val_loss"] == pytest.approx(best["val_loss"])
+
+
 def test_own_model_with_dataloaders() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(200, 5), torch.randint(0, 2, (200,))

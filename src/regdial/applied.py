@@ -326,17 +326,21 @@ class Applied:
             self._set_weight_decay(resolve(self.setting.weight_decay, self.progress))
         self._set_rates(self.progress)
 
-    def end_epoch(self, epoch: int, epochs: int, val_metric: float | None = None) -> bool:
+    def end_epoch(
+        self, epoch: int, epochs: int, val_metric: float | None = None, *, tiebreak: float | None = None
+    ) -> bool:
         """After epoch ``epoch`` of ``epochs``: move the schedules; True if early stopping says stop.
 
-        ``val_metric`` (lower is better, the validation loss) feeds early stopping when it
-        is on; the model whose weights it keeps is ``eval_model``.
+        ``val_metric`` (the monitored value, in the ``mode`` given at construction) feeds
+        early stopping when it is on; the model whose weights it keeps is ``eval_model``.
+        ``tiebreak`` (lower is better: the validation loss beside an accuracy) decides an
+        exact tie with the best epoch (``EarlyStopping.step``).
         """
         epoch = check_int("epoch", epoch, low=1)
         epochs = check_int("epochs", epochs, low=epoch)
         self.set_progress(epoch / epochs)
         if self.early_stopping is not None and val_metric is not None:
-            return self.early_stopping.step(val_metric, self.eval_model)
+            return self.early_stopping.step(val_metric, self.eval_model, tiebreak=tiebreak)
         return False
 
     def finish(self) -> bool:

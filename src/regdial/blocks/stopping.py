@@ -12,7 +12,11 @@ conventions of Keras and Lightning and says why it acted:
 
 Epochs are counted from 1, in the order ``step`` is called. Epochs before
 ``start_from_epoch`` are ignored entirely. A NaN with ``check_finite=False`` never counts
-as an improvement. With ``restore_best``, the best weights are kept in memory (a detached
+as an improvement. An exact tie with the best value is an improvement when a second
+value, ``tiebreak`` (lower is better: the validation loss beside an accuracy), is lower
+than the best epoch's: an accuracy on a few hundred rows ties often, and among the tied
+epochs the one that predicts its right answers most surely is kept, not the first.
+With ``restore_best``, the best weights are kept in memory (a detached
 copy of the state dict, on its device) and ``restore(model)`` puts them back, whoever
 ended training: the stopper, the epoch budget or Ctrl-C. ``patience=None`` never stops:
 it only keeps the best epoch and its weights (what ``fit`` uses when early stopping is off).
@@ -79,26 +83,38 @@ class EarlyStopping:
         self.epoch = 0
         self.best: float | None = self.baseline
         self.best_epoch: int | None = None
+        self.best_tiebreak: float | None = None
         self.wait = 0
         self.reason: StopReason | None = None
         self.stopped_epoch: int | None = None
 
-    def _improves(self, value: float) -> bool:
+    def _improves(self, value: float, tiebreak: float | None) -> bool:
         if math.isnan(value):
             return False
         if self.best is None:
             return True
+        if value == self.best and self.best_epoch is not None:
+            return tiebreak is not None and self.best_tiebreak is not None and tiebreak < self.best_tiebreak
         if self.mode == "min":
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def step(self, metric: float | Tensor, model: nn.Module | None = None) -> bool:
+    def step(
+        self,
+        metric: float | Tensor,
+        model: nn.Module | None = None,
+        *,
+        tiebreak: float | Tensor | None = None,
+    ) -> bool:
         """Record this epoch's ``metric``; return True if training should stop now.
 
         ``model`` is needed when ``restore_best``: its weights are copied whenever the
-        metric improves.
+        metric improves. ``tiebreak`` (lower is better) decides an exact tie with the best
+        ``metric``: the later epoch is the better one if its ``tiebreak`` is lower. A NaN
+        ``tiebreak`` never wins a tie.
         """
         value = float(metric)
+        second = None if tiebreak is None or math.isnan(float(tiebreak)) else float(tiebreak)
         self.epoch += 1
         if self.reason is not None:
             return True
@@ -106,8 +122,8 @@ class EarlyStopping:
             return False
         if self.check_finite and not math.isfinite(value):
             return self._stop("non-finite metric")
-        if self._improves(value):
-            self.best, self.best_epoch, self.wait = value, self.epoch, 0
+        if self._improves(value, second):
+            self.best, self.best_epoch, self.best_tiebreak, self.wait = value, self.epoch, second, 0
             if self.restore_best:
                 if model is None:
                     fail("model", "the model being trained when restore_best=True", None)
@@ -163,6 +179,7 @@ class EarlyStopping:
             "epoch": self.epoch,
             "best": self.best,
             "best_epoch": self.best_epoch,
+            "best_tiebreak": self.best_tiebreak,
             "wait": self.wait,
             "reason": self.reason,
             "stopped_epoch": self.stopped_epoch,
@@ -175,6 +192,8 @@ class EarlyStopping:
         self.epoch, self.wait = int(state["epoch"]), int(state["wait"])
         self.best = None if state["best"] is None else float(state["best"])
         self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        tiebreak = state.get("best_tiebreak")
+        self.best_tiebreak = None if tiebreak is None else float(tiebreak)
         self.reason, self.stopped_epoch = state["reason"], state["stopped_epoch"]
         best_state = state.get("best_state")
         self.best_state = None if best_state is None else dict(best_state)

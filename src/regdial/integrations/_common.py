@@ -232,7 +232,8 @@ class Session:
                  self.monitor)  # fmt: skip
         watched = values.get(self.monitor, math.nan)
         evaluated = self.applied.eval_model if self.applied is not None else model
-        stop = self.stopper.step(watched, evaluated) if math.isfinite(watched) else False
+        tiebreak = None if self.monitor == "val_loss" else val_loss  # an accuracy's ties
+        stop = self.stopper.step(watched, evaluated, tiebreak=tiebreak) if math.isfinite(watched) else False
         if self.trial is not None and self.trial.metric in self.history.rows[-1]:
             from optuna import TrialPruned
 

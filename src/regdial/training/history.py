@@ -164,19 +164,19 @@ class History:
         return iter(self.rows)
 
     def best_epoch(self, column: str = "val_loss") -> int | None:
-        """The epoch with the best ``column`` (lowest, or highest for accuracy-like); ties: the first."""
+        """The epoch with the best ``column`` (lowest, or highest for accuracy-like).
+
+        Ties: the lower ``val_loss`` (as ``EarlyStopping``'s ``tiebreak``), then the first."""
+        losses = self.column("val_loss")
         values = [
-            (v, row["epoch"])
-            for row, v in zip(self.rows, self.column(column), strict=True)
+            (v, math.inf if not math.isfinite(loss) or column == "val_loss" else loss, row["epoch"])
+            for row, v, loss in zip(self.rows, self.column(column), losses, strict=True)
             if math.isfinite(v)
         ]
         if not values:
             return None
-        if higher_is_better(column) and column != "val_loss":
-            best = max(values, key=lambda p: (p[0], -p[1]))
-        else:
-            best = min(values, key=lambda p: (p[0], p[1]))
-        return int(best[1])
+        sign = -1.0 if higher_is_better(column) and column != "val_loss" else 1.0
+        return int(min(values, key=lambda p: (sign * p[0], p[1], p[2]))[2])
 
     # -- files ------------------------------------------------------------------------
 

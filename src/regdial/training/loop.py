@@ -279,9 +279,12 @@ class Run:
         self.history.append(row)
         self.loop.end_epoch(epoch, self.applied.setting.to_dict())
         watched = row.get(self.monitor, math.nan)
-        stop = self.applied.end_epoch(epoch, int(self.options.epochs or epoch), val_metric=watched)
+        tiebreak = None if self.monitor == "val_loss" else row["val_loss"]  # an accuracy's ties
+        stop = self.applied.end_epoch(
+            epoch, int(self.options.epochs or epoch), val_metric=watched, tiebreak=tiebreak
+        )
         if self.best is not self.applied.early_stopping:
-            self.best.step(watched, model)
+            self.best.step(watched, model, tiebreak=tiebreak)
         if stop:
             self.loop.status, self.reason = "stopped early", self.best.message
         elif self.on_epoch is not None and self.on_epoch(row):
