@@ -281,3 +281,13 @@ def test_pick_for_me_keeps_l2s_squares_eager_on_the_cpu(monkeypatch: pytest.Monk
 def test_fused_flag_is_checked(make: Callable[[], object], message: str) -> None:
     with pytest.raises(InputError, match=message):
         make()
+
+
+def test_every_kernel_compiles_under_a_code_object_of_its_own() -> None:
+    """Dynamo keeps compiled entries, and counts them against recompile_limit, per code
+    object: two kernels sharing one would use up each other's shape sets (torch's
+    "hit config.recompile_limit" warnings where regdial's own count said there was room)."""
+    kernels = [k for k in vars(fused).values() if isinstance(k, fused.FusedKernel)]
+    assert len(kernels) >= 6
+    codes = {id(k.function.__code__) for k in kernels}
+    assert len(codes) == len(kernels)

@@ -380,3 +380,41 @@ def test_a_short_online_search_turns_its_curve_knobs_from_their_usual_epoch() ->
     space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
     result = tune("wine", space, epochs=3, strategy="online", retrain=False)
     assert result.epochs_spent == 3
+
+
+def test_a_run_with_few_hypergradient_steps_moves_a_strength_at_most_tenfold_and_says_so(caplog) -> None:
+    """A short run, a hypergradient step every 12 optimizer steps after a quarter of it:
+    crossing weight decay's range twice (a factor of 1e4) would take steps of a
+    hundredfold or more; each is a tenfold at most."""
+    import itertools
+    import logging
+    import math
+
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}), every=12)
+    with caplog.at_level(logging.WARNING, logger="regdial.dial.hypergradient"):
+        fit("wine", controller.start(), epochs=6, progress=False, controller=controller)
+    assert 0 < controller.updates < math.log(1e4) / math.log(10)  # too few to cross the range once
+    assert controller.lr == pytest.approx(math.log(10))
+    values = [0.01] + [m["value"] for m in controller.moves]  # the start: the range's log middle
+    assert all(1 / 10 - 1e-9 <= b / a <= 10 + 1e-9 for a, b in itertools.pairwise(values))
+    assert f"regdial: online: {controller.updates} hypergradient steps fit in this run" in caplog.text
+    assert "at most tenfold each, the knobs cannot cross their ranges" in caplog.text
+
+
+def test_the_solves_preconditioner_is_floored_where_a_weight_gets_no_gradient() -> None:
+    """Adam's ``1/(sqrt(v̂) + eps)`` is 1e8 where a weight never had a gradient; the
+    preconditioner floors the denominator at PRECONDITION_FLOOR times its tensor's mean."""
+    from regdial.dial.implicit import PRECONDITION_FLOOR, _metrics
+
+    w = nn.Parameter(torch.ones(4, 4))
+    optimizer = torch.optim.Adam([w], lr=1e-3)
+    grad = torch.zeros(4, 4)
+    grad[:2] = 1.0  # half the rows get a gradient, half none
+    w.grad = grad
+    optimizer.step()
+    _, (precondition,) = _metrics(optimizer, [w])
+    root = optimizer.state[w]["exp_avg_sq"].div(1 - 0.999).sqrt().add(1e-8)
+    assert isinstance(precondition, torch.Tensor)
+    assert torch.allclose(precondition[:2], root[:2].reciprocal())  # live weights: Adam's own
+    assert torch.allclose(precondition[2:], torch.full((2, 4), 1 / (PRECONDITION_FLOOR * float(root.mean()))))
+    assert float(precondition.max()) < 1e3

@@ -71,7 +71,27 @@ def test_online_turns_the_knobs_inside_a_hugging_face_trainer(tmp_path: Path, ca
     assert controller.values["weight_decay"] != pytest.approx(0.01, rel=1e-3)
 
 
-def test_online_on_a_causal_lm_inside_the_trainer_smooths_shifted_labels(tmp_path: Path) -> None:
+def test_a_moves_epoch_counts_the_trainers_evaluations_as_the_history_does(tmp_path: Path) -> None:
+    """Evaluating every 4 of 8 steps an epoch: the history's rows are evaluations, and so is
+    every move's epoch, the hypergradient's and the curves' alike."""
+    from tests.test_integrations import accuracy
+
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    controller = HypergradientController(space, every=2, warmup=0, epochs_every=1)
+    callback = hf.HuggingFaceCallback(online=controller)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=32,
+                                          learning_rate=2e-3, eval_strategy="steps", eval_steps=4, save_strategy="no",
+                                          logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
+    transformers.Trainer(model=tiny_bert(), args=args, train_dataset=TokenTask(0, 256), eval_dataset=TokenTask(1, 128),
+                         compute_metrics=accuracy, callbacks=[callback]).train()  # fmt: skip
+    assert len(callback.history) == 4  # steps 4, 8, 12, 16
+    hyper = [m for m in controller.moves if m["knob"] == "weight_decay"]
+    assert hyper and all(m["epoch"] == 1 + (m["step"] - 1) // 4 for m in hyper)
+    assert max(m["epoch"] for m in hyper) == 4  # the trainer's own epoch never passes 2
+    assert all(1 <= m["epoch"] <= len(callback.history) + 1 for m in controller.moves)
+
+
+def test_online_on_a_causal_lm_inside_the_trainer_smooths_shifted_labels(tmp_path: Path, monkeypatch) -> None:
     class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         def __init__(self, seed: int, n: int) -> None:
             g = torch.Generator().manual_seed(seed)
@@ -92,10 +112,41 @@ def test_online_on_a_causal_lm_inside_the_trainer_smooths_shifted_labels(tmp_pat
                                           learning_rate=3e-3, eval_strategy="epoch", save_strategy="no",
                                           logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
     callback = hf.HuggingFaceCallback(online=controller)
+    scored = _record_the_validation_objective(monkeypatch)
     transformers.Trainer(model=model, args=args, train_dataset=Tokens(0, 128), eval_dataset=Tokens(1, 64),
                          callbacks=[callback]).train()  # fmt: skip
     assert {m["knob"] for m in controller.moves} == {"label_smoothing", "l2"}
     assert callback._shift is True
+    # The validation objective is fit's, the calibrated cross-entropy (not the plain loss,
+    # whose hypergradient walks smoothing and decay to their floors), on the next tokens:
+    # the logits of positions 0-10 against the tokens at 1-11.
+    assert len(scored) == controller.updates > 0
+    for logits, targets in scored:
+        assert logits.shape == (*targets.shape, 40) and targets.shape[1] == 11
+
+
+def _record_the_validation_objective(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every call of the hypergradient's calibrated cross-entropy: its (logits, targets)."""
+    from regdial.dial import implicit
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = implicit.calibrated_cross_entropy
+
+    def calibrated(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append((logits.detach(), targets))
+        return original(logits, targets)
+
+    monkeypatch.setattr(implicit, "calibrated_cross_entropy", calibrated)
+    return calls
+
+
+def test_a_space_takes_a_hypergradient_step_every_15_steps_as_the_readme_says() -> None:
+    from regdial.integrations._online import Online
+
+    assert Online(Space({"weight_decay": (1e-4, 1.0)}), None).controller.every == 15
+    assert (
+        Online(Space({"noise": (0.0, 0.5)}), None).controller.every == 24
+    )  # antithetic pairs: twice the batch
 
 
 def test_online_in_a_trainer_refuses_what_it_cannot_do(tmp_path: Path) -> None:
@@ -119,7 +170,9 @@ def test_online_in_a_trainer_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         online=HypergradientController(Space({"noise": (0.0, 0.5)}), every=1, warmup=0)
     )
     with pytest.raises(
-        ValueError, match=r"^regularization\.noise must be 0 for a model whose inputs are input_ids"
+        ValueError,
+        match=r"^online\.noise must be a knob of a model whose inputs are floats, not input_ids .*: leave "
+        r"noise out of the Space, or use embedding_noise, got noise in the Space$",
     ):
         hf_trainer(tiny_bert(), noise, tmp_path / "noise", epochs=1).train()
 
@@ -139,13 +192,15 @@ def test_online_data_replaces_the_trainers_evaluation_data(tmp_path: Path, caplo
 # -- Lightning -------------------------------------------------------------------------------
 
 
-def test_online_turns_the_knobs_inside_a_lightning_trainer(tmp_path: Path) -> None:
+def test_online_turns_the_knobs_inside_a_lightning_trainer(tmp_path: Path, monkeypatch) -> None:
     space = Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.3), "dropout": (0.0, 0.5)})
     controller = HypergradientController(space, every=1, epochs_every=1)
     callback = pl_integration.LightningCallback(online=controller, num_classes=3)
     module = Classifier()
+    scored = _record_the_validation_objective(monkeypatch)
     trainer = lightning_fit(module, callback, tmp_path, epochs=8)
     assert controller.updates >= 20
+    assert len(scored) == controller.updates  # fit's calibrated objective, not the plain loss
     assert {"weight_decay", "label_smoothing"} <= {m["knob"] for m in controller.moves}
     decay = [g["weight_decay"] for g in trainer.optimizers[0].param_groups if g["regularize"]]
     assert decay == [pytest.approx(controller.values["weight_decay"])] * len(decay)

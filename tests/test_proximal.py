@@ -190,6 +190,71 @@ def test_max_norm_attaches_like_a_penalty() -> None:
             assert bool((layer.weight.norm(dim=1) <= 0.5 + 1e-5).all())
 
 
+class Conv1D(nn.Module):
+    """transformers' ``Conv1D`` (GPT-2's layers) as it stores its weight: ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_a_weight_stored_in_out_has_each_units_incoming_weights_capped() -> None:
+    """GPT-2's Conv1D: a unit's incoming weights are a column; max_norm caps those, and
+    group lasso's "rows" are its units there too."""
+    from regdial.blocks.groups import transposed_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 4), nn.ReLU(), nn.Linear(6, 3))
+    found = transposed_weights(model)
+    assert len(found) == 1 and found[0] is model[0].weight
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)
+        model[2].weight.mul_(5.0)
+    before = model[0].weight.detach().clone()
+    MaxNorm(1.0, transposed=found).prox_([model[0].weight, model[2].weight], 0.1)
+    assert bool((model[0].weight.norm(dim=0) <= 1.0 + 1e-5).all())  # columns: its units
+    assert bool((model[2].weight.norm(dim=1) <= 1.0 + 1e-5).all())  # rows: a Linear's units
+    torch.testing.assert_close(model[0].weight.detach(), before.t().renorm(2, 0, 1.0).t())
+    flipped, plain = GroupLasso(0.5, transposed=found), GroupLasso(0.5, groups="columns")
+    w = model[0].weight.detach().clone()
+    torch.testing.assert_close(flipped.value([model[0].weight]), plain.value([w]))
+    flipped.prox_([model[0].weight], 2.0)
+    plain.prox_([w], 2.0)
+    assert torch.equal(model[0].weight.detach(), w) and bool((w == 0).all(dim=0).any())
+
+
+def test_the_real_conv1d_of_gpt2_is_found() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    from regdial.blocks.groups import transposed_weights
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = sorted(names[id(w)] for w in transposed_weights(model))
+    assert found == sorted(
+        f"transformer.h.{i}.{part}.weight" for i in range(2) for part in ("attn.c_attn", "attn.c_proj",
+                                                                          "mlp.c_fc", "mlp.c_proj")
+    )  # fmt: skip
+    # Through a setting: every unit's incoming weights capped, a Conv1D's columns included.
+    from regdial import Applied, Regularization
+
+    columns = [float(w.detach().norm(dim=0).max()) for w in transposed_weights(model)]
+    assert min(columns) > 0.03  # the cap binds on every Conv1D's columns
+    applied = Applied(Regularization(max_norm=0.02), model, lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+    ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        applied.optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        applied.optimizer.step()
+    for w in transposed_weights(model):
+        assert float(w.detach().norm(dim=0).max()) == pytest.approx(0.02, rel=1e-4)  # capped columns
+
+
 def test_unchanged_models_stay_bitwise_equal_without_prox() -> None:
     # The hook must not touch anything when removed immediately.
     model = make_model()

@@ -47,7 +47,7 @@ from regdial.blocks.augment import KINDS, Augment, EmbeddingNoise, augmentation
 from regdial.blocks.averaging import EMA
 from regdial.blocks.fused import check_fused
 from regdial.blocks.group_lasso import GroupLasso
-from regdial.blocks.groups import param_groups
+from regdial.blocks.groups import param_groups, transposed_weights
 from regdial.blocks.l2sp import L2SP
 from regdial.blocks.mixing import MixupOrCutMix
 from regdial.blocks.noise import GaussianNoise, dropout_sites, set_drop_path, set_dropout
@@ -97,7 +97,7 @@ def _make_penalty(
     if name == "elastic_net":
         return ElasticNet(strength, l1_ratio=setting.l1_ratio, fused=fused)
     if name == "group_lasso":
-        return GroupLasso(strength, groups=setting.groups)
+        return GroupLasso(strength, groups=setting.groups, transposed=transposed_weights(model))
     return L2SP(strength, model, fused=fused)
 
 
@@ -154,9 +154,8 @@ class Applied:
         for name in PENALTIES:
             self._turn_penalty(name, getattr(setting, name))
         if self.weights and setting.max_norm > 0:
-            self.handles.append(
-                attach_prox(self.optimizer, MaxNorm(setting.max_norm, fused=self.fused), params=self.weights)
-            )
+            cap = MaxNorm(setting.max_norm, fused=self.fused, transposed=transposed_weights(model))
+            self.handles.append(attach_prox(self.optimizer, cap, params=self.weights))
 
         self._set_rates(0.0)
         self.embedding_noise: EmbeddingNoise | None = None

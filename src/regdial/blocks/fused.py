@@ -102,6 +102,15 @@ def penalty_sums(
     return [torch.stack([(x * x).sum() for x in xs]).sum()]
 
 
+def penalty_squares(
+    group: list[Tensor], anchors: list[Tensor] | None, absolute: bool, squares: bool
+) -> list[Tensor]:
+    """``penalty_sums`` under a code object of its own: dynamo keeps its compiled entries,
+    and counts them against ``recompile_limit``, per code object, so ``SQUARES`` and
+    ``SUMS`` sharing one would each use up the other's shape sets."""
+    return penalty_sums(group, anchors, absolute, squares)
+
+
 def _by_rows(x: Tensor) -> Tensor:
     """``x.sum()``, a matrix's rows first: inductor's CPU loop over the rows' sums of
     ``|w|`` vectorizes where one flat reduction of it does not (L1's sums in 0.67 of the
@@ -302,7 +311,7 @@ _SAID: set[str] = set()
 # 2.9x), but not the plain squares, L2's, which eager takes in one foreach 2-norm (1.3x
 # against 1.5x compiled): on the CPU "pick for me" keeps those eager (``SQUARES``).
 SUMS = FusedKernel(penalty_sums)
-SQUARES = FusedKernel(penalty_sums, pick_on=("cuda",))
+SQUARES = FusedKernel(penalty_squares, pick_on=("cuda",))
 GRADIENTS = FusedKernel(penalty_gradients)
 ELASTIC_PROX = FusedKernel(elastic_prox_)
 QUOTIENT_PROX = FusedKernel(quotient_prox_)

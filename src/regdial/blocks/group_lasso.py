@@ -9,13 +9,14 @@ exact ``prox_`` (block soft-thresholding).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from regdial._checks import check_choice, fail
-from regdial._tensors import accumulation_dtype
+from regdial._tensors import accumulation_dtype, tensor_list
 from regdial.blocks.penalties import Penalty
 from regdial.blocks.schedules import Strength
 from regdial.blocks.shrinkage import soft_threshold_, soft_threshold_diagonal_, write_rounded
@@ -37,6 +38,9 @@ class GroupLasso(Penalty):
     - ``"tensor"``: the whole tensor is one group.
 
     A 1-D tensor (a bias) with ``"rows"`` has one group per element, i.e. plain L1.
+    ``transposed``: 2-D weights stored ``(in, out)`` (transformers' ``Conv1D``,
+    ``regdial.blocks.groups.transposed_weights``), where a unit's incoming weights are a
+    column: their rows and columns swap.
     ``sqrt(|g|)``, with ``|g|`` the group's size, keeps large groups from being favoured
     (Yuan & Lin, 2006; for networks, Scardapane et al., 2017). Prox (block
     soft-thresholding), exactly zero for every group with ``||w_g|| <= lr*s*sqrt(|g|)``::
@@ -46,9 +50,22 @@ class GroupLasso(Penalty):
 
     elementwise: ClassVar[bool] = False
 
-    def __init__(self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None) -> None:
+    def __init__(
+        self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None,
+        transposed: Iterable[Tensor] = (),
+    ) -> None:  # fmt: skip
         super().__init__(strength, foreach=foreach)
         self.groups = check_choice("GroupLasso.groups", groups, GROUP_LAYOUTS)
+        flipped = list(transposed)
+        self._transposed = frozenset(
+            id(t) for t in (tensor_list(flipped, "GroupLasso.transposed") if flipped else []) if t.dim() == 2
+        )
+
+    def _kept(self, w: Tensor) -> int:
+        """The dim a ``"rows"`` or ``"columns"`` group is one index of (rows and columns
+        swap on a weight stored ``(in, out)``, ``transposed``)."""
+        keep = 0 if self.groups == "rows" else 1
+        return 1 - keep if id(w) in self._transposed else keep
 
     def _layout(self, w: Tensor) -> tuple[tuple[int, ...] | None, int]:
         """(the dims a group spans, or None for a whole tensor; the group size)."""
@@ -60,7 +77,7 @@ class GroupLasso(Penalty):
                 f"'rows' or 'tensor' for a 1-D parameter (shape {tuple(w.shape)})",
                 self.groups,
             )
-        keep = 0 if self.groups == "rows" else 1
+        keep = self._kept(w)
         dims = tuple(d for d in range(w.dim()) if d != keep)
         return dims, w.numel() // max(w.shape[keep], 1)
 
@@ -88,7 +105,7 @@ class GroupLasso(Penalty):
     def _slices(self, w: Tensor, dims: tuple[int, ...] | None) -> list[Tensor]:
         if dims is None:
             return [w]
-        return list(w.unbind(0 if self.groups == "rows" else 1))
+        return list(w.unbind(self._kept(w)))
 
     def _gradient(self, group: list[Tensor], scale: Tensor) -> list[Tensor]:
         grads = []

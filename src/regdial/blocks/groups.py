@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from regdial._checks import Described, check_range, fail
 
-__all__ = ["is_normalization", "no_decay_reason", "param_groups"]
+__all__ = ["is_normalization", "no_decay_reason", "param_groups", "transposed_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,25 @@ def no_decay_reason(module: nn.Module, param_name: str) -> str | None:
     if param_name == "bias":
         return "bias"
     return None
+
+
+def transposed_weights(model: nn.Module) -> list[Tensor]:
+    """The weights stored ``(in, out)``, transposed from ``nn.Linear``'s ``(out, in)``:
+    transformers' ``Conv1D`` (GPT-2, GPT-1), recognized by its class name and its ``nf``
+    (output features) attribute, so that transformers need not be imported. A unit's
+    incoming weights are a column of these: ``max_norm`` and group lasso's ``"rows"``
+    take their slices along dim 1 (``MaxNorm(transposed=)``, ``GroupLasso(transposed=)``)."""
+    found: list[Tensor] = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module).__name__ == "Conv1D"
+            and isinstance(weight, Tensor)
+            and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1]
+        ):
+            found.append(weight)
+    return found
 
 
 def _check_patterns(field: str, patterns: object) -> tuple[str, ...]:

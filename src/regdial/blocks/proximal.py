@@ -464,15 +464,30 @@ class MaxNorm:
     """The max-norm constraint as a ``Prox``: ``attach_prox(optimizer, MaxNorm(3.0))``.
 
     ``prox_`` ignores ``lr``: a projection does not depend on the step size.
+    ``transposed``: 2-D weights stored ``(in, out)`` (transformers' ``Conv1D``,
+    ``regdial.blocks.groups.transposed_weights``), whose slices are taken along the other
+    axis: with ``dim=0`` each unit's incoming weights are a column of these.
     """
 
-    def __init__(self, max_norm: float, dim: int = 0, *, fused: bool | None = None) -> None:
+    def __init__(
+        self, max_norm: float, dim: int = 0, *, fused: bool | None = None, transposed: Iterable[Tensor] = ()
+    ) -> None:
         self.max_norm = check_range("MaxNorm.max_norm", max_norm, low=0.0, low_open=True)
         self.dim = check_int("MaxNorm.dim", dim)
         self.fused = kernels.check_fused("MaxNorm.fused", fused)
+        flipped = list(transposed)
+        self._transposed = frozenset(
+            id(t) for t in (tensor_list(flipped, "MaxNorm.transposed") if flipped else []) if t.dim() == 2
+        )
 
     def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
-        max_norm_(params, self.max_norm, self.dim, fused=self.fused)
+        tensors = tensor_list(params)
+        flipped = [w for w in tensors if id(w) in self._transposed]
+        if flipped:
+            tensors = [w for w in tensors if id(w) not in self._transposed]
+            max_norm_(flipped, self.max_norm, 1 - self.dim % 2, fused=self.fused)
+        if tensors:
+            max_norm_(tensors, self.max_norm, self.dim, fused=self.fused)
 
     def __repr__(self) -> str:
         return f"MaxNorm(max_norm={self.max_norm!r}, dim={self.dim})"

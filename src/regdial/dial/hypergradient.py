@@ -65,6 +65,7 @@ validation batch's position and the moves, so a resumed run continues bit-identi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -85,6 +86,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DIFFERENTIABLE", "HypergradientController", "recipe_start"]
 
+logger = logging.getLogger(__name__)
+
 DIFFERENTIABLE = ("weight_decay", "l2", "l1", "elastic_net", "label_smoothing", "noise")
 """The knobs whose hypergradient this controller computes; the others go to the curves."""
 
@@ -98,6 +101,12 @@ VAL_ROWS = 4
 """A validation batch holds at most this many training batches' rows."""
 MIN_LR = 0.05
 """The smallest step in log-strength that ``lr=None`` picks."""
+MAX_LR = math.log(10)
+"""The largest: a strength moves at most tenfold a step. A run with few hypergradient steps
+(4 in a 135-step fine-tuning) would otherwise take steps of 4.6 (a hundredfold), the first
+of them a whole step whatever the hypergradient's size (Adam's rule), so a single noisy
+sign would decide the setting; such a run says in one line that its knobs cannot cross
+their ranges."""
 FLOOR = 1e-3
 """A range that starts at 0 is floored at ``FLOOR * high``: in log space 0 is never reached."""
 
@@ -137,8 +146,9 @@ class HypergradientController:
             (T1-T2 reported about 30%). None: ``STEP_COST / SHARE`` steps, a third of the
             training's cost (15, or 24 with the noise knob).
         lr: the step in log-strength per hypergradient step (Adam's rule); None: enough for
-            the run's hypergradient steps to cross the widest range twice, at least
-            ``MIN_LR`` (set at the first hypergradient step from the run's length).
+            the run's hypergradient steps to cross the widest range twice, in
+            [``MIN_LR``, ``MAX_LR``] (set at the first hypergradient step from the run's
+            length; a run too short to cross a range at ``MAX_LR`` says so in one line).
         solve_steps: conjugate-gradient iterations per hypergradient step on ``q``.
         warmup: steps before the first move (None: a quarter of the run, at least its first
             epoch; see the module docstring).
@@ -270,9 +280,18 @@ class HypergradientController:
         if step % self.every or step < warmup:
             return None
         if self.lr is None:
-            updates = max(1, (training.total_steps - warmup) // self.every)
+            updates = max(
+                1, training.total_steps // self.every - (warmup - 1) // self.every
+            )  # in [warmup, total]
             widest = max(math.log(r.high / _floor(r)) for r in self.ranges.values())
-            self.lr = max(MIN_LR, 2 * widest / updates)  # the run's steps cross the widest range twice
+            wanted = 2 * widest / updates  # the run's steps cross the widest range twice
+            self.lr = min(MAX_LR, max(MIN_LR, wanted))
+            if updates * self.lr < widest:
+                logger.warning(
+                    "regdial: online: %d hypergradient steps fit in this run (%d steps, every %d after %d): "
+                    "at most tenfold each, the knobs cannot cross their ranges; train longer or pass every=",
+                    updates, training.total_steps, self.every, warmup,
+                )  # fmt: skip
         started = time.perf_counter()
         val_batch = self._val_batch(training, VAL_ROWS * len(targets))
         if val_batch is None:  # a trainer that has not built its evaluation data yet

@@ -88,9 +88,12 @@ class Training:
     split: Callable[[Any], tuple[Any, Tensor]]
     loss: LossOf
     smooths: bool
-    logits: Callable[[Any], Tensor] | None = None
-    """A classifier's logits on a batch's inputs: then the validation objective is the
-    calibrated cross-entropy (``calibrated_cross_entropy``), not ``loss``."""
+    logits: Callable[[Any, Tensor], tuple[Tensor, Tensor]] | None = None
+    """A classifier's logits on a batch's inputs and the targets they predict (a causal
+    language model's shifted by one): then the validation objective is the calibrated
+    cross-entropy (``calibrated_cross_entropy``), not ``loss``. Every classifier should give
+    it: the plain cross-entropy's hypergradient walks the knobs that shrink the logits
+    (weight decay, label smoothing) to their floors (``calibrated_cross_entropy``)."""
     val_pending: bool = False
     """No held-out batches yet, but there will be (a trainer builds its evaluation data at
     its first evaluation): the step waits."""
@@ -114,7 +117,7 @@ class Training:
             steps_per_epoch=source.steps_per_epoch(), seed=run.options.seed, val=source.split("val"),
             split=lambda batch: split(batch, run.adapter), loss=loss,
             smooths=run.loss_fn is None and source.num_classes is not None,
-            logits=(lambda x: forward(net, x, run.output_fn)) if run.loss_fn is None and source.num_classes is not None else None,
+            logits=(lambda x, y: (forward(net, x, run.output_fn), y)) if run.loss_fn is None and source.num_classes is not None else None,
         )  # fmt: skip
 
 
@@ -239,7 +242,7 @@ def hypergradients(
         v_inputs, v_targets = training.split(val_batch)
         v_inputs, v_targets = to_device(v_inputs, training.device), v_targets.to(training.device)
         if training.logits is not None and not v_targets.is_floating_point():
-            v_loss = calibrated_cross_entropy(training.logits(v_inputs), v_targets)
+            v_loss = calibrated_cross_entropy(*training.logits(v_inputs, v_targets))
         else:
             v_loss = training.loss(v_inputs, v_targets, None, val_batch)
         v_grad = [g if g is not None else torch.zeros_like(p)
@@ -355,8 +358,5 @@ def _metrics(optimizer: Optimizer, params: list[Tensor]) -> tuple[list[Tensor | 
             root = (state["exp_avg_sq"] / correction).sqrt().add_(float(group["eps"]))
             if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay"):
                 metric[i] = root
-            import os
-
-            floor = float(os.environ.get("RD_PFLOOR", "0"))
-            precondition[i] = (root.clamp_min(floor * float(root.mean())) if floor else root).reciprocal()
+            precondition[i] = root.clamp_min(PRECONDITION_FLOOR * float(root.mean())).reciprocal()
     return metric, precondition

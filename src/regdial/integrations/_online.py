@@ -10,7 +10,9 @@ do not enter training differentiably. A new setting is applied from the next ste
 
 At the end the moves are in the history's ``meta["online"]`` (``{step, epoch, knob,
 value}`` rows) with the hypergradient steps' share of the training time, logged in one
-line.
+line. A move's ``epoch`` counts evaluations, as the history's rows do (a trainer that
+evaluates every 10 steps has a row, an "epoch", every 10 steps; the trainer's own epoch is
+the rows' ``epoch_fraction``): the first row whose evaluation ran with the move in force.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class Online:
 
     def __init__(self, online: Space | HypergradientController, data: Iterable[Any] | None) -> None:
         if isinstance(online, Space):
-            online = HypergradientController(online, start=recipe_start(online))
+            # A step every STEP_COST / SHARE optimizer steps (15; 24 with noise), a third more
+            # compute, as the online strategy takes them.
+            online = HypergradientController(online, every=None, start=recipe_start(online))
         if not isinstance(online, HypergradientController):
             fail("online", "a regdial.Space or a HypergradientController", online)
         self.controller = online

@@ -268,8 +268,13 @@ class HuggingFaceCallback(TrainerCallback):
             given = name or next(
                 (k for k, v in kwargs.items() if isinstance(v, Tensor) and k != "labels"), self._main_input
             )
-            fail(f"regularization.{active[0]}", f"0 for a model whose inputs are {given} (token ids: there is "
-                 "nothing to add noise to or mix; use embedding_noise)", getattr(applied.setting, active[0]))  # fmt: skip
+            knob = active[0]
+            if self.online is not None and knob in self.online.controller.space.knobs:  # the Space set it
+                fail(f"online.{knob}", f"a knob of a model whose inputs are floats, not {given} (token ids: "
+                     f"nothing to add noise to or mix): leave {knob} out of the Space, or use embedding_noise",
+                     Described(f"{knob} in the Space"))  # fmt: skip
+            fail(f"regularization.{knob}", f"0 for a model whose inputs are {given} (token ids: there is "
+                 "nothing to add noise to or mix; use embedding_noise)", getattr(applied.setting, knob))  # fmt: skip
         x = kwargs[name]
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor):
@@ -346,11 +351,16 @@ class HuggingFaceCallback(TrainerCallback):
             output = model(**x, labels=y)
             return smoothed(output["loss"], output["logits"], y, smoothing, shift)
 
+        def logits(x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+            z = model(**x)["logits"]
+            return (z[..., :-1, :], y[..., 1:]) if shift else (z, y)
+
         training = Training(
             net=model, applied=self.session.applied, device=targets.device, step=int(state.global_step),
-            epoch=int(state.epoch or 0), total_steps=self._max_steps, steps_per_epoch=max(1, per_epoch),
+            epoch=len(self.session.history), total_steps=self._max_steps, steps_per_epoch=max(1, per_epoch),
             seed=int(getattr(args, "seed", 0)), val=val, split=_labelled, loss=loss,
             smooths=not targets.is_floating_point(), val_pending=val is None,
+            logits=None if targets.is_floating_point() else logits,
         )  # fmt: skip
         turned = self.online.step(training, inputs, targets)
         if turned is not None:

@@ -198,9 +198,10 @@ class LightningCallback(pl.Callback):
         epochs = max(1, int(trainer.max_epochs or 1)) if (trainer.max_epochs or 0) > 0 else 1
         training = Training(
             net=pl_module, applied=self.session.applied, device=pl_module.device, step=int(trainer.global_step),
-            epoch=int(trainer.current_epoch), total_steps=total, steps_per_epoch=max(1, total // epochs),
+            epoch=len(self.session.history), total_steps=total, steps_per_epoch=max(1, total // epochs),
             seed=int(torch.initial_seed() % 2**31), val=val, split=split, loss=loss,
             smooths=loss_fn is None and num_classes is not None, val_pending=val is None and len(self.history) == 0,
+            logits=(lambda x, y: (forward(pl_module, x), y)) if loss_fn is None and num_classes is not None else None,
         )  # fmt: skip
         turned = self.online.step(training, inputs, targets)
         if turned is not None:
