@@ -418,3 +418,61 @@ def test_the_solves_preconditioner_is_floored_where_a_weight_gets_no_gradient() 
     assert torch.allclose(precondition[:2], root[:2].reciprocal())  # live weights: Adam's own
     assert torch.allclose(precondition[2:], torch.full((2, 4), 1 / (PRECONDITION_FLOOR * float(root.mean()))))
     assert float(precondition.max()) < 1e3
+
+
+class _TinyGPT(nn.Module):
+    """nanoGPT's forward contract: ``model(idx, targets)`` returns ``(logits, loss)``, and
+    every position's logits only when given the targets (the last one's otherwise)."""
+
+    def __init__(self, vocab: int = 16, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.head(torch.tanh(self.embed(idx)))
+        if targets is None:
+            return logits[:, [-1], :], None
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def test_your_own_loop_turns_the_knobs_with_turn(monkeypatch) -> None:
+    """A hand-written loop (nanoGPT's shape: shifted targets, ``(logits, loss)`` outputs):
+    ``turn`` after each optimizer step moves the knobs on held-out batches, applies them,
+    and scores validation with fit's calibrated cross-entropy on every position."""
+    from regdial import Applied
+    from regdial.dial import implicit
+
+    scored: list[tuple[int, ...]] = []
+    original = implicit.calibrated_cross_entropy
+    monkeypatch.setattr(implicit, "calibrated_cross_entropy",
+                        lambda z, y: scored.append(tuple(z.shape)) or original(z, y))  # fmt: skip
+    torch.manual_seed(0)
+    data = (torch.arange(4500) * 7 % 16).reshape(-1, 9)  # a sequence the next token follows from
+    batches = [(data[i : i + 32, :-1], data[i : i + 32, 1:]) for i in range(0, 320, 32)] * 4
+    val = [(data[i : i + 32, :-1], data[i : i + 32, 1:]) for i in range(320, 416, 32)]
+    model = _TinyGPT()
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.2)}),
+                                         every=4)  # fmt: skip
+    applied = Applied(
+        controller.start(), model, lambda groups: torch.optim.AdamW(groups, lr=1e-2), num_classes=16
+    )
+    turned = []
+    for step, (x, y) in enumerate(batches, start=1):
+        logits, _ = model(x, y)
+        loss = applied.loss(logits, y) + applied.penalty()
+        applied.optimizer.zero_grad()
+        loss.backward()
+        applied.optimizer.step()
+        new = controller.turn(applied, x, y, step=step, total_steps=len(batches), val=val,
+                              forward=lambda x, y: model(x, y)[0])  # fmt: skip
+        if new is not None:
+            turned.append(new)
+    assert controller.updates == 8  # steps 12, 16, ..., 40: every 4 after a quarter of the run
+    assert turned and applied.setting == turned[-1]
+    assert {m["knob"] for m in controller.moves} == {"weight_decay", "label_smoothing"}
+    decay = [g["weight_decay"] for g in applied.optimizer.param_groups if g.get("regularize", True)]
+    assert decay and all(d == pytest.approx(controller.values["weight_decay"]) for d in decay)
+    assert scored == [(32, 8, 16)] * controller.updates  # every position's logits, not the last one's
+    with pytest.raises(InputError, match=r"^step must be an integer in \[1, inf\), got 0$"):
+        controller.turn(applied, x, y, step=0, total_steps=len(batches), val=val)

@@ -68,7 +68,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -265,6 +265,44 @@ class HypergradientController:
             fail("controller", "a curve controller under data parallelism (the hypergradient runs on one process)",
                  type(self).__name__)  # fmt: skip
         return self.step(Training.of_run(run), inputs, targets)
+
+    def turn(
+        self,
+        applied: Applied,
+        inputs: Any,
+        targets: Tensor,
+        *,
+        step: int,
+        total_steps: int,
+        val: Iterable[Any],
+        forward: Callable[[Any, Tensor], Tensor] | None = None,
+        steps_per_epoch: int | None = None,
+        epoch: int = 0,
+    ) -> Regularization | None:
+        """Your own loop: call it after ``optimizer.step()`` number ``step`` (from 1) of
+        ``total_steps``, with the clean batch ``(inputs, targets)`` just trained on and
+        held-out batches ``val``. A move is applied (``applied.retune``) and the new setting
+        returned; else None. ``forward(inputs, targets)`` gives the logits where calling
+        the model on the inputs does not (nanoGPT: ``lambda x, y: model(x, y)[0]``).
+
+        Only the differentiable knobs turn here; the curves' knobs (dropout, augmentation...)
+        turn in ``fit`` and the trainers' callbacks, which read the learning curves::
+
+            c = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}))
+            applied = Applied(c.start(), model, lambda groups: torch.optim.AdamW(groups, lr=3e-4))
+            for step, (x, y) in enumerate(batches, start=1):
+                ...  # forward, applied.loss, backward, applied.optimizer.step()
+                c.turn(applied, x, y, step=step, total_steps=len(batches), val=val_batches)
+        """
+        from regdial.dial.implicit import of_loop
+
+        training = of_loop(applied, step=step, total_steps=total_steps, val=val, forward=forward,
+                           steps_per_epoch=steps_per_epoch, epoch=epoch)  # fmt: skip
+        turned = self.step(training, inputs, targets)
+        if turned is None or turned == applied.setting:
+            return None
+        applied.retune(turned)
+        return turned
 
     def step(self, training: Training, inputs: Any, targets: Tensor) -> Regularization | None:
         """After optimizer step ``training.step`` on the clean batch ``(inputs, targets)``:

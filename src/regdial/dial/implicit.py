@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from regdial._checks import Described, fail
 from regdial.blocks.schedules import resolve
 from regdial.training.batches import forward, rebuild, split, to_device
+from regdial.training.batches import forward as _forward
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -46,6 +47,7 @@ __all__ = [
     "check_knobs",
     "classifier_loss",
     "hypergradients",
+    "of_loop",
 ]
 
 PENALTY_TERMS = ("weight_decay", "l2", "l1", "elastic_net")
@@ -119,6 +121,51 @@ class Training:
             smooths=run.loss_fn is None and source.num_classes is not None,
             logits=(lambda x, y: (forward(net, x, run.output_fn), y)) if run.loss_fn is None and source.num_classes is not None else None,
         )  # fmt: skip
+
+
+def of_loop(
+    applied: Applied,
+    *,
+    step: int,
+    total_steps: int,
+    val: Iterable[Any],
+    forward: Callable[[Any, Tensor], Tensor] | None = None,
+    steps_per_epoch: int | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+) -> Training:
+    """A ``Training`` for your own loop (``HypergradientController.turn``): the model is
+    ``applied``'s, a classifier's loss the cross-entropy (``applied.num_classes``), else the
+    mean squared error; ``forward(inputs, targets)`` gives the logits (default: the model
+    on the inputs; nanoGPT's ``lambda x, y: model(x, y)[0]``, whose forward gives every
+    position's logits only when given the targets). ``val``: held-out batches, ``(x, y)``
+    or dicts with ``labels``, walked in order. ``steps_per_epoch`` (None: unknown) bounds
+    the warm-up from below: a quarter of the run, at least an epoch's steps."""
+    from regdial._checks import check_int
+
+    step = check_int("step", step, low=1)
+    total_steps = check_int("total_steps", total_steps, low=1)
+    if val is None or isinstance(val, Tensor):
+        fail("val", "held-out batches, (inputs, targets) or dicts with labels", val)
+    net = applied.model
+    classes = applied.num_classes
+
+    def logits_of(x: Any, y: Tensor) -> Tensor:
+        return forward(x, y) if forward is not None else _forward(net, x, None)
+
+    def loss(x: Any, y: Tensor, smoothing: Tensor | None, _: Any) -> Tensor:
+        output = logits_of(x, y)
+        if classes is not None:
+            return classifier_loss(output, y, smoothing)
+        return F.mse_loss(output.reshape(y.shape).float(), y.float())
+
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    return Training(
+        net=net, applied=applied, device=device, step=step, epoch=check_int("epoch", epoch, low=0),
+        total_steps=total_steps, steps_per_epoch=check_int("steps_per_epoch", steps_per_epoch or 1, low=1),
+        seed=int(seed), val=val, split=split, loss=loss, smooths=classes is not None,
+        logits=(lambda x, y: (logits_of(x, y), y)) if classes is not None else None,
+    )  # fmt: skip
 
 
 def classifier_loss(logits: Tensor, targets: Tensor, smoothing: Tensor | None) -> Tensor:
