@@ -303,3 +303,47 @@ def test_unchanged_models_stay_bitwise_equal_without_prox() -> None:
 def test_bad_arguments(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_weight_losing_a_quarter_of_its_units_is_said_once(caplog) -> None:
+    """L1 in Adam's metric on a from-scratch GPT-2 zeroes its query and key projections,
+    column blocks of one Conv1D weight (c_attn, stored (in, out)): the tensor never becomes
+    entirely zero, so the units are counted. Zeroed input features (a column of a Linear)
+    are what L1 selects, and are not said."""
+    import logging
+
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
+    attach_prox(optimizer, L1(1e-3), model=model, warmup=0)
+    ids = torch.randint(0, 32, (8, 12), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="regdial.blocks.proximal"):
+        for _ in range(257):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+    w = model.transformer.h[0].attn.c_attn.weight.detach()
+    dead = (w == 0).all(dim=0)
+    assert dead[:32].float().mean() > 0.5 and not dead.all()  # its queries and keys, not the values
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "units have all their incoming weights at zero" in r.getMessage()
+    ]
+    attention = [m for m in said if m.startswith("transformer.h.0.attn.c_attn.weight: ")]
+    assert len(attention) == 1 and len(said) == len(set(said))  # once per tensor
+    assert " of its 48 units have all their incoming weights at zero under L1(strength=0.001)" in attention[0]
+    # Input features L1 drops (a Linear's columns) are what it selects: not said; units
+    # (its rows) are, once a quarter of them are gone.
+    from regdial.blocks.zeroed import report_dead_units
+
+    caplog.clear()
+    features, units = torch.randn(8, 20), torch.randn(8, 20)
+    features[:, 5:] = 0.0
+    units[:3] = 0.0
+    with caplog.at_level(logging.WARNING, logger="regdial.blocks.proximal"):
+        report_dead_units([features, units], set(), {id(units): "fc.weight"}, L1(1.0), set())
+    assert [r.getMessage()[:35] for r in caplog.records] == ["fc.weight: 3 of its 8 units have al"]

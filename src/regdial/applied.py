@@ -155,7 +155,7 @@ class Applied:
             self._turn_penalty(name, getattr(setting, name))
         if self.weights and setting.max_norm > 0:
             cap = MaxNorm(setting.max_norm, fused=self.fused, transposed=transposed_weights(model))
-            self.handles.append(attach_prox(self.optimizer, cap, params=self.weights))
+            self.handles.append(attach_prox(self.optimizer, cap, params=self.weights, model=model))
 
         self._set_rates(0.0)
         self.embedding_noise: EmbeddingNoise | None = None
@@ -194,7 +194,9 @@ class Applied:
             # A model that is one linear layer is convex: the exact prox from the first step,
             # as the lasso; a network gets attach_prox's warm-up (see regdial.blocks.proximal).
             warmup = 0 if _is_linear(self.model) else None
-            self.handles.append(attach_prox(self.optimizer, made, params=self.weights, warmup=warmup))
+            self.handles.append(
+                attach_prox(self.optimizer, made, params=self.weights, model=self.model, warmup=warmup)
+            )  # the model: its names in the log, its (in, out) weights' units
 
     def _turn_embedding_noise(self, alpha: float) -> None:
         if self.embedding_noise is not None:

@@ -42,7 +42,10 @@ parameters are weights; ``attach_prox(optimizer, penalty, model=model)`` applies
 ``param_groups``' rule (biases, normalization layers and embeddings are spared) to it.
 On that same BERT, a prox over every parameter of the trainer's groups zeroed the query
 and key weights and biases of both layers entirely. A tensor that becomes entirely zero
-is logged once, with its name.
+is logged once, with its name, and so is a weight a quarter of whose units (rows; columns
+of transformers' ``(in, out)`` ``Conv1D``) have lost all their incoming weights: a
+from-scratch GPT-2 under ``L1(1e-3)`` loses its queries and keys that way, blocks of one
+fused ``c_attn``, and a query and key both at zero get no gradient to come back.
 
 The max-norm constraint (Srivastava et al., 2014, the dropout paper) caps the L2 norm of
 each unit's incoming weights. A projection is the prox of an indicator function, so
@@ -63,7 +66,9 @@ from torch.utils.hooks import RemovableHandle
 from regdial._checks import Described, check_choice, check_int, check_range, fail
 from regdial._tensors import group_by_device_and_dtype, tensor_list
 from regdial.blocks import fused as kernels
+from regdial.blocks.groups import transposed_weights
 from regdial.blocks.shrinkage import StepQuotients
+from regdial.blocks.zeroed import report_dead_units, report_zeroed
 
 __all__ = ["MaxNorm", "Prox", "attach_prox", "max_norm_", "optimizer_step_sizes", "warmup_steps"]
 
@@ -338,6 +343,8 @@ def attach_prox(
     selected, names = _selection(optimizer, penalty, params, model)
     _refuse_sharded(penalty, optimizer)
     zeroed: set[int] = set()
+    dead: set[int] = set()
+    transposed = set() if model is None else {id(w) for w in transposed_weights(model)}
     calls = [0]
 
     def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
@@ -358,7 +365,9 @@ def attach_prox(
                 sizes = _warmed(sizes, opt, ps, horizon, calls[0])
             penalty.prox_(ps, sizes)
             if calls[0] % 16 == 1:  # a reduction over the weights every 16 steps: cheap
-                _report_zeroed(ps, zeroed, names, penalty)
+                report_zeroed(ps, zeroed, names, penalty)
+            if calls[0] % 256 == 1 and getattr(penalty, "elementwise", False):  # a full pass: rarer
+                report_dead_units(ps, dead, names, penalty, transposed)
 
     return optimizer.register_step_post_hook(hook)
 
@@ -412,20 +421,6 @@ def _refuse_sharded(penalty: Prox, optimizer: Optimizer) -> None:
                 fail("penalty", f"an element-wise penalty (L1, L2, ElasticNet) on FSDP's sharded parameters "
                      f"(a row's norm spans shards; train {type(penalty).__name__} data-parallel with DDP)",
                      Described(f"{type(penalty).__name__} on a {kind}"))  # fmt: skip
-
-
-def _report_zeroed(params: list[Tensor], zeroed: set[int], names: dict[int, str], penalty: Prox) -> None:
-    """Log, once per tensor, a parameter that has become entirely zero."""
-    for p in params:
-        if id(p) in zeroed or p.numel() <= 1:
-            continue
-        # A live tensor shows a nonzero in its first elements: the full pass (6 ms over 6.3M
-        # weights on one CPU core, benchmarks/trainer.py's model) only where those are all zero.
-        flat = p.detach().reshape(-1)
-        if not bool(flat[:64].any()) and not bool(flat.any()):
-            zeroed.add(id(p))
-            name = names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
-            logger.warning("%s has become entirely zero under %r", name, penalty)
 
 
 @torch.no_grad()
