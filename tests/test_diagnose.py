@@ -150,3 +150,43 @@ def test_regression_memorization_and_penalty_moves() -> None:
     weak = diagnose(fit("sparse-regression", lasso, epochs=200, progress=False), lasso)
     assert weak.state == "overfitting"
     assert weak.moves["l1"] == pytest.approx(0.03)  # the penalty in use is turned up first
+
+
+def test_a_run_a_controller_turned_is_advised_from_where_it_ended(tmp_path) -> None:
+    """An online run starts at the recipe (weight decay 0.05, dropout 0.1) and ends
+    elsewhere: the advice, the CLI's and the report's, starts from the last setting it
+    turned to (``meta["retunes"]``), not from its start."""
+    from typer.testing import CliRunner
+
+    from regdial.cli import app
+    from regdial.diagnosis import in_force
+
+    train = 2.0 * np.exp(-E / 6)
+    val = 2.0 * np.exp(-E / 6) + 0.3 + 0.015 * np.maximum(0, E - 20)
+    run = history(train, val, noise=0.02)
+    start, end = (
+        Regularization(weight_decay=0.05, dropout=0.1),
+        Regularization(weight_decay=1e-4, dropout=0.2),
+    )
+    run.meta["setting"] = start.to_dict()
+    run.meta["retunes"] = [{"epoch": 12, "setting": Regularization(weight_decay=1e-3).to_dict()},
+                           {"epoch": 40, "setting": end.to_dict()}]  # fmt: skip
+    assert in_force(run, start) == end and in_force(history(train, val), start) == start
+    assert "raise weight_decay (x3: 0.0001 -> 0.0003) or raise dropout (0.2 -> 0.3)" in diagnose(run).message
+    run.save(tmp_path)
+    (tmp_path / "summary.json").write_text('{"setting": ' + __import__("json").dumps(start.to_dict()) + "}")
+    printed = CliRunner().invoke(app, ["diagnose", str(tmp_path)]).output
+    assert "raise weight_decay (x3: 0.0001 -> 0.0003)" in " ".join(printed.split())
+
+
+def test_an_unset_dropout_is_advised_as_the_models_own_rates_not_zero() -> None:
+    """A setting that leaves dropout unset leaves the model's own rates (a GPT-2's 0.1):
+    'raise dropout (0 -> 0.1)' would be false."""
+    train = 2.0 * np.exp(-E / 6)
+    val = 2.0 * np.exp(-E / 6) + 0.3 + 0.015 * np.maximum(0, E - 20)
+    message = diagnose(history(train, val, noise=0.02), Regularization(weight_decay=0.01)).message
+    assert (
+        "raise weight_decay (x3: 0.01 -> 0.03) or set dropout to 0.1 (unset, the model's own rates are in force)"
+        in message
+    )
+    assert "dropout (0 ->" not in message

@@ -144,3 +144,22 @@ def test_a_tensorboard_log_directory(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert diagnose(history).state == "overfitting"
     main(["diagnose", str(tmp_path / "runs")])
     assert capsys.readouterr().out.startswith("overfitting since step")
+
+
+def test_a_lightning_metrics_csv_says_how_its_epochs_are_counted(tmp_path: Path) -> None:
+    """Lightning counts epochs from 0, regdial from 1: the diagnosis of its metrics.csv
+    says so, so 'overfitting since epoch 11' is not read as the file's epoch 11."""
+    rows = _overfitting_rows()
+    path = tmp_path / "metrics.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", "train_loss", "val_loss"])
+        for row in rows:
+            writer.writerow(
+                [int(row["epoch"]) - 1, int(row["epoch"]) * 10, row["train_loss"], row["val_loss"]]
+            )
+    history = History.load(path)
+    assert [int(e) for e in history.column("epoch")] == [int(r["epoch"]) for r in rows]
+    message = diagnose(history).message
+    assert message.startswith("overfitting since epoch ")
+    assert message.endswith(" (epochs counted from 1: the log's epoch 0 is epoch 1 here)")

@@ -476,3 +476,15 @@ def test_your_own_loop_turns_the_knobs_with_turn(monkeypatch) -> None:
     assert scored == [(32, 8, 16)] * controller.updates  # every position's logits, not the last one's
     with pytest.raises(InputError, match=r"^step must be an integer in \[1, inf\), got 0$"):
         controller.turn(applied, x, y, step=0, total_steps=len(batches), val=val)
+
+
+def test_max_norm_beside_a_penalty_knob_is_said_once(caplog) -> None:
+    """The projection is not in the fixed point the hypergradient differentiates."""
+    import logging
+
+    space = Space({"weight_decay": (1e-4, 1.0)}, base=Regularization(max_norm=3.0))
+    controller = HypergradientController(space, every=10)
+    with caplog.at_level(logging.WARNING, logger="regdial.dial.hypergradient"):
+        fit("wine", controller.start(), epochs=2, progress=False, controller=controller)
+    said = [r.getMessage() for r in caplog.records if "max_norm caps the weights" in r.getMessage()]
+    assert len(said) == 1 and "weight_decay's hypergradient takes the uncapped fixed point" in said[0]

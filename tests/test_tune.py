@@ -200,7 +200,7 @@ def test_the_result_runs_with_regdial_run(tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     main(["diagnose", str(out)])  # and diagnose reads the chosen setting's run
     printed = capsys.readouterr().out
-    assert f"the search's chosen setting, trained again: {out / 'best'}" in " ".join(printed.split())
+    assert f"the search's chosen run, scored on test: {out / 'best'}" in " ".join(printed.split())
     assert "Validation curve per knob" in (out / "report.html").read_text()
 
 

@@ -30,7 +30,8 @@ The advice is in dial terms: which knobs to turn which way and by how much (each
 ``step`` in ``regdial.knobs``: multiplicative for penalties and weight decay, additive
 for rates), and where early stopping would have stopped. ``Diagnosis.suggest(setting)``
 applies it. The setting is the run's own (``history.meta["setting"]``, which ``fit``
-records) unless one is given.
+records; for a run a controller turned, the last setting it turned to, ``in_force``)
+unless one is given.
 
 Only ``epoch``, ``train_loss`` and ``val_loss`` are needed, so any tool's log can be read
 (``History.load`` takes Lightning's ``metrics.csv``, Hugging Face's ``trainer_state.json``,
@@ -54,7 +55,7 @@ from regdial.knobs import KNOBS, PENALTIES
 from regdial.setting import Regularization
 from regdial.training.history import History
 
-__all__ = ["Diagnosis", "State", "diagnose", "smooth"]
+__all__ = ["Diagnosis", "State", "diagnose", "in_force", "smooth"]
 
 State = Literal["diverged", "overfitting", "underfitting", "still improving", "good fit"]
 
@@ -158,7 +159,9 @@ def _describe(moves: dict[str, Any], setting: Regularization) -> str:
     parts = []
     for name, new in moves.items():
         old = _number(getattr(setting, name)) or 0.0
-        if KNOBS[name].step[0] == "times" and old > 0:
+        if getattr(setting, name) is None:  # unset: the model's own rates (a GPT-2's 0.1), unknown here
+            parts.append(f"set {name} to {new:g} (unset, the model's own rates are in force)")
+        elif KNOBS[name].step[0] == "times" and old > 0:
             factor = new / old
             parts.append(f"{'raise' if factor > 1 else 'lower'} {name} (x{factor:.3g}: {old:g} -> {new:g})")
         elif new > old:
@@ -166,6 +169,19 @@ def _describe(moves: dict[str, Any], setting: Regularization) -> str:
         else:
             parts.append(f"lower {name} ({old:g} -> {new:g})")
     return " or ".join(parts)
+
+
+def in_force(history: History, setting: Regularization | None) -> Regularization | None:
+    """The setting in force at the end of ``history``'s run: the last one a controller
+    turned to (``meta["retunes"]``, which ``fit`` records for an online run), else
+    ``setting``. An online run starts at the recipe and ends elsewhere; advice from its
+    start (weight decay 0.05 where the run ended at 0.0001) would be a different run's."""
+    retunes = history.meta.get("retunes")
+    if isinstance(retunes, list) and retunes and isinstance(retunes[-1], dict):
+        last = retunes[-1].get("setting")
+        if isinstance(last, dict):
+            return Regularization.from_dict(last)
+    return setting
 
 
 def diagnose(
@@ -183,6 +199,7 @@ def diagnose(
         )
         known = isinstance(recorded, dict)
         setting = Regularization.from_dict(recorded) if isinstance(recorded, dict) else Regularization()
+        setting = in_force(history, setting) or setting
     unit = str(history.meta.get("epoch_unit") or "epoch")
     n = len(history)
     if n == 0:
@@ -210,6 +227,8 @@ def diagnose(
             text += " (the log records no setting: the advice starts from every knob off)"
         if direction > 0 and early is not None:
             text += f"; early stopping (patience {stopper.patience}) would have stopped at {'' if unit == 'epoch' else unit + ' '}{early}"
+        if history.meta.get("source") == "lightning" and unit == "epoch":
+            text += " (epochs counted from 1: the log's epoch 0 is epoch 1 here)"
         return Diagnosis(state, text, best, overfit_epoch, gap, early, direction, moves, details, known)
 
     if n < 3:

@@ -52,7 +52,7 @@ def diagnose_command(
 ) -> None:
     """Say where a run stands: overfitting, underfitting, good fit..., and which knob to turn."""
     from regdial._io import read_json
-    from regdial.diagnosis import diagnose
+    from regdial.diagnosis import diagnose, in_force
     from regdial.setting import Regularization
     from regdial.training.history import History
 
@@ -65,7 +65,7 @@ def diagnose_command(
         recorded = read_json(summary, "a run summary written by regdial")
         if isinstance(recorded, dict) and isinstance(recorded.get("setting"), dict):
             setting = Regularization.from_dict(recorded["setting"])
-    make_console().print(diagnose(history, setting).message)
+    make_console().print(diagnose(history, in_force(history, setting)).message)
 
 
 @app.command(name="report")
@@ -82,13 +82,14 @@ def report_command(
 
 
 def _chosen_run(search: Path) -> Path:
-    """The run ``regdial diagnose`` reads for a search's directory: the chosen setting
-    trained again (``best/``), else the chosen trial's own history (``trials/<number>/``)."""
+    """The run ``regdial diagnose`` reads for a search's directory: the chosen run as the
+    search finished it (``best/``: the chosen trial's own run, the online run, or the
+    setting trained again where neither was kept), else the chosen trial's own history (``trials/<number>/``)."""
     from regdial._io import read_json
 
     best = search / "best"
     if (best / "history.json").is_file():
-        make_console().print(f"the search's chosen setting, trained again: {best}")
+        make_console().print(f"the search's chosen run, scored on test: {best}")
         return best
     result = read_json(search / "result.json", "a search result written by regdial tune")
     number = result.get("best", {}).get("trial") if isinstance(result, dict) else None

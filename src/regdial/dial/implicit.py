@@ -18,6 +18,7 @@ smoothing strength.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -244,6 +245,13 @@ def check_knobs(training: Training, inputs: Any, knobs: Iterable[str]) -> None:
              "another loss, its strength has no derivative regdial can take)", Described("another loss"))  # fmt: skip
     if "noise" in knobs:
         _noised(inputs)
+    penalties = [k for k in PENALTY_TERMS if k in knobs]
+    if penalties and float(training.applied.setting.max_norm or 0.0) > 0:
+        logging.getLogger("regdial.dial.hypergradient").warning(
+            "regdial: online: max_norm caps the weights, and %s's hypergradient takes the uncapped fixed point: where "
+            "the cap binds it is not the validation loss's derivative (a GPT-2 under max_norm=0.1 walked weight decay "
+            "to its floor); turn max_norm off to tune %s online", ", ".join(penalties), penalties[0],
+        )  # fmt: skip
 
 
 def _perturbed(inputs: Any, training: Training) -> tuple[Any, Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from regdial._checks import fail, shorten
 from regdial._io import atomic_write, damaged, read_json, write_text
-from regdial.diagnosis import Diagnosis, diagnose, smooth
+from regdial.diagnosis import Diagnosis, diagnose, in_force, smooth
 from regdial.reports._html import COLORS, fmt, page, percent, pyplot, table, with_se
 from regdial.setting import Regularization
 from regdial.training.history import History
@@ -221,6 +221,7 @@ def run_report(run_dir: str | Path) -> Path:
     summary = _summary(run_dir)
     recorded = summary.get("setting", history.meta.get("setting"))
     setting = Regularization.from_dict(recorded) if isinstance(recorded, dict) else Regularization()
+    setting = in_force(history, setting) or setting  # an online run's knobs where it ended
     diagnosis = diagnose(history, setting)
     baseline_dir = run_dir / "baseline"
     has_baseline = any((baseline_dir / n).is_file() for n in ("history.json", "history.csv"))

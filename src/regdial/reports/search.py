@@ -159,8 +159,10 @@ def _scores(result: TuneResult) -> list[str]:
     return [
         "<h2>Baseline vs tuned</h2>",
         table(rows, ["setting", metric.replace("_", " "), test.replace("_", " ")]),
-        f"<p class='muted'>Both trained again with the search's seed; {html.escape(str(where))} was used for these "
-        "two scores only; ± one standard error. <a href='best/report.html'>The tuned run's own report</a>.</p>",
+        f"<p class='muted'>The tuned row is the chosen run as the search finished it (the chosen trial's own run "
+        "where its checkpoint was kept, the online run itself, or the setting trained again), the unregularized "
+        f"one trained with the search's seed; {html.escape(str(where))} was used for these two scores only; ± one "
+        "standard error. <a href='best/report.html'>The tuned run's own report</a>.</p>",
     ]
 
 
@@ -211,8 +213,8 @@ def search_report(run_dir: str | Path) -> Path:
         ]
     if "online.png" in images:
         parts += ["<h2>The online run</h2>", "<img src='online.png' alt='metric and knob positions over epochs'>",
-                  "<p class='muted'>Its choice is the setting in force at the chosen epoch, trained again from the "
-                  "start for the table above.</p>"]  # fmt: skip
+                  "<p class='muted'>The table above scores this run itself, its best epoch's weights restored: "
+                  "one run is the whole method, not retrained with its knobs frozen.</p>"]  # fmt: skip
     if "importances.png" in images:
         parts += ["<h2>Knob importance</h2>", "<img src='importances.png' alt='importance of each knob'>"]
     written = run_dir / "report.html"
