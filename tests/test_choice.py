@@ -75,6 +75,19 @@ def test_a_csv_without_a_test_split_gets_one_and_the_table_says_so(
     )
 
 
+def test_a_regression_csvs_carved_test_split_is_not_said_stratified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 3))
+    lines = ["a,b,c,y"] + [",".join(f"{v:.4f}" for v in row) + f",{2.5 * row[0]:.4f}" for row in x]
+    (tmp_path / "mine.csv").write_text("\n".join(lines) + "\n")
+    main(["tune", "--data", str(tmp_path / "mine.csv"), "--target", "y", "--epochs", "2", "--budget", "2 trials",
+          "--strategy", "random", "--out", str(tmp_path / "search"), "--quiet"])  # fmt: skip
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "test: a test split carved from the training data (seeded; the search never saw it)" in printed
+
+
 def test_trials_stop_early_keep_their_best_epoch_and_the_budget_counts_what_was_trained() -> None:
     result = tune("breast-cancer", Space({"weight_decay": (1e-4, 1e-2)}), budget="4 trials", strategy="tpe",
                   retrain=False, lr=3e-2)  # fmt: skip

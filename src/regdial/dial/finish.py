@@ -188,7 +188,8 @@ def _retrain(search: Search, result: TuneResult) -> None:
     if not has_test:
         split = "validation only (no test split was given: pass test= to score on data the search never saw)"
     elif data is not None and getattr(data, "test_carved", False):
-        split = "a test split carved from the training data (seeded, stratified; the search never saw it)"
+        how = "seeded, stratified" if getattr(data, "kind", None) == "classification" else "seeded"
+        split = f"a test split carved from the training data ({how}; the search never saw it)"
     else:
         split = "the test split"
     staging = search.staging(fresh=search.online_run is None)  # online's run is already there
