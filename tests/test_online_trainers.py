@@ -232,3 +232,34 @@ def test_lightning_online_refuses_label_smoothing_through_a_loss_of_its_own(tmp_
                                                 loss_fn=lambda output, batch: torch.nn.functional.cross_entropy(output, batch[1]))  # fmt: skip
     with pytest.raises(ValueError, match=r"^online\.label_smoothing must be a knob of a classifier"):
         lightning_fit(Classifier(), callback, tmp_path, epochs=1)
+
+
+def test_online_on_a_seq2seq_model_scores_its_decoders_logits_against_its_labels(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A T5 builds its decoder inputs from the labels: the calibrated objective's logits
+    are taken with them, unshifted, one per label."""
+
+    class Reverse(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+        def __init__(self, seed: int, n: int) -> None:
+            self.x = torch.randint(1, 40, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.x[i], "labels": self.x[i].flip(0)}
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}), every=2, warmup=0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=16,
+                                          learning_rate=3e-3, eval_strategy="epoch", save_strategy="no",
+                                          logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
+    callback = hf.HuggingFaceCallback(online=controller)
+    scored = _record_the_validation_objective(monkeypatch)
+    transformers.Trainer(model=transformers.T5ForConditionalGeneration(config), args=args,
+                         train_dataset=Reverse(0, 64), eval_dataset=Reverse(1, 32), callbacks=[callback]).train()  # fmt: skip
+    assert callback._shift is False and len(scored) == controller.updates > 0
+    assert all(logits.shape == (*targets.shape, 40) and targets.shape[1] == 8 for logits, targets in scored)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from regdial._checks import Described, fail
+from regdial._checks import Described, check_int, fail
 from regdial.blocks.schedules import resolve
 from regdial.training.batches import forward, rebuild, split, to_device
 from regdial.training.batches import forward as _forward
@@ -142,8 +142,6 @@ def of_loop(
     position's logits only when given the targets). ``val``: held-out batches, ``(x, y)``
     or dicts with ``labels``, walked in order. ``steps_per_epoch`` (None: unknown) bounds
     the warm-up from below: a quarter of the run, at least an epoch's steps."""
-    from regdial._checks import check_int
-
     step = check_int("step", step, low=1)
     total_steps = check_int("total_steps", total_steps, low=1)
     if val is None or isinstance(val, Tensor):

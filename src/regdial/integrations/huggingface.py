@@ -352,7 +352,9 @@ class HuggingFaceCallback(TrainerCallback):
             return smoothed(output["loss"], output["logits"], y, smoothing, shift)
 
         def logits(x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
-            z = model(**x)["logits"]
+            # With the labels: a seq2seq model builds its decoder inputs from them, and its
+            # logits then line up with them; a causal LM's are every position's, shifted here.
+            z = model(**x, labels=y)["logits"]
             return (z[..., :-1, :], y[..., 1:]) if shift else (z, y)
 
         training = Training(
