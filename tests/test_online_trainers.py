@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,21 @@ def test_online_on_a_seq2seq_model_scores_its_decoders_logits_against_its_labels
                          train_dataset=Reverse(0, 64), eval_dataset=Reverse(1, 32), callbacks=[callback]).train()  # fmt: skip
     assert callback._shift is False and len(scored) == controller.updates > 0
     assert all(logits.shape == (*targets.shape, 40) and targets.shape[1] == 8 for logits, targets in scored)
+
+
+def test_an_evaluation_after_training_is_not_one_of_the_runs(tmp_path: Path) -> None:
+    """trainer.evaluate() after train() (and Lightning's validate() after fit()) adds no
+    row to the finished run's history and turns no knob."""
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)}), every=2)
+    callback = hf.HuggingFaceCallback(online=controller)
+    trainer = hf_trainer(tiny_bert(), callback, tmp_path / "hf", epochs=2)
+    trainer.train()
+    rows, moves = len(callback.history), list(controller.moves)
+    trainer.evaluate()
+    assert len(callback.history) == rows == 2 and controller.moves == moves
+    assert all(math.isfinite(row["train_loss"]) for row in callback.history)
+    lit = pl_integration.LightningCallback(Regularization(weight_decay=0.01), num_classes=3)
+    fitted = lightning_fit(Classifier(), lit, tmp_path / "pl", epochs=2)
+    rows = len(lit.history)
+    fitted.validate(fitted.lightning_module, blobs(1, 64), verbose=False)
+    assert len(lit.history) == rows == 2

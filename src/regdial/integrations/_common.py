@@ -165,6 +165,7 @@ class Session:
         self._live: dict[str, Tensor] | None = None
         self._train_loss = [0.0, 0]
         self.pruned = False
+        self.ended = False  # finished: a later evaluation (trainer.evaluate()) is the user's own
 
     def fresh(self, setting: Regularization | None = None) -> Session:
         """A new session for the next run (a search's next trial): nothing carries over."""
@@ -195,7 +196,7 @@ class Session:
 
     def use_average(self, model: nn.Module) -> None:
         """Evaluate the EMA weights: put them in the model, keeping the live ones aside."""
-        if self.applied is None or self.applied.ema is None or self._live is not None:
+        if self.ended or self.applied is None or self.applied.ema is None or self._live is not None:
             return
         averaged = _averaged(model, self.applied.ema.module)
         self._live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in averaged}
@@ -217,7 +218,10 @@ class Session:
 
     def evaluated(self, epoch: float, metrics: Mapping[str, float], model: nn.Module) -> bool:
         """Record an evaluation; True when early stopping says stop. Reports to the trial
-        (which may raise ``optuna.TrialPruned``)."""
+        (which may raise ``optuna.TrialPruned``). After ``finish`` nothing is recorded: an
+        evaluation after training (``trainer.evaluate()``) is not one of the run's."""
+        if self.ended:
+            return False
         values = {
             k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
         }
@@ -257,6 +261,7 @@ class Session:
         from regdial.diagnosis import diagnose
 
         self.use_live(model)
+        self.ended = True
         if self.applied is not None:
             if self.setting.early_stopping > 0 and self.stopper.best_state is not None:
                 self.applied.eval_model.load_state_dict(self.stopper.best_state)

@@ -378,7 +378,7 @@ class HuggingFaceCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        if model is None:
+        if model is None or self.session.ended:  # trainer.evaluate() after training: the user's own
             return
         named = {normalize(k): v for k, v in (metrics or {}).items()}
         try:

@@ -130,7 +130,7 @@ class LightningCallback(pl.Callback):
         if sum(isinstance(c, LightningCallback) for c in getattr(trainer, "callbacks", ())) > 1:
             fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
                  Described("two"))  # fmt: skip
-        if self.session.applied is not None:  # fitted before: a new run, its own record and early stopping
+        if self.session.applied is not None or self.session.ended:  # fitted before: a new run, its own record
             self.session = self.session.fresh()
             self._checked = False
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -212,7 +212,7 @@ class LightningCallback(pl.Callback):
             self.session.use_average(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self.session.ended:  # trainer.validate() after fit: the user's own
             return
         metrics = {
             normalize(k): float(v)
