@@ -345,5 +345,5 @@ def test_a_weight_losing_a_quarter_of_its_units_is_said_once(caplog) -> None:
     features[:, 5:] = 0.0
     units[:3] = 0.0
     with caplog.at_level(logging.WARNING, logger="regdial.blocks.proximal"):
-        report_dead_units([features, units], set(), {id(units): "fc.weight"}, L1(1.0), set())
+        report_dead_units([features, units], set(), {id(units): "fc.weight"}, L1(1.0), frozenset())
     assert [r.getMessage()[:35] for r in caplog.records] == ["fc.weight: 3 of its 8 units have al"]

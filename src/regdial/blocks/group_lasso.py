@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from regdial._checks import check_choice, fail
-from regdial._tensors import accumulation_dtype, tensor_list
+from regdial._tensors import accumulation_dtype
+from regdial.blocks.groups import transposed_ids
 from regdial.blocks.penalties import Penalty
 from regdial.blocks.schedules import Strength
 from regdial.blocks.shrinkage import soft_threshold_, soft_threshold_diagonal_, write_rounded
@@ -56,10 +57,7 @@ class GroupLasso(Penalty):
     ) -> None:  # fmt: skip
         super().__init__(strength, foreach=foreach)
         self.groups = check_choice("GroupLasso.groups", groups, GROUP_LAYOUTS)
-        flipped = list(transposed)
-        self._transposed = frozenset(
-            id(t) for t in (tensor_list(flipped, "GroupLasso.transposed") if flipped else []) if t.dim() == 2
-        )
+        self._transposed = transposed_ids(transposed, "GroupLasso.transposed")
 
     def _kept(self, w: Tensor) -> int:
         """The dim a ``"rows"`` or ``"columns"`` group is one index of (rows and columns

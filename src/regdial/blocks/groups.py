@@ -26,8 +26,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from regdial._checks import Described, check_range, fail
+from regdial._tensors import tensor_list
 
-__all__ = ["is_normalization", "no_decay_reason", "param_groups", "transposed_weights"]
+__all__ = ["is_normalization", "no_decay_reason", "param_groups", "transposed_ids", "transposed_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,13 @@ def transposed_weights(model: nn.Module) -> list[Tensor]:
         ):
             found.append(weight)
     return found
+
+
+def transposed_ids(weights: Iterable[Tensor], field: str) -> frozenset[int]:
+    """The ids of the 2-D tensors among ``weights`` (checked as ``field``; none is fine):
+    what ``MaxNorm``, ``GroupLasso`` and ``attach_prox`` look a weight up in."""
+    given = list(weights)
+    return frozenset(id(t) for t in (tensor_list(given, field) if given else []) if t.dim() == 2)
 
 
 def _check_patterns(field: str, patterns: object) -> tuple[str, ...]:

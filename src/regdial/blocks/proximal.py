@@ -66,7 +66,7 @@ from torch.utils.hooks import RemovableHandle
 from regdial._checks import Described, check_choice, check_int, check_range, fail
 from regdial._tensors import group_by_device_and_dtype, tensor_list
 from regdial.blocks import fused as kernels
-from regdial.blocks.groups import transposed_weights
+from regdial.blocks.groups import transposed_ids, transposed_weights
 from regdial.blocks.shrinkage import StepQuotients
 from regdial.blocks.zeroed import report_dead_units, report_zeroed
 
@@ -344,7 +344,7 @@ def attach_prox(
     _refuse_sharded(penalty, optimizer)
     zeroed: set[int] = set()
     dead: set[int] = set()
-    transposed = set() if model is None else {id(w) for w in transposed_weights(model)}
+    transposed = frozenset() if model is None else transposed_ids(transposed_weights(model), "model")
     calls = [0]
 
     def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
@@ -470,10 +470,7 @@ class MaxNorm:
         self.max_norm = check_range("MaxNorm.max_norm", max_norm, low=0.0, low_open=True)
         self.dim = check_int("MaxNorm.dim", dim)
         self.fused = kernels.check_fused("MaxNorm.fused", fused)
-        flipped = list(transposed)
-        self._transposed = frozenset(
-            id(t) for t in (tensor_list(flipped, "MaxNorm.transposed") if flipped else []) if t.dim() == 2
-        )
+        self._transposed = transposed_ids(transposed, "MaxNorm.transposed")
 
     def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
         tensors = tensor_list(params)

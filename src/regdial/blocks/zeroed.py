@@ -38,7 +38,7 @@ DEAD_UNITS = 0.25
 
 
 def report_dead_units(
-    params: list[Tensor], dead: set[int], names: dict[int, str], penalty: object, transposed: set[int]
+    params: list[Tensor], dead: set[int], names: dict[int, str], penalty: object, transposed: frozenset[int]
 ) -> None:
     """Log, once per tensor, a weight a quarter or more of whose units (rows; columns of a
     weight stored ``(in, out)``) have all their incoming weights at zero, short of the

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from regdial._checks import Described, check_int, check_range, fail
-from regdial.dial.implicit import Training, check_knobs, hypergradients
+from regdial.dial.implicit import Training, check_knobs, hypergradients, of_loop
 from regdial.dial.online import OnlineController
 from regdial.dial.space import Range, Space
 from regdial.setting import Regularization
@@ -294,8 +294,6 @@ class HypergradientController:
                 ...  # forward, applied.loss, backward, applied.optimizer.step()
                 c.turn(applied, x, y, step=step, total_steps=len(batches), val=val_batches)
         """
-        from regdial.dial.implicit import of_loop
-
         training = of_loop(applied, step=step, total_steps=total_steps, val=val, forward=forward,
                            steps_per_epoch=steps_per_epoch, epoch=epoch)  # fmt: skip
         turned = self.step(training, inputs, targets)
