@@ -27,6 +27,7 @@ from regdial.blocks.augment import (
     augmentation,
 )
 from regdial.blocks.averaging import EMA, SWA, recompute_batchnorm
+from regdial.blocks.fused_adamw import FusedAdamW
 from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
 from regdial.blocks.l2sp import L2SP
@@ -74,7 +75,7 @@ __version__ = "0.2.0"  # the one place: pyproject.toml reads it (hatch's dynamic
 __getattr__, __dir__, LAZY = lazy(globals())
 __all__ = [
     "EMA", "L1", "L2", "L2SP", "SWA", "Applied", "CutMix", "DropBlock1d", "DropBlock2d", "DropConnect",
-    "DropPath", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "GaussianDropout", "GaussianNoise",
+    "DropPath", "EarlyStopping", "ElasticNet", "EmbeddingNoise", "FusedAdamW", "GaussianDropout", "GaussianNoise",
     "GroupLasso", "ImageAugment", "InputError", "MaxNorm", "Mixup", "MixupOrCutMix", "Penalty", "Regularization",
     "SignalAugment", "TabularAugment", "TokenAugment", "__version__", "attach_prox", "augmentation",
     "drop_block", "drop_path", "drop_path_rates", "max_norm_", "param_groups", "recompute_batchnorm",

@@ -9,7 +9,10 @@ module        what it holds
 ============  ==============================================================================
 schedules     ``Schedule``: a strength as a function of training progress in [0, 1]
 penalties     ``L1``, ``L2``, ``ElasticNet``, ``GroupLasso``, ``L2SP``: ``value`` and ``prox_``
-proximal      ``attach_prox`` (the prox after every ``optimizer.step()``), ``MaxNorm``
+proximal      ``attach_prox`` (the prox after every ``optimizer.step()``)
+max_norm      ``MaxNorm``, ``max_norm_``: the cap on each unit's incoming weights
+fused         compiled kernels for the per-step work (``fused=``)
+fused_adamw   ``FusedAdamW``: AdamW with an attached prox in its own pass
 groups        ``param_groups``: which parameters get weight decay
 noise         ``DropPath``, ``DropBlock1d/2d``, ``DropConnect``, Gaussian noise and dropout
 mixing        ``Mixup``, ``CutMix``, soft targets and label smoothing
@@ -31,6 +34,7 @@ from regdial.blocks.augment import (
     augmentation,
 )
 from regdial.blocks.averaging import EMA, SWA, recompute_batchnorm
+from regdial.blocks.fused_adamw import FusedAdamW
 from regdial.blocks.group_lasso import GroupLasso
 from regdial.blocks.groups import param_groups
 from regdial.blocks.l2sp import L2SP
@@ -70,6 +74,7 @@ __all__ = [
     "EarlyStopping",
     "ElasticNet",
     "EmbeddingNoise",
+    "FusedAdamW",
     "GaussianDropout",
     "GaussianNoise",
     "GroupLasso",

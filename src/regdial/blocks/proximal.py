@@ -63,10 +63,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from regdial._checks import Described, check_choice, check_int, check_range, fail
-from regdial._tensors import group_by_device_and_dtype, tensor_list
-from regdial.blocks import fused as kernels
+from regdial._checks import Described, check_choice, check_int, fail
+from regdial._tensors import tensor_list
+from regdial.blocks.fused_adamw import Handles, fusing_optimizer
 from regdial.blocks.groups import transposed_ids, transposed_weights
+from regdial.blocks.max_norm import MaxNorm, max_norm_
 from regdial.blocks.shrinkage import StepQuotients
 from regdial.blocks.zeroed import report_dead_units, report_zeroed
 
@@ -346,30 +347,49 @@ def attach_prox(
     dead: set[int] = set()
     transposed = frozenset() if model is None else transposed_ids(transposed_weights(model), "model")
     calls = [0]
+    fused_groups: set[int] = set()  # the groups whose prox FusedAdamW ran in this step
+
+    def sized(
+        opt: Optimizer, group: Group, count: int
+    ) -> tuple[list[Tensor], float | Sequence[Tensor]] | None:
+        lr = float(group["lr"])
+        if lr == 0.0 or (selected is None and group.get("regularize", True) is False):
+            return None
+        ps = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
+        if not ps:
+            return None
+        sizes: float | Sequence[Tensor] = lr if reader is None else reader(opt, group, ps)
+        horizon = warmup if warmup is not None else (
+            warmup_steps(opt, group) if reader is not None and getattr(penalty, "warmup", True) else 0)  # fmt: skip
+        return ps, (_warmed(sizes, opt, ps, horizon, count) if horizon else sizes)
 
     def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
         calls[0] += 1
         for group in opt.param_groups:
-            lr = float(group["lr"])
-            if lr == 0.0 or (selected is None and group.get("regularize", True) is False):
+            found = sized(opt, group, calls[0])
+            if found is None:
                 continue
-            ps = [
-                p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)
-            ]
-            if not ps:
-                continue
-            sizes: float | Sequence[Tensor] = lr if reader is None else reader(opt, group, ps)
-            horizon = warmup if warmup is not None else (
-                warmup_steps(opt, group) if reader is not None and getattr(penalty, "warmup", True) else 0)  # fmt: skip
-            if horizon:
-                sizes = _warmed(sizes, opt, ps, horizon, calls[0])
-            penalty.prox_(ps, sizes)
+            ps, sizes = found
+            if id(group) not in fused_groups:
+                penalty.prox_(ps, sizes)
             if calls[0] % 16 == 1:  # a reduction over the weights every 16 steps: cheap
                 report_zeroed(ps, zeroed, names, penalty)
             if calls[0] % 256 == 1 and getattr(penalty, "elementwise", False):  # a full pass: rarer
                 report_dead_units(ps, dead, names, penalty, transposed)
+        fused_groups.clear()
 
-    return optimizer.register_step_post_hook(hook)
+    handle = optimizer.register_step_post_hook(hook)
+    fusing = fusing_optimizer(optimizer)
+    planner = getattr(penalty, "quotient_plan", None)
+    if fusing is not None and reader is _adam and callable(planner):
+
+        def plan(group: Group) -> list[tuple[Tensor, float, float, float]] | None:
+            found = sized(fusing, group, calls[0] + 1)
+            return None if found is None else planner(*found)
+
+        fused_handle = fusing.fuse_prox(handle.id, plan, fused_groups)
+        return Handles(handle, fused_handle)
+    return handle
 
 
 def _selection(
@@ -421,65 +441,3 @@ def _refuse_sharded(penalty: Prox, optimizer: Optimizer) -> None:
                 fail("penalty", f"an element-wise penalty (L1, L2, ElasticNet) on FSDP's sharded parameters "
                      f"(a row's norm spans shards; train {type(penalty).__name__} data-parallel with DDP)",
                      Described(f"{type(penalty).__name__} on a {kind}"))  # fmt: skip
-
-
-@torch.no_grad()
-def max_norm_(
-    params: Tensor | Iterable[Tensor], max_norm: float, dim: int = 0, *, fused: bool | None = None
-) -> None:
-    """Rescale, in place, every slice along ``dim`` whose L2 norm exceeds ``max_norm``.
-
-    With the default ``dim=0`` each slice is one output unit's incoming weights (a row of
-    a Linear weight, an output channel of a conv kernel), as in the dropout paper. Slices
-    within the bound are untouched; the projection is ``w_i <- w_i * min(1, c/||w_i||)``.
-    Tensors with fewer than two dimensions (biases, normalization gains) have no incoming
-    weight vectors and are left alone. ``fused`` (``None``: pick) takes the norms and the
-    scaling of a (device, dtype) group in one compiled pass (``regdial.blocks.fused``) for
-    ``dim=0``; else ``renorm_`` per tensor.
-    """
-    tensors = tensor_list(params)
-    max_norm = check_range("max_norm", max_norm, low=0.0, low_open=True)
-    fused = kernels.check_fused("fused", fused)
-    if dim == 0 and fused is not False:
-        matrices = [w for w in tensors if w.dim() >= 2]
-        left = []
-        for indices in group_by_device_and_dtype(matrices).values():
-            group = [matrices[i] for i in indices]
-            if not kernels.MAX_NORM.run_(fused, group, kernels.scalar(max_norm, group[0])):
-                left += group
-        tensors = left
-    for w in tensors:
-        if w.dim() < 2:
-            continue
-        axis = check_int("dim", dim, low=-w.dim(), high=w.dim() - 1)
-        w.renorm_(2, axis, max_norm)
-
-
-class MaxNorm:
-    """The max-norm constraint as a ``Prox``: ``attach_prox(optimizer, MaxNorm(3.0))``.
-
-    ``prox_`` ignores ``lr``: a projection does not depend on the step size.
-    ``transposed``: 2-D weights stored ``(in, out)`` (transformers' ``Conv1D``,
-    ``regdial.blocks.groups.transposed_weights``), whose slices are taken along the other
-    axis: with ``dim=0`` each unit's incoming weights are a column of these.
-    """
-
-    def __init__(
-        self, max_norm: float, dim: int = 0, *, fused: bool | None = None, transposed: Iterable[Tensor] = ()
-    ) -> None:
-        self.max_norm = check_range("MaxNorm.max_norm", max_norm, low=0.0, low_open=True)
-        self.dim = check_int("MaxNorm.dim", dim)
-        self.fused = kernels.check_fused("MaxNorm.fused", fused)
-        self._transposed = transposed_ids(transposed, "MaxNorm.transposed")
-
-    def prox_(self, params: Tensor | Iterable[Tensor], lr: float | Sequence[Tensor]) -> None:
-        tensors = tensor_list(params)
-        flipped = [w for w in tensors if id(w) in self._transposed]
-        if flipped:
-            tensors = [w for w in tensors if id(w) not in self._transposed]
-            max_norm_(flipped, self.max_norm, 1 - self.dim % 2, fused=self.fused)
-        if tensors:
-            max_norm_(tensors, self.max_norm, self.dim, fused=self.fused)
-
-    def __repr__(self) -> str:
-        return f"MaxNorm(max_norm={self.max_norm!r}, dim={self.dim})"

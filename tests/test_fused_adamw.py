@@ -1,0 +1,223 @@
+"""FusedAdamW: AdamW and an attached prox in one compiled pass, against the reference
+(torch's AdamW step, then the prox in its step hook): same numbers, same exact zeros.
+
+One tiny model for the whole file, so the fused step compiles once per variant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from regdial import (
+    EMA,
+    L1,
+    L2,
+    Applied,
+    ElasticNet,
+    FusedAdamW,
+    InputError,
+    Penalty,
+    Regularization,
+    attach_prox,
+    schedules,
+)
+from regdial.blocks import fused, fused_adamw
+
+X = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def groups(net: nn.Module) -> list[dict[str, object]]:
+    return [
+        {"params": [p for p in net.parameters() if p.dim() > 1], "weight_decay": 0.05},
+        {"params": [p for p in net.parameters() if p.dim() == 1], "weight_decay": 0.0, "regularize": False},
+    ]
+
+
+def train(
+    flag: bool | None,
+    penalty: Callable[[], Penalty] | None,
+    steps: int = 25,
+    optimizer: Callable[[list[dict[str, object]], bool | None], torch.optim.Optimizer] | None = None,
+    warmup: int | None = 8,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    net = model()
+    make = optimizer or (lambda gs, f: FusedAdamW(gs, lr=3e-2, fused=f))
+    opt = make(groups(net), flag)
+    made = penalty() if penalty is not None else None
+    if made is not None:
+        attach_prox(opt, made, warmup=warmup)
+    for step in range(steps):
+        if made is not None:
+            made.set_progress(step / steps)
+        for group in opt.param_groups:
+            group["lr"] = 3e-2 * (1 - step / (2 * steps))  # a scheduler's changes
+        loss = nn.functional.cross_entropy(net(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, opt
+
+
+def assert_same(fused_net: nn.Module, reference: nn.Module) -> None:
+    for got, want in zip(fused_net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got == 0, want == 0)  # the same exact zeros
+
+
+PENALTIES: dict[str, Callable[[], Penalty]] = {
+    "L1": lambda: L1(schedules.Linear(1e-3, 6e-3)),
+    "L2": lambda: L2(0.5),
+    "ElasticNet": lambda: ElasticNet(schedules.Cosine(2e-3, 8e-3), l1_ratio=0.6),
+}
+
+
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_the_fused_step_gives_adamw_and_its_prox(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = []
+    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", counting(fused_adamw.ADAMW_PROX.run_, runs))
+    got, got_opt = train(True, PENALTIES[name])
+    want, want_opt = train(False, PENALTIES[name])
+    assert len(runs) == 25  # every step fused
+    assert_same(got, want)
+    if name != "L2":
+        assert int(sum((p == 0).sum() for p in got.parameters())) > 50  # the prox did zero weights
+    for p, q in zip(got.parameters(), want.parameters(), strict=True):
+        a, b = got_opt.state[p], want_opt.state[q]
+        assert float(a["step"]) == float(b["step"]) == 25.0
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+def counting(function: Callable[..., bool], calls: list[int]) -> Callable[..., bool]:
+    def counted(*args: object) -> bool:
+        calls.append(1)
+        return function(*args)
+
+    return counted
+
+
+def test_without_a_prox_it_is_torchs_adamw_and_shares_its_state() -> None:
+    got, got_opt = train(True, None)
+    want, want_opt = train(False, None, optimizer=lambda gs, f: torch.optim.AdamW(gs, lr=3e-2))
+    assert_same(got, want)
+    plain = torch.optim.AdamW(groups(want), lr=3e-2)
+    plain.load_state_dict(got_opt.state_dict())  # the same layout: it loads into torch's
+    again = FusedAdamW(groups(got), lr=3e-2, fused=True)
+    again.load_state_dict(want_opt.state_dict())
+    assert float(next(iter(again.state.values()))["step"]) == 25.0
+
+
+def test_a_schedule_does_not_recompile() -> None:
+    from torch._dynamo.utils import counters
+
+    train(True, PENALTIES["ElasticNet"], steps=3)  # compiled by now
+    before = int(sum(counters["stats"].values())) + int(sum(counters["frames"].values()))
+    train(True, PENALTIES["ElasticNet"], steps=12)  # strengths, lr, warm-up and steps all move
+    after = int(sum(counters["stats"].values())) + int(sum(counters["frames"].values()))
+    assert after == before
+
+
+def test_where_the_fused_loop_does_not_apply_a_step_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[int] = []
+    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", counting(fused_adamw.ADAMW_PROX.run_, runs))
+    got, _ = train(True, PENALTIES["L1"], optimizer=_amsgrad)
+    want, _ = train(False, PENALTIES["L1"], optimizer=_amsgrad)
+    assert runs == []
+    assert_same(got, want)
+
+
+def _amsgrad(gs: list[dict[str, object]], flag: bool | None) -> FusedAdamW:
+    opt = FusedAdamW(gs, lr=3e-2, fused=flag)
+    for group in opt.param_groups:
+        group["amsgrad"] = True
+    return opt
+
+
+def test_a_hook_that_runs_before_the_prox_keeps_its_place() -> None:
+    """A step hook registered before attach_prox's sees the weights before the prox, as
+    with the reference: the prox then stays in its hook."""
+    seen: dict[bool | None, list[torch.Tensor]] = {True: [], False: []}
+
+    def make(gs: list[dict[str, object]], flag: bool | None) -> FusedAdamW:
+        opt = FusedAdamW(gs, lr=3e-2, fused=flag)
+        first = opt.param_groups[0]["params"][0]
+        opt.register_step_post_hook(lambda *_: seen[flag].append(first.detach().clone()))
+        return opt
+
+    got, _ = train(True, PENALTIES["L1"], optimizer=make)
+    want, _ = train(False, PENALTIES["L1"], optimizer=make)
+    assert_same(got, want)
+    for a, b in zip(seen[True], seen[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_removed_prox_is_not_fused() -> None:
+    net = model()
+    opt = FusedAdamW(groups(net), lr=3e-2, fused=True)
+    handle = attach_prox(opt, L1(0.5), warmup=0)
+    handle.remove()
+    before = [p.detach().clone() for p in net.parameters()]
+    nn.functional.cross_entropy(net(X), Y).backward()
+    opt.step()
+    reference = model()
+    plain = torch.optim.AdamW(groups(reference), lr=3e-2)
+    nn.functional.cross_entropy(reference(X), Y).backward()
+    plain.step()
+    assert_same(net, reference)
+    assert not any(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+
+
+def test_applied_with_ema_the_same_as_the_reference() -> None:
+    setting = Regularization(weight_decay=0.05, l1=schedules.Linear(0.0, 5e-3), label_smoothing=0.1, ema=0.9)
+    nets = {}
+    for flag in (True, False):
+        net = model()
+        applied = Applied(setting, net, lambda gs, f=flag: FusedAdamW(gs, lr=3e-2, fused=f), num_classes=3)
+        for step in range(20):
+            applied.set_progress(step / 20)
+            loss = applied.loss(net(X), Y) + applied.penalty()
+            applied.optimizer.zero_grad()
+            loss.backward()
+            applied.optimizer.step()
+        assert isinstance(applied.ema, EMA)
+        nets[flag] = (net, applied.ema.module)
+    assert_same(nets[True][0], nets[False][0])
+    assert_same(nets[True][1], nets[False][1])
+
+
+def test_a_missing_compiler_leaves_the_reference_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fused, "compiler_missing", lambda device_type: "no C++ compiler found")
+    monkeypatch.setattr(fused, "_SAID", set())
+    monkeypatch.setattr(
+        fused_adamw, "ADAMW_PROX", fused.FusedKernel(fused_adamw.adamw_prox_)
+    )  # none compiled
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fused, "MIN_CALLS", 1)
+    with caplog.at_level(logging.INFO, logger="regdial.blocks.fused"):
+        got, _ = train(None, PENALTIES["L1"], steps=4)
+    want, _ = train(False, PENALTIES["L1"], steps=4)
+    assert_same(got, want)
+    assert [r.getMessage() for r in caplog.records] == [
+        "regdial: fused kernels off on cpu: no C++ compiler found; eager path"
+    ]
+    with pytest.raises(
+        InputError, match=r"FusedAdamW.fused must be False or None on cpu \(no C\+\+ compiler found\)"
+    ):
+        FusedAdamW(model().parameters(), fused=True)
+
+
+def test_fused_is_checked() -> None:
+    with pytest.raises(InputError, match=r"FusedAdamW\.fused must be True, False or None"):
+        FusedAdamW(model().parameters(), fused="yes")  # type: ignore[arg-type]
