@@ -177,11 +177,25 @@ def test_a_removed_prox_is_not_fused() -> None:
     assert not any(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
 
 
-def test_applied_with_ema_the_same_as_the_reference() -> None:
-    setting = Regularization(weight_decay=0.05, l1=schedules.Linear(0.0, 5e-3), label_smoothing=0.1, ema=0.9)
+@pytest.mark.parametrize("l1", [5e-3, 0.0])
+def test_applied_with_an_ema_the_same_as_the_reference(l1: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EMA's update fused into the step (after the prox's, or alone), BatchNorm's
+    buffers left to its hook: the weights and the whole average as the reference's."""
+    averaged: list[bool] = []
+
+    def spy(fused_flag: bool | None, *args: object) -> bool:
+        averaged.append(args[-1] is not None)
+        return run(fused_flag, *args)
+
+    run = fused_adamw.ADAMW_PROX.run_
+    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", spy)
+    setting = Regularization(weight_decay=0.05, l1=schedules.Linear(0.0, l1) if l1 else 0.0, ema=0.9)
     nets = {}
     for flag in (True, False):
-        net = model()
+        torch.manual_seed(0)
+        # No bias before the BatchNorm: its gradient is rounding noise (1e-9) that Adam
+        # scales up to full steps, where torch's own fused AdamW and its for-loop differ by 7e-3.
+        net = nn.Sequential(nn.Linear(12, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
         applied = Applied(setting, net, lambda gs, f=flag: FusedAdamW(gs, lr=3e-2, fused=f), num_classes=3)
         for step in range(20):
             applied.set_progress(step / 20)
@@ -191,8 +205,44 @@ def test_applied_with_ema_the_same_as_the_reference() -> None:
             applied.optimizer.step()
         assert isinstance(applied.ema, EMA)
         nets[flag] = (net, applied.ema.module)
+    assert averaged == [True] * 20  # the fused run's every step averaged in the loop
     assert_same(nets[True][0], nets[False][0])
-    assert_same(nets[True][1], nets[False][1])
+    got, want = nets[True][1].state_dict(), nets[False][1].state_dict()
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["1.running_mean"], nets[True][0].state_dict()["1.running_mean"])
+
+
+@torch.no_grad()
+def shrink(net: nn.Module) -> None:
+    torch._foreach_mul_(list(net.parameters()), 0.99)
+
+
+def test_an_ema_attached_after_another_hook_stays_in_its_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    averaged: list[bool] = []
+
+    def spy(fused_flag: bool | None, *args: object) -> bool:
+        averaged.append(args[-1] is not None)
+        return run(fused_flag, *args)
+
+    run = fused_adamw.ADAMW_PROX.run_
+    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", spy)
+    results = []
+    for flag in (True, False):
+        net = model()
+        opt = FusedAdamW(groups(net), lr=3e-2, fused=flag)
+        attach_prox(opt, L1(5e-3), warmup=0)
+        opt.register_step_post_hook(lambda o, *_, n=net: shrink(n))  # runs between the two
+        ema = EMA(net, decay=0.8)
+        ema.attach(opt, net)
+        for _ in range(6):
+            nn.functional.cross_entropy(net(X), Y).backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(ema.module)
+    assert averaged == [False] * 6
+    assert_same(results[0], results[1])
 
 
 def test_a_missing_compiler_leaves_the_reference_with_one_line(
@@ -200,9 +250,8 @@ def test_a_missing_compiler_leaves_the_reference_with_one_line(
 ) -> None:
     monkeypatch.setattr(fused, "compiler_missing", lambda device_type: "no C++ compiler found")
     monkeypatch.setattr(fused, "_SAID", set())
-    monkeypatch.setattr(
-        fused_adamw, "ADAMW_PROX", fused.FusedKernel(fused_adamw.adamw_prox_)
-    )  # none compiled
+    fresh = fused.FusedKernel(fused_adamw.adamw_prox_, pick_on=("cpu", "cuda"))  # none compiled, picked here
+    monkeypatch.setattr(fused_adamw, "ADAMW_PROX", fresh)
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(fused, "MIN_CALLS", 1)
     with caplog.at_level(logging.INFO, logger="regdial.blocks.fused"):
@@ -216,6 +265,18 @@ def test_a_missing_compiler_leaves_the_reference_with_one_line(
         InputError, match=r"FusedAdamW.fused must be False or None on cpu \(no C\+\+ compiler found\)"
     ):
         FusedAdamW(model().parameters(), fused=True)
+
+
+def test_pick_for_me_stays_the_reference_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[int] = []
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fused, "MIN_CALLS", 1)
+    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", counting(fused_adamw.ADAMW_PROX.run_, runs))
+    got, _ = train(None, PENALTIES["L1"], steps=4)
+    want, _ = train(False, PENALTIES["L1"], steps=4)
+    assert runs == []
+    for p, q in zip(got.parameters(), want.parameters(), strict=True):
+        assert torch.equal(p, q)  # the same code ran
 
 
 def test_fused_is_checked() -> None:

@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn, update_bn
 from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import check_int, check_range, fail
+from regdial.blocks.fused_adamw import Handles, fusing_optimizer
 
 __all__ = ["EMA", "SWA", "recompute_batchnorm"]
 
@@ -68,13 +69,25 @@ class _Averaged(AveragedModel):
             fail("optimizer", "a torch.optim.Optimizer", optimizer)
         every = check_int("every", every, low=1)
         steps = [0]
+        done: set[int] = set()  # the model's tensors a FusedAdamW averaged in its step
 
         def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
             steps[0] += 1
             if steps[0] % every == 0:
-                self.update_parameters(model)
+                self.update_parameters(model, done=done)
+            done.clear()
 
-        return optimizer.register_step_post_hook(hook)
+        handle = optimizer.register_step_post_hook(hook)
+        fusing = fusing_optimizer(optimizer)
+        if fusing is None or every != 1 or not isinstance(self, EMA):
+            return handle
+        ema = self
+        return Handles(handle, fusing.fuse_average(handle.id, lambda: ema.fused_plan(model), done))
+
+    def update_parameters(self, model: nn.Module, *, done: set[int] | None = None) -> None:
+        """torch's update (``done``: ids of the model's tensors already averaged this step,
+        which only ``EMA`` knows how to skip)."""
+        super().update_parameters(model)
 
 
 class EMA(_Averaged):
@@ -115,20 +128,45 @@ class EMA(_Averaged):
         self._cache: tuple[nn.Module, list[nn.Module], tuple[Any, ...], Any] | None = None
 
     @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
+    def update_parameters(self, model: nn.Module, *, done: set[int] | None = None) -> None:
         """torch's update over the tensors that are not shared, each (device, dtype) group in
-        one foreach call; the groups are kept while neither model's tensors change."""
+        one foreach call; the groups are kept while neither model's tensors change. ``done``:
+        the ids of the model's tensors a ``FusedAdamW`` step already averaged (this same
+        update, in its loop), left out here."""
         groups = self._groups(model)
         if groups is None:  # the average lives elsewhere: torch's update moves the model's tensors
             super().update_parameters(model)
         else:
+            if done:
+                groups = [
+                    ([a for a, c in zip(averaged, current, strict=True) if id(c) not in done],
+                     [c for c in current if id(c) not in done])
+                    for averaged, current in groups
+                ]  # fmt: skip
             for averaged, current in groups:
+                if not averaged:
+                    continue
                 if self._updates[0] == 0:  # counted in Python: no device sync a step
                     torch._foreach_copy_(averaged, current)
                 elif self.multi_avg_fn is not None:
                     self.multi_avg_fn(averaged, current, self.n_averaged)
             self.n_averaged += 1
         self._updates[0] += 1
+
+    def fused_plan(self, model: nn.Module) -> tuple[dict[int, Tensor], float] | None:
+        """For ``FusedAdamW``: this average's floating tensor of each of the model's (by its
+        id), and the weight ``a`` of the coming update, ``e <- lerp(e, w, a)`` (1 at the
+        first: a copy); None where the average lives on another device."""
+        groups = self._groups(model)
+        if groups is None:
+            return None
+        table = {id(c): a for averaged, current in groups for a, c in zip(averaged, current, strict=True)
+                 if a.is_floating_point()}  # fmt: skip
+        count = self._updates[0]
+        if count == 0:
+            return table, 1.0
+        now = min(self.decay, (1 + count) / (10 + count)) if self.warmup else self.decay
+        return table, 1.0 - now
 
     def _groups(self, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]] | None:
         """The averaged and the model's tensors by (device, dtype), or None where a pair's
