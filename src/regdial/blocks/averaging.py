@@ -132,8 +132,11 @@ class EMA(_Averaged):
         """torch's update over the tensors that are not shared, each (device, dtype) group in
         one foreach call; the groups are kept while neither model's tensors change. ``done``:
         the ids of the model's tensors a ``FusedAdamW`` step already averaged (this same
-        update, in its loop), left out here."""
-        groups = self._groups(model)
+        update, in its loop), left out here; that step's ``fused_plan`` checked the kept
+        groups a moment ago, within the same ``optimizer.step()``, so they are not checked
+        again (a walk of both models' trees, 0.4 ms a step on 98 tensors)."""
+        cached = self._cache
+        groups = cached[3] if done and cached is not None and cached[0] is model else self._groups(model)
         if groups is None:  # the average lives elsewhere: torch's update moves the model's tensors
             super().update_parameters(model)
         else:

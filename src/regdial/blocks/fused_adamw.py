@@ -30,7 +30,7 @@ gradient). Its state (``step``, ``exp_avg``, ``exp_avg_sq``) is AdamW's, so a
 ``fused`` follows ``torch.optim`` and ``regdial.blocks.fused``: ``None`` compiles on CUDA
 once a group of at least ``fused.MIN_ELEMENTS`` elements has stepped ``fused.MIN_CALLS``
 times (the compile takes a minute or two cold for a hundred tensors, and on the CPU it
-saved a ms or two a step at most, see ``ADAMW_PROX``); ``True`` compiles at the first step
+saves about 3 ms a step on 6.3M parameters, see ``ADAMW_PROX``); ``True`` compiles at the first step
 on any device (an ``InputError`` where it has no compiler); ``False`` is
 ``torch.optim.AdamW``'s own step followed by the hooks, the reference the tests compare
 with. Until it compiles, and wherever the fused loop does not apply (AMSGrad,
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,13 +54,25 @@ from regdial._checks import fail
 from regdial.blocks import fused as kernels
 from regdial.blocks.fused import FUSED_DTYPES, FusedKernel, check_fused
 
-__all__ = ["AveragePlan", "FusedAdamW", "Handles", "ProxPlan", "adamw_prox_", "fusing_optimizer"]
+__all__ = ["AveragePlan", "FusedAdamW", "GroupProx", "Handles", "ProxPlan", "adamw_prox_", "fusing_optimizer"]
 
-ProxPlan = Callable[[dict[str, Any]], "list[tuple[Tensor, float, float, float]] | None"]
+ProxPlan = Callable[[dict[str, Any]], "GroupProx | None"]
 """What ``attach_prox`` gives a ``FusedAdamW`` for one param group, after the step count's
-increment: ``(weight, offset, threshold, addition)`` per weight it acts on (``d = sqrt(v)
-+ offset``, ``w <- soft(w d, threshold) / (d + addition)``), or None to leave the group's
-prox to its step hook."""
+increment: the group's prox as a ``GroupProx``, or None to leave it to its step hook."""
+
+
+class GroupProx(NamedTuple):
+    """One param group's prox in Adam's metric, for the fused loop: on the tensors with a
+    gradient that ``selected`` holds (by id; None: all of the group's), with ``τ = strength
+    lr sqrt(c2) f_t`` (``f_t = min(1, t / horizon)``; 1 with ``horizon`` 0) the threshold
+    ``ratio τ`` and the addition ``addition τ`` (``Penalty.quotient_coefficients``)."""
+
+    selected: frozenset[int] | set[int] | None
+    strength: float
+    ratio: float
+    addition: float
+    horizon: int
+
 
 _COLUMNS = 11  # decay, 1-β1, β2, 1-β2, ε, lr/c1, sqrt(c2), offset, threshold, addition, EMA weight
 
@@ -110,12 +122,12 @@ def adamw_prox_(
 
 
 # On this project's 2-core CPU (benchmarks/trainer.py's 6.3M-parameter model, in the loop)
-# the fused step with the prox and an EMA took 12.0-12.8 ms against 14.3-14.6 ms for torch's
-# AdamW(fused=True) followed by their hooks (6.1-6.4 ms bare), and 11.4 against 10.2 ms in
-# another session's timing; it compiles in 65-135 s cold for those 98 tensors. Saving a ms
-# or two a step does not repay that in a run of the length fused=None waits for, so "pick
-# for me" compiles it on CUDA only, where the passes it saves are HBM traffic (not measured
-# here: no GPU); fused=True compiles it anywhere.
+# the fused step with the prox and an EMA took 10.6-11.0 ms against 13.6-14.5 ms for torch's
+# AdamW(fused=True) followed by their hooks (6.4-6.7 ms bare): 3 ms a step saved. It
+# compiles in 65-135 s cold for those 98 tensors (7-15 s from inductor's cache), which a
+# run of the length fused=None waits for (100 steps) does not repay, so "pick for me"
+# compiles it on CUDA only, where the passes it saves are HBM traffic (not measured here:
+# no GPU); fused=True compiles it anywhere.
 ADAMW_PROX = FusedKernel(adamw_prox_, pick_on=("cuda",))
 
 
@@ -149,6 +161,7 @@ class FusedAdamW(torch.optim.AdamW):
         # weakref-able tables, as torch keeps its hooks: (hook id, plan, done) per handle
         self._prox_plans: OrderedDict[int, tuple[int, ProxPlan, set[int]]] = OrderedDict()
         self._average_plans: OrderedDict[int, tuple[int, AveragePlan, set[int]]] = OrderedDict()
+        self._layout: _Layout | None = None
 
     def fuse_prox(self, hook_id: int, plan: ProxPlan, done: set[int]) -> RemovableHandle:
         """Register the prox of the step hook ``hook_id`` (``attach_prox`` calls this):
@@ -190,30 +203,30 @@ class FusedAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._work()
-        prox, average = self._fused_hooks()
-        if work is not None:
-            ((params, grads, exp_avgs, exp_avg_sqs),) = work.values()
-            averages, weight = self._averages(average, params)
-            probe = torch.empty(len(params), _COLUMNS)
-            wanted = ADAMW_PROX.wants(self.fuse, params, grads, exp_avgs, exp_avg_sqs, probe, probe, averages)
-        if work is None or not wanted:
+        layout = self._layout_now()
+        grads = None if layout is None else self._grads(layout)
+        if layout is None or grads is None:
             self._reference()  # the reference step: the prox and the average run in their hooks
             return loss
-        steps = [self.state[p]["step"] for p in params]
-        torch._foreach_add_(steps, 1.0)
+        prox, average = self._fused_hooks()
+        averages, weight = self._averages(average, layout)
+        params, exp_avgs, exp_avg_sqs = layout.params, layout.exp_avgs, layout.exp_avg_sqs
+        if not ADAMW_PROX.wants(
+            self.fuse, params, grads, exp_avgs, exp_avg_sqs, layout.probe, layout.probe, averages
+        ):
+            self._reference()
+            return loss
+        torch._foreach_add_(layout.steps, 1.0)
         planned = self._planned(prox)
-        rows = self._rows(params, planned, weight)
-        scalars = torch.tensor([r[0] for r in rows], dtype=params[0].dtype).to(params[0].device)
-        active = torch.tensor([r[1] for r in rows]).to(params[0].device)
+        scalars, active = self._scalars(layout, planned, weight)
         if not ADAMW_PROX.run_(self.fuse, params, grads, exp_avgs, exp_avg_sqs, scalars, active, averages):
-            torch._foreach_sub_(steps, 1.0)  # a compile that failed: nothing else moved
+            torch._foreach_sub_(layout.steps, 1.0)  # a compile that failed: nothing else moved
             self._reference()
             return loss
         if prox is not None:
-            prox[1].update(key for key, plan in planned.items() if plan)
+            prox[1].update(id(group) for group, plan in zip(self.param_groups, planned, strict=True) if plan)
         if average is not None and averages is not None:
-            average[1].update(id(p) for p in params)
+            average[1].update(layout.ids)
         return loss
 
     def _on_picked_device(self) -> bool:
@@ -232,46 +245,45 @@ class FusedAdamW(torch.optim.AdamW):
         result: float | None = step(self, closure)
         return result
 
-    def _work(self) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] | None:
-        """The tensors for the fused loop, by (device, dtype), or None where this step must
-        be the reference (see the module)."""
-        work: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._layout = None  # new state tensors: the kept lists would point at the old ones
+
+    def _layout_now(self) -> _Layout | None:
+        """The tensors this step moves, kept while the groups and which tensors have a
+        gradient stay the same; None where the step must be the reference (see the module)."""
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
                 return None
             if isinstance(group["lr"], Tensor) or group.get("decoupled_weight_decay") is False:
                 return None
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or p.dtype not in FUSED_DTYPES or p.grad.dtype != p.dtype:
-                    return None
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # type: ignore[no-untyped-call]
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if state["step"].device.type != "cpu":
-                    return None
-                lists = work.setdefault((p.device, p.dtype), ([], [], [], []))
-                for where, tensor in zip(
-                    lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"]), strict=True
-                ):
-                    where.append(tensor)
-        if len(work) != 1:
-            return None  # none, or tensors on several devices or of several dtypes
-        return work
+        key = tuple(
+            (id(g), len(g["params"]), *(p.grad is not None for p in g["params"])) for g in self.param_groups
+        )
+        layout = self._layout
+        if layout is not None and layout.key == key:
+            return layout
+        layout = self._layout = _Layout.build(self, key)
+        return layout
 
-    def _planned(self, prox: tuple[ProxPlan, set[int]] | None) -> dict[int, Any]:
-        """Per param group (by id), the fused prox's plan for this step, or None."""
+    @staticmethod
+    def _grads(layout: _Layout) -> list[Tensor] | None:
+        grads = [p.grad for p in layout.params]
+        for g, p in zip(grads, layout.params, strict=True):
+            if g is None or g.layout != torch.strided or g.dtype != p.dtype or g.device != p.device:
+                return None
+        return grads  # type: ignore[return-value]
+
+    def _planned(self, prox: tuple[ProxPlan, set[int]] | None) -> list[GroupProx | None]:
+        """Per param group, the fused prox's plan for this step, or None."""
         if prox is None:
-            return {}
+            return [None] * len(self.param_groups)
         prox[1].clear()
-        return {id(group): prox[0](group) for group in self.param_groups}
+        return [prox[0](group) for group in self.param_groups]
 
     @staticmethod
     def _averages(
-        average: tuple[AveragePlan, set[int]] | None, params: list[Tensor]
+        average: tuple[AveragePlan, set[int]] | None, layout: _Layout
     ) -> tuple[list[Tensor] | None, float]:
         """The fused average of each stepped tensor and the update's weight, or None where
         the average is not fused (every stepped tensor must have one of its own)."""
@@ -282,32 +294,119 @@ class FusedAdamW(torch.optim.AdamW):
         if plan is None:
             return None, 0.0
         table, weight = plan
-        found = [table.get(id(p)) for p in params]
-        if any(
-            e is None or e.shape != p.shape or e.dtype != p.dtype for e, p in zip(found, params, strict=True)
-        ):
-            return None, 0.0
-        return [e for e in found if e is not None], weight
+        if layout.averaged is None or layout.averaged[0] is not table:
+            found = [table.get(id(p)) for p in layout.params]
+            usable = all(
+                e is not None and e.shape == p.shape and e.dtype == p.dtype
+                for e, p in zip(found, layout.params, strict=True)
+            )
+            layout.averaged = (table, [e for e in found if e is not None] if usable else None)
+        return layout.averaged[1], weight
 
-    def _rows(
-        self, params: list[Tensor], planned: dict[int, Any], weight: float
-    ) -> list[tuple[list[float], bool]]:
-        """Each tensor's row of ``adamw_prox_``'s scalars and whether its prox is on."""
-        prox: dict[int, tuple[float, float, float]] = {}
-        for plan in planned.values():
-            for w, offset, threshold, addition in plan or ():
-                prox[id(w)] = (offset, threshold, addition)
-        of: dict[int, list[float]] = {}
-        for group in self.param_groups:
-            lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-            beta1, beta2 = (float(b) for b in group["betas"])
+    def _scalars(
+        self, layout: _Layout, planned: list[GroupProx | None], weight: float
+    ) -> tuple[Tensor, Tensor]:
+        """``adamw_prox_``'s scalars, a row a tensor, computed in float64 over all tensors at
+        once as torch's AdamW and ``attach_prox`` compute them one by one, and where the prox
+        is on."""
+        groups = []
+        for group, plan in zip(self.param_groups, planned, strict=True):
+            b1, b2 = (float(b) for b in group["betas"])
+            prox = (
+                (0.0,) * 4
+                if plan is None
+                else (plan.strength, plan.ratio, plan.addition, float(plan.horizon))
+            )
+            groups.append(
+                [float(group["lr"]), float(group["weight_decay"]), float(group["eps"]), b1, b2, *prox]
+            )
+        values = torch.tensor(groups, dtype=torch.float64)[layout.group_of]
+        lr, wd, eps, beta1, beta2, strength, r, q, horizon = values.unbind(1)
+        t = torch.stack(layout.steps).to(torch.float64)
+        c1, root = 1.0 - beta1**t, (1.0 - beta2**t).sqrt()
+        factor = torch.where(horizon > 0, (t / horizon.clamp(min=1.0)).clamp(max=1.0), 1.0)
+        tau = strength * (lr * root * factor)  # as attach_prox: s * (lr sqrt(c2) f_t)
+        columns: list[Tensor] = [
+            1.0 - lr * wd,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            eps,
+            lr / c1,
+            root,
+            eps * root,
+            r * tau,
+            q * tau,
+        ]
+        scalars = torch.stack([*columns, torch.full_like(t, weight)], dim=1)
+        active = torch.zeros(len(layout.params), dtype=torch.bool)
+        for index, plan in enumerate(planned):
+            if plan is not None:
+                active |= layout.mask(index, plan.selected)
+        device, dtype = layout.params[0].device, layout.params[0].dtype
+        return scalars.to(dtype).to(device), active.to(device)
+
+
+class _Layout:
+    """A ``FusedAdamW``'s tensors for the fused loop, in the groups' order: those with a
+    gradient, their state (made as AdamW makes it), each one's group, and masks of the
+    prox's selections (kept by the selection's identity)."""
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.params: list[Tensor] = []
+        self.exp_avgs: list[Tensor] = []
+        self.exp_avg_sqs: list[Tensor] = []
+        self.steps: list[Tensor] = []
+        self.groups: list[int] = []
+        self.ids: list[int] = []
+        self.averaged: tuple[dict[int, Tensor], list[Tensor] | None] | None = None
+        self._masks: dict[tuple[int, int], tuple[object, Tensor]] = {}
+
+    @staticmethod
+    def build(optimizer: FusedAdamW, key: tuple[Any, ...]) -> _Layout | None:
+        layout = _Layout(key)
+        for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                step = float(self.state[p]["step"])
-                c1, c2 = 1.0 - beta1**step, 1.0 - beta2**step
-                of[id(p)] = [1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr / c1, c2**0.5]
-        return [(of[id(p)] + [*prox.get(id(p), (0.0, 0.0, 0.0)), weight], id(p) in prox) for p in params]
+                if p.dtype not in FUSED_DTYPES:
+                    return None
+                state = optimizer.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # type: ignore[no-untyped-call]
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if not isinstance(state["step"], Tensor) or state["step"].device.type != "cpu":
+                    return None
+                layout.params.append(p)
+                layout.exp_avgs.append(state["exp_avg"])
+                layout.exp_avg_sqs.append(state["exp_avg_sq"])
+                layout.steps.append(state["step"])
+                layout.groups.append(index)
+                layout.ids.append(id(p))
+        if not layout.params or len({(p.device, p.dtype) for p in layout.params}) != 1:
+            return None  # none, or tensors on several devices or of several dtypes
+        layout.group_of = torch.tensor(layout.groups, dtype=torch.long)
+        layout.probe = torch.empty(len(layout.params), _COLUMNS)
+        return layout
+
+    group_of: Tensor
+    probe: Tensor
+
+    def mask(self, group: int, selected: frozenset[int] | set[int] | None) -> Tensor:
+        """The tensors of group ``group`` that ``selected`` holds (None: all of them)."""
+        kept = self._masks.get((group, id(selected)))
+        if kept is not None and kept[0] is selected:
+            return kept[1]
+        mask = torch.tensor(
+            [
+                g == group and (selected is None or i in selected)
+                for g, i in zip(self.groups, self.ids, strict=True)
+            ]
+        )
+        self._masks[(group, id(selected))] = (selected, mask)
+        return mask
 
 
 class Handles(RemovableHandle):

@@ -163,33 +163,15 @@ class Penalty(Scheduled, ABC):
         ``soft(w*d, r*t) / (d + q*t)``, ``t = s*scale``; None where it has no such form."""
         return None
 
-    def quotient_plan(
-        self, tensors: list[Tensor], steps: float | Sequence[Tensor]
-    ) -> list[tuple[Tensor, float, float, float]] | None:
-        """This prox in the metric of ``steps`` as ``(w, e, t, u)`` per tensor it acts on,
-        ``w <- soft(w*d, t) / (d + u)`` with ``d = sqrt(v) + e`` (what ``quotient_prox_``
-        computes), for a loop that builds ``d`` itself (``FusedAdamW``); None where it has
-        no such form or must stay eager. Empty at strength 0: nothing to do."""
+    def quotient_coefficients(self) -> tuple[float, float, float] | None:
+        """``(s, r, q)``: this prox in the metric ``lr_i = scale/d_i`` is ``soft(w*d, r*t) /
+        (d + q*t)`` with ``t = s*scale``, for a loop that builds ``d`` and ``scale`` itself
+        (``FusedAdamW``); None where it has no such form, must stay eager, or is off."""
         terms = self._quotient_terms()
-        if (
-            not isinstance(steps, StepQuotients)
-            or terms is None
-            or self.fused is False
-            or self.foreach is False
-        ):
+        if terms is None or self.fused is False or self.foreach is False:
             return None
         strength = self.current_strength
-        if strength == 0.0:
-            return []
-        plan = []
-        for i, w in enumerate(tensors):
-            if not self._acts_on(w):
-                continue
-            if steps.radicand(i) is None:
-                return None
-            t = strength * steps.scale(i)
-            plan.append((w, steps.offset(i), terms[0] * t, terms[1] * t))
-        return plan
+        return None if strength == 0.0 else (strength, *terms)
 
     def _fused_quotient(
         self, tensors: list[Tensor], kept: list[int], steps: StepQuotients, strength: float

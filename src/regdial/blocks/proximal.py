@@ -65,7 +65,7 @@ from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_choice, check_int, fail
 from regdial._tensors import tensor_list
-from regdial.blocks.fused_adamw import Handles, fusing_optimizer
+from regdial.blocks.fused_adamw import GroupProx, Handles, fusing_optimizer
 from regdial.blocks.groups import transposed_ids, transposed_weights
 from regdial.blocks.max_norm import MaxNorm, max_norm_
 from regdial.blocks.shrinkage import StepQuotients
@@ -365,27 +365,41 @@ def attach_prox(
 
     def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
         calls[0] += 1
+        report, units = calls[0] % 16 == 1, calls[0] % 256 == 1
         for group in opt.param_groups:
+            if id(group) in fused_groups and not (report or units):
+                continue  # FusedAdamW ran this prox in its step, and nothing is reported now
             found = sized(opt, group, calls[0])
             if found is None:
                 continue
             ps, sizes = found
             if id(group) not in fused_groups:
                 penalty.prox_(ps, sizes)
-            if calls[0] % 16 == 1:  # a reduction over the weights every 16 steps: cheap
+            if report:  # a reduction over the weights every 16 steps: cheap
                 report_zeroed(ps, zeroed, names, penalty)
-            if calls[0] % 256 == 1 and getattr(penalty, "elementwise", False):  # a full pass: rarer
+            if units and getattr(penalty, "elementwise", False):  # a full pass: rarer
                 report_dead_units(ps, dead, names, penalty, transposed)
         fused_groups.clear()
 
     handle = optimizer.register_step_post_hook(hook)
     fusing = fusing_optimizer(optimizer)
-    planner = getattr(penalty, "quotient_plan", None)
-    if fusing is not None and reader is _adam and callable(planner):
+    coefficients = getattr(penalty, "quotient_coefficients", None)
+    if fusing is not None and reader is _adam and callable(coefficients):
 
-        def plan(group: Group) -> list[tuple[Tensor, float, float, float]] | None:
-            found = sized(fusing, group, calls[0] + 1)
-            return None if found is None else planner(*found)
+        def plan(group: Group) -> GroupProx | None:
+            """``sized``'s choice of a group and tensors, and ``_adam``'s form of the steps
+            (``eps > 0``), with the warm-up ``_warmed`` would apply."""
+            if float(group["lr"]) == 0.0 or float(group["eps"]) <= 0.0:
+                return None
+            if selected is None and group.get("regularize", True) is False:
+                return None
+            found = coefficients()
+            if found is None:
+                return None
+            horizon = warmup if warmup is not None else (
+                warmup_steps(fusing, group) if getattr(penalty, "warmup", True) else 0)  # fmt: skip
+            strength, ratio, addition = found
+            return GroupProx(selected, strength, ratio, addition, horizon)
 
         fused_handle = fusing.fuse_prox(handle.id, plan, fused_groups)
         return Handles(handle, fused_handle)
