@@ -161,6 +161,26 @@ def test_a_hook_that_runs_before_the_prox_keeps_its_place() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_state_reset_by_hand_is_followed() -> None:
+    """``optimizer.state.clear()`` (moments reset, as some schedules do) and a replaced
+    moment are what the next fused step uses, as the reference's."""
+    results = []
+    for flag in (True, False):
+        net = model()
+        opt = FusedAdamW(groups(net), lr=3e-2, fused=flag)
+        for step in range(6):
+            nn.functional.cross_entropy(net(X), Y).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 2:
+                opt.state.clear()
+            if step == 4:
+                first = opt.param_groups[0]["params"][0]
+                opt.state[first]["exp_avg"] = torch.zeros_like(first)
+        results.append(net)
+    assert_same(results[0], results[1])
+
+
 def test_a_removed_prox_is_not_fused() -> None:
     net = model()
     opt = FusedAdamW(groups(net), lr=3e-2, fused=True)

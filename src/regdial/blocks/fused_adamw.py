@@ -42,7 +42,7 @@ loop only ever replaces it with the same arithmetic.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -257,11 +257,9 @@ class FusedAdamW(torch.optim.AdamW):
                 return None
             if isinstance(group["lr"], Tensor) or group.get("decoupled_weight_decay") is False:
                 return None
-        key = tuple(
-            (id(g), len(g["params"]), *(p.grad is not None for p in g["params"])) for g in self.param_groups
-        )
+        key = tuple((id(g), *(id(p) for p in g["params"] if p.grad is not None)) for g in self.param_groups)
         layout = self._layout
-        if layout is not None and layout.key == key:
+        if layout is not None and layout.key == key and layout.current(self.state):
             return layout
         layout = self._layout = _Layout.build(self, key)
         return layout
@@ -360,6 +358,7 @@ class _Layout:
         self.steps: list[Tensor] = []
         self.groups: list[int] = []
         self.ids: list[int] = []
+        self.states: list[dict[str, Any]] = []
         self.averaged: tuple[dict[int, Tensor], list[Tensor] | None] | None = None
         self._masks: dict[tuple[int, int], tuple[object, Tensor]] = {}
 
@@ -385,6 +384,7 @@ class _Layout:
                 layout.steps.append(state["step"])
                 layout.groups.append(index)
                 layout.ids.append(id(p))
+                layout.states.append(state)
         if not layout.params or len({(p.device, p.dtype) for p in layout.params}) != 1:
             return None  # none, or tensors on several devices or of several dtypes
         layout.group_of = torch.tensor(layout.groups, dtype=torch.long)
@@ -393,6 +393,22 @@ class _Layout:
 
     group_of: Tensor
     probe: Tensor
+
+    def current(self, state: Mapping[Tensor, Any]) -> bool:
+        """Whether the optimizer's state is still the one these lists hold: a state cleared
+        or replaced by hand (``optimizer.state.clear()`` to reset the moments) rebuilds."""
+        for p, kept, m, v, t in zip(
+            self.params, self.states, self.exp_avgs, self.exp_avg_sqs, self.steps, strict=True
+        ):
+            now = state.get(p)
+            if (
+                now is not kept
+                or now.get("exp_avg") is not m
+                or now.get("exp_avg_sq") is not v
+                or now.get("step") is not t
+            ):
+                return False
+        return True
 
     def mask(self, group: int, selected: frozenset[int] | set[int] | None) -> Tensor:
         """The tensors of group ``group`` that ``selected`` holds (None: all of them)."""
