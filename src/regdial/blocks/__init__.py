@@ -12,7 +12,7 @@ penalties     ``L1``, ``L2``, ``ElasticNet``, ``GroupLasso``, ``L2SP``: ``value`
 proximal      ``attach_prox`` (the prox after every ``optimizer.step()``)
 max_norm      ``MaxNorm``, ``max_norm_``: the cap on each unit's incoming weights
 fused         compiled kernels for the per-step work (``fused=``)
-fused_adamw   ``FusedAdamW``: AdamW with an attached prox in its own pass
+fused_adamw   ``FusedAdamW``: AdamW with an attached prox and EMA in its own pass
 groups        ``param_groups``: which parameters get weight decay
 noise         ``DropPath``, ``DropBlock1d/2d``, ``DropConnect``, Gaussian noise and dropout
 mixing        ``Mixup``, ``CutMix``, soft targets and label smoothing
