@@ -197,18 +197,24 @@ def test_a_removed_prox_is_not_fused() -> None:
     assert not any(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
 
 
-@pytest.mark.parametrize("l1", [5e-3, 0.0])
-def test_applied_with_an_ema_the_same_as_the_reference(l1: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The EMA's update fused into the step (after the prox's, or alone), BatchNorm's
-    buffers left to its hook: the weights and the whole average as the reference's."""
+def spy_averages(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each fused step's call was given averages to update."""
     averaged: list[bool] = []
+    run = fused_adamw.ADAMW_PROX.run_
 
     def spy(fused_flag: bool | None, *args: object) -> bool:
         averaged.append(args[-1] is not None)
         return run(fused_flag, *args)
 
-    run = fused_adamw.ADAMW_PROX.run_
     monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", spy)
+    return averaged
+
+
+@pytest.mark.parametrize("l1", [5e-3, 0.0])
+def test_applied_with_an_ema_the_same_as_the_reference(l1: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EMA's update fused into the step (after the prox's, or alone), BatchNorm's
+    buffers left to its hook: the weights and the whole average as the reference's."""
+    averaged = spy_averages(monkeypatch)
     setting = Regularization(weight_decay=0.05, l1=schedules.Linear(0.0, l1) if l1 else 0.0, ema=0.9)
     nets = {}
     for flag in (True, False):
@@ -240,14 +246,7 @@ def shrink(net: nn.Module) -> None:
 
 
 def test_an_ema_attached_after_another_hook_stays_in_its_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    averaged: list[bool] = []
-
-    def spy(fused_flag: bool | None, *args: object) -> bool:
-        averaged.append(args[-1] is not None)
-        return run(fused_flag, *args)
-
-    run = fused_adamw.ADAMW_PROX.run_
-    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", spy)
+    averaged = spy_averages(monkeypatch)
     results = []
     for flag in (True, False):
         net = model()

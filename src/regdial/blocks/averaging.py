@@ -62,6 +62,12 @@ def _members(modules: list[nn.Module]) -> tuple[Any, ...]:
     return tuple(members)
 
 
+def _decay_at(decay: float, warmup: bool, count: int) -> float:
+    """An EMA's decay at the update after ``count`` completed ones: ``min(decay, (1 + t) /
+    (10 + t))`` with the warm-up, else ``decay``."""
+    return min(decay, (1 + count) / (10 + count)) if warmup else decay
+
+
 class _Averaged(AveragedModel):
     def attach(self, optimizer: Optimizer, model: nn.Module, *, every: int = 1) -> RemovableHandle:
         """Call ``update_parameters(model)`` after every ``every``-th ``optimizer.step()``."""
@@ -114,8 +120,7 @@ class EMA(_Averaged):
         updates = [0]  # completed updates, for the warm-up
 
         def ema(averaged: TensorList, current: TensorList, num_averaged: Tensor | int) -> None:
-            now = min(decay, (1 + updates[0]) / (10 + updates[0])) if warmup else decay
-            torch._foreach_lerp_(averaged, current, 1.0 - now)
+            torch._foreach_lerp_(averaged, current, 1.0 - _decay_at(decay, warmup, updates[0]))
 
         frozen: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
         if frozen and device is None:
@@ -126,6 +131,7 @@ class EMA(_Averaged):
         self.shares = bool(frozen) and device is None
         self.decay, self.warmup, self._updates = decay, bool(warmup), updates
         self._cache: tuple[nn.Module, list[nn.Module], tuple[Any, ...], Any] | None = None
+        self._table: tuple[Any, dict[int, Tensor]] | None = None  # fused_plan's, with its groups
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module, *, done: set[int] | None = None) -> None:
@@ -163,13 +169,17 @@ class EMA(_Averaged):
         groups = self._groups(model)
         if groups is None:
             return None
-        table = {id(c): a for averaged, current in groups for a, c in zip(averaged, current, strict=True)
-                 if a.is_floating_point()}  # fmt: skip
+        kept = self._table
+        if kept is None or kept[0] is not groups:  # the same table while the groups are kept
+            table = {id(c): a for averaged, current in groups for a, c in zip(averaged, current, strict=True)
+                     if a.is_floating_point()}  # fmt: skip
+            kept = self._table = (groups, table)
         count = self._updates[0]
-        if count == 0:
-            return table, 1.0
-        now = min(self.decay, (1 + count) / (10 + count)) if self.warmup else self.decay
-        return table, 1.0 - now
+        return kept[1], 1.0 if count == 0 else 1.0 - self.decay_at(count)
+
+    def decay_at(self, count: int) -> float:
+        """The decay of the update after ``count`` completed ones (``_decay_at``)."""
+        return _decay_at(self.decay, self.warmup, count)
 
     def _groups(self, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]] | None:
         """The averaged and the model's tensors by (device, dtype), or None where a pair's
@@ -205,7 +215,9 @@ class EMA(_Averaged):
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
-        state["_cache"] = None  # this average's tensors and the model's: a copy builds its own
+        state["_cache"] = state["_table"] = (
+            None  # this average's tensors and the model's: a copy builds its own
+        )
         return state
 
     def load_state_dict(

@@ -178,8 +178,7 @@ class Penalty(Scheduled, ABC):
     ) -> bool:
         """The prox in the metric of ``steps`` by ``fused.quotient_prox_``; False where
         the caller's per-tensor path must run instead (nothing was changed then)."""
-        terms = self._quotient_terms()
-        if terms is None or self.fused is False or self.foreach is False:
+        if self.quotient_coefficients() is None:
             return False
         groups = group_by_device_and_dtype([tensors[i] for i in kept])
         plans = []
@@ -190,7 +189,7 @@ class Penalty(Scheduled, ABC):
             if any(v is None or not homogeneous(w, v) for w, v in zip(group, radicands, strict=True)):
                 return False
             plans.append((index, group, radicands))
-        ratio, addition = terms
+        ratio, addition = self._quotient_terms() or (0.0, 0.0)  # checked above
         for index, group, radicands in plans:
             t = [strength * steps.scale(i) for i in index]
             done = kernels.QUOTIENT_PROX.run_(

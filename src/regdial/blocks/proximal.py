@@ -349,12 +349,16 @@ def attach_prox(
     calls = [0]
     fused_groups: set[int] = set()  # the groups whose prox FusedAdamW ran in this step
 
+    def skipped(group: Group) -> bool:
+        """A group at ``lr == 0``, or one ``param_groups`` marked not to regularize."""
+        return float(group["lr"]) == 0.0 or (selected is None and group.get("regularize", True) is False)
+
     def sized(
         opt: Optimizer, group: Group, count: int
     ) -> tuple[list[Tensor], float | Sequence[Tensor]] | None:
-        lr = float(group["lr"])
-        if lr == 0.0 or (selected is None and group.get("regularize", True) is False):
+        if skipped(group):
             return None
+        lr = float(group["lr"])
         ps = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
         if not ps:
             return None
@@ -389,9 +393,7 @@ def attach_prox(
         def plan(group: Group) -> GroupProx | None:
             """``sized``'s choice of a group and tensors, and ``_adam``'s form of the steps
             (``eps > 0``), with the warm-up ``_warmed`` would apply."""
-            if float(group["lr"]) == 0.0 or float(group["eps"]) <= 0.0:
-                return None
-            if selected is None and group.get("regularize", True) is False:
+            if skipped(group) or float(group["eps"]) <= 0.0:
                 return None
             found = coefficients()
             if found is None:
