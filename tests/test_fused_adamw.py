@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -99,9 +100,9 @@ def test_the_fused_step_gives_adamw_and_its_prox(name: str, monkeypatch: pytest.
 
 
 def counting(function: Callable[..., bool], calls: list[int]) -> Callable[..., bool]:
-    def counted(*args: object) -> bool:
+    def counted(*args: object, **kwargs: object) -> bool:
         calls.append(1)
-        return function(*args)
+        return function(*args, **kwargs)
 
     return counted
 
@@ -202,9 +203,9 @@ def spy_averages(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     averaged: list[bool] = []
     run = fused_adamw.ADAMW_PROX.run_
 
-    def spy(fused_flag: bool | None, *args: object) -> bool:
+    def spy(fused_flag: bool | None, *args: object, **kwargs: Any) -> bool:
         averaged.append(args[-1] is not None)
-        return run(fused_flag, *args)
+        return run(fused_flag, *args, **kwargs)
 
     monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", spy)
     return averaged
@@ -301,3 +302,32 @@ def test_pick_for_me_stays_the_reference_on_the_cpu(monkeypatch: pytest.MonkeyPa
 def test_fused_is_checked() -> None:
     with pytest.raises(InputError, match=r"FusedAdamW\.fused must be True, False or None"):
         FusedAdamW(model().parameters(), fused="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_division_stays_within_rounding_of_torchs_step_at_the_extremes(dtype: torch.dtype) -> None:
+    """The loop folds AdamW's ``m / (sqrt(v)/sqrt(c2) + eps)`` into the prox's denominator
+    ``d = sqrt(v) + eps sqrt(c2)``: where ``d`` is tiny (zero gradients from the first step,
+    ``d = eps sqrt(c2)`` about 3e-10), huge (gradients of 1e6) or the weights are 0, it
+    must stay torch's step to rounding, with and without L1 on the same tensors."""
+    scales = torch.tensor([0.0, 1e-30, 1e-8, 1.0, 1e6], dtype=dtype)
+
+    def run(flag: bool, l1: float) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        weights = [torch.randn(5, 40, dtype=dtype), torch.zeros(5, 40, dtype=dtype)]
+        params = [nn.Parameter(w.clone()) for w in weights]
+        opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, fused=flag)
+        if l1:
+            attach_prox(opt, L1(l1), warmup=0)
+        generator = torch.Generator().manual_seed(4)
+        for _ in range(12):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator, dtype=dtype) * scales[:, None]
+            opt.step()
+        return [p.detach() for p in params]
+
+    tight = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    for l1 in (0.0, 1e-2):
+        for got, want in zip(run(True, l1), run(False, l1), strict=True):
+            torch.testing.assert_close(got, want, **tight)
+            assert torch.equal(got == 0, want == 0)

@@ -53,13 +53,15 @@ def _floats_only(average: MultiAvgFn) -> MultiAvgFn:
 def _members(modules: list[nn.Module]) -> tuple[Any, ...]:
     """What identifies the tensors of a module tree: every module's own parameters,
     buffers and children, each tensor with its dtype and device (``.data =`` moves one)."""
-    members: list[Any] = []
-    for module in modules:
-        for table in (module._parameters, module._buffers):
-            for tensor in table.values():
-                members += (None, None, None) if tensor is None else (id(tensor), tensor.dtype, tensor.device)
-        members += map(id, module._modules.values())
-    return tuple(members)
+    return tuple(
+        [
+            None if tensor is None else (id(tensor), tensor.dtype, tensor.device)
+            for module in modules
+            for table in (module._parameters, module._buffers)
+            for tensor in table.values()
+        ]
+        + [id(child) for module in modules for child in module._modules.values()]
+    )
 
 
 def _decay_at(decay: float, warmup: bool, count: int) -> float:

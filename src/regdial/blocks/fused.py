@@ -226,16 +226,19 @@ class FusedKernel(Generic[R]):
     def __call__(self, fused: bool | None, group: list[Tensor], *args: Any) -> R | None:
         return self._apply(fused, group, args)[1]
 
-    def run_(self, fused: bool | None, group: list[Tensor], *args: Any) -> bool:
-        return self._apply(fused, group, args)[0]
+    def run_(
+        self, fused: bool | None, group: list[Tensor], *args: Any, key: tuple[Any, ...] | None = None
+    ) -> bool:
+        """Whether the in-place kernel ran on these arguments (``key``: their ``key``, where
+        the caller keeps it)."""
+        return self._apply(fused, group, args, key)[0]
 
-    def wants(self, fused: bool | None, group: list[Tensor], *args: Any) -> bool:
-        """Whether a call with these arguments would run compiled (a call ``fused=None``
-        has not yet compiled for counts toward ``MIN_CALLS``): a caller that must choose
-        its path before it changes any state (``FusedAdamW``) asks first."""
+    def wants(self, fused: bool | None, group: list[Tensor], *, key: tuple[Any, ...]) -> bool:
+        """Whether a call with arguments of this ``key`` would run compiled (a call
+        ``fused=None`` has not yet compiled for counts toward ``MIN_CALLS``): a caller that
+        must choose its path before it changes any state (``FusedAdamW``) asks first."""
         if not self._eligible(fused, group):
             return False
-        key = self._key(group, args)
         return key in self._ready or self._wanted(fused, group, key)
 
     def _eligible(self, fused: bool | None, group: list[Tensor]) -> bool:
@@ -246,17 +249,25 @@ class FusedKernel(Generic[R]):
         return fused is not None or group[0].device.type in self.pick_on
 
     @staticmethod
-    def _key(group: list[Tensor], args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def key(group: list[Tensor], args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What a call is compiled for: the group's device, dtype and shapes, and which
+        arguments are None (and the flags)."""
         variant = tuple(arg if isinstance(arg, bool) else arg is None for arg in args)
         return (group[0].device, group[0].dtype, variant, *(tuple(w.shape) for w in group))
 
-    def _apply(self, fused: bool | None, group: list[Tensor], args: tuple[Any, ...]) -> tuple[bool, R | None]:
+    def _apply(
+        self,
+        fused: bool | None,
+        group: list[Tensor],
+        args: tuple[Any, ...],
+        key: tuple[Any, ...] | None = None,
+    ) -> tuple[bool, R | None]:
         if not self._eligible(fused, group):
             return False, None
         # Detached views (the same storage and version counter): the compiled call's guards
         # and wrappers skip autograd's, 0.14 ms of 0.53 on 96 small parameters.
         group = [w.detach() for w in group]
-        key = self._key(group, args)
+        key = self.key(group, args) if key is None else key
         if key not in self._ready:
             if not self._wanted(fused, group, key):
                 return False, None

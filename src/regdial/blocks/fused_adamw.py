@@ -36,11 +36,13 @@ on any device (an ``InputError`` where it has no compiler); ``False`` is
 with. Until it compiles, and wherever the fused loop does not apply (AMSGrad,
 ``maximize``, ``capturable``, a tensor ``lr``, sparse or 16-bit tensors, tensors on
 several devices, a penalty with no quotient form), a step is that reference: the fused
-loop only ever replaces it with the same arithmetic.
+loop only ever replaces it with the same math, to rounding (``adamw_prox_``: a few ulp,
+as torch's own ``fused=True`` step differs from its for-loop).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -74,7 +76,12 @@ class GroupProx(NamedTuple):
     horizon: int
 
 
-_COLUMNS = 11  # decay, 1-β1, β2, 1-β2, ε, lr/c1, sqrt(c2), offset, threshold, addition, EMA weight
+_COLUMNS = 9  # decay, 1-β1, β2, 1-β2, offset, step, threshold, addition, EMA weight
+
+_Settings = tuple[float, float, float, float, float, float, float, float, int]
+"""A group's ``(lr, weight decay, ε, β1, β2)`` and its prox's ``(strength, ratio, addition,
+horizon)`` (zeros without one)."""
+
 
 AveragePlan = Callable[[], "tuple[dict[int, Tensor], float] | None"]
 """What an ``EMA`` attached to a ``FusedAdamW`` gives it each step: its average of each
@@ -92,39 +99,45 @@ def adamw_prox_(
     averages: list[Tensor] | None,
 ) -> None:
     """One AdamW step, the prox in its metric and an EMA's update, in place, each tensor
-    in one pass.
+    in one pass, with one division an element.
 
-    ``scalars[i]`` holds tensor ``i``'s ``(1 - lr λ, 1 - β1, β2, 1 - β2, ε, lr / c1,
-    sqrt(c2), offset, threshold, addition, a)``; the prox applies where ``active[i]``, and
-    with ``averages`` each average moves to the new weight, ``e <- lerp(e, w, a)``. The
-    arithmetic is torch's for-loop AdamW's, operation for operation (``mul_``, ``lerp_``,
-    ``mul_``/``addcmul_``, ``sqrt``/``div``/``add_``, ``addcdiv_``), then the eager prox's
-    (``fused.quotient_prox_``), then ``torch.lerp``'s (``e + a (w - e)`` for ``a < 0.5``,
-    ``w - (w - e)(1 - a)`` above: ``a = 1`` is the first update's copy).
+    ``scalars[i]`` holds tensor ``i``'s ``(1 - lr λ, 1 - β1, β2, 1 - β2, ε sqrt(c2),
+    lr sqrt(c2) / c1, r τ, q τ, a)`` (the last three 0 where the prox is off); the prox
+    applies where ``active[i]``. With ``d = sqrt(v) + ε sqrt(c2)``, AdamW's update is
+    ``w (1 - lr λ) - (lr sqrt(c2) / c1) m / d`` (its ``(lr / c1) m / (sqrt(v) / sqrt(c2) +
+    ε)`` with the same ``d`` the prox's metric uses), so the update and the prox share a
+    numerator and a denominator::
+
+        n = w (1 - lr λ) d - (lr sqrt(c2) / c1) m;   w <- soft(n, r τ) / (d + q τ)   (else n / d)
+
+    ``soft`` as ``aten.softshrink`` computes it, so the zeros are the eager path's. The
+    numbers are torch's for-loop AdamW followed by the eager prox to rounding (a few ulp,
+    as torch's own ``fused=True`` step is to its for-loop), in one third of the divisions:
+    on this project's CPU, a division a float costs what the loop's memory traffic does.
+    With ``averages`` each average moves to the new weight as ``torch.lerp`` computes it,
+    ``e <- lerp(e, w, a)`` (``e + a (w - e)`` for ``a < 0.5``, ``w - (w - e)(1 - a)``
+    above: ``a = 1`` is the first update's copy).
     """
     for i, (w, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
         row = scalars[i]
-        decayed = w * row[0]
         m_new = m + row[1] * (g - m)
         v_new = v * row[2] + g * g * row[3]
-        root = torch.sqrt(v_new)
-        stepped = decayed + (-row[5]) * (m_new / (root / row[6] + row[4]))
-        d = root + row[7]
-        proxed = kernels._soft(stepped * d, row[8]) / (d + row[9])
-        final = torch.where(active[i], proxed, stepped)
+        d = torch.sqrt(v_new) + row[4]
+        numerator = (w * row[0]) * d - row[5] * m_new
+        final = torch.where(active[i], kernels._soft(numerator, row[6]), numerator) / (d + row[7])
         m.copy_(m_new)
         v.copy_(v_new)
         w.copy_(final)
         if averages is not None:
-            e, a = averages[i], row[10]
+            e, a = averages[i], row[8]
             gap = final - e
             e.copy_(torch.where(a < 0.5, e + a * gap, final - gap * (1.0 - a)))
 
 
 # On this project's 2-core CPU (benchmarks/trainer.py's 6.3M-parameter model, in the loop)
-# the fused step with the prox and an EMA took 10.6-11.0 ms against 13.6-14.5 ms for torch's
-# AdamW(fused=True) followed by their hooks (6.4-6.7 ms bare): 3 ms a step saved. It
-# compiles in 65-135 s cold for those 98 tensors (7-15 s from inductor's cache), which a
+# the fused step with the prox and an EMA took 8.2-8.4 ms against 11.7-11.9 ms for torch's
+# AdamW(fused=True) followed by their hooks (5.1-5.2 ms bare): 3.5 ms a step saved. It
+# compiles in 65-135 s cold for those 98 tensors (11 s from inductor's cache), which a
 # run of the length fused=None waits for (100 steps) does not repay, so "pick for me"
 # compiles it on CUDA only, where the passes it saves are HBM traffic (not measured here:
 # no GPU); fused=True compiles it anywhere.
@@ -211,15 +224,17 @@ class FusedAdamW(torch.optim.AdamW):
         prox, average = self._fused_hooks()
         averages, weight = self._averages(average, layout)
         params, exp_avgs, exp_avg_sqs = layout.params, layout.exp_avgs, layout.exp_avg_sqs
-        if not ADAMW_PROX.wants(
-            self.fuse, params, grads, exp_avgs, exp_avg_sqs, layout.probe, layout.probe, averages
-        ):
+        key = layout.kernel_key((grads, exp_avgs, exp_avg_sqs, layout.probe, layout.probe, averages))
+        if not ADAMW_PROX.wants(self.fuse, params, key=key):
             self._reference()
             return loss
         torch._foreach_add_(layout.steps, 1.0)
         planned = self._planned(prox)
         scalars, active = self._scalars(layout, planned, weight)
-        if not ADAMW_PROX.run_(self.fuse, params, grads, exp_avgs, exp_avg_sqs, scalars, active, averages):
+        ran = ADAMW_PROX.run_(
+            self.fuse, params, grads, exp_avgs, exp_avg_sqs, scalars, active, averages, key=key
+        )
+        if not ran:
             torch._foreach_sub_(layout.steps, 1.0)  # a compile that failed: nothing else moved
             self._reference()
             return loss
@@ -267,8 +282,9 @@ class FusedAdamW(torch.optim.AdamW):
     @staticmethod
     def _grads(layout: _Layout) -> list[Tensor] | None:
         grads = [p.grad for p in layout.params]
-        for g, p in zip(grads, layout.params, strict=True):
-            if g is None or g.layout != torch.strided or g.dtype != p.dtype or g.device != p.device:
+        dtype, device, strided = layout.params[0].dtype, layout.params[0].device, torch.strided
+        for g in grads:  # the layout's tensors share one dtype and device (dtypes are singletons)
+            if g is None or g.dtype is not dtype or g.layout is not strided or g.device != device:
                 return None
         return grads  # type: ignore[return-value]
 
@@ -304,45 +320,46 @@ class FusedAdamW(torch.optim.AdamW):
     def _scalars(
         self, layout: _Layout, planned: list[GroupProx | None], weight: float
     ) -> tuple[Tensor, Tensor]:
-        """``adamw_prox_``'s scalars, a row a tensor, computed in float64 over all tensors at
-        once as torch's AdamW and ``attach_prox`` compute them one by one, and where the prox
-        is on."""
-        groups = []
-        for group, plan in zip(self.param_groups, planned, strict=True):
-            b1, b2 = (float(b) for b in group["betas"])
-            prox = (
-                (0.0,) * 4
-                if plan is None
-                else (plan.strength, plan.ratio, plan.addition, float(plan.horizon))
-            )
-            groups.append(
-                [float(group["lr"]), float(group["weight_decay"]), float(group["eps"]), b1, b2, *prox]
-            )
-        values = torch.tensor(groups, dtype=torch.float64)[layout.group_of]
-        lr, wd, eps, beta1, beta2, strength, r, q, horizon = values.unbind(1)
-        t = torch.stack(layout.steps).to(torch.float64)
-        c1, root = 1.0 - beta1**t, (1.0 - beta2**t).sqrt()
-        factor = torch.where(horizon > 0, (t / horizon.clamp(min=1.0)).clamp(max=1.0), 1.0)
-        tau = strength * (lr * root * factor)  # as attach_prox: s * (lr sqrt(c2) f_t)
-        columns: list[Tensor] = [
-            1.0 - lr * wd,
-            1.0 - beta1,
-            beta2,
-            1.0 - beta2,
-            eps,
-            lr / c1,
-            root,
-            eps * root,
-            r * tau,
-            q * tau,
+        """``adamw_prox_``'s scalars, a row a tensor, and where the prox is on. Each
+        distinct (group, step, prox on) has one row, computed in Python's float64 as torch's
+        for-loop AdamW computes its bias corrections from the step and ``attach_prox`` its
+        threshold: a model's tensors step together, so a group's rows are one or a few,
+        and the step costs a list of floats and one tensor, not a vector computation."""
+        settings = [
+            self._group_row(group, plan) for group, plan in zip(self.param_groups, planned, strict=True)
         ]
-        scalars = torch.stack([*columns, torch.full_like(t, weight)], dim=1)
-        active = torch.zeros(len(layout.params), dtype=torch.bool)
-        for index, plan in enumerate(planned):
-            if plan is not None:
-                active |= layout.mask(index, plan.selected)
-        device, dtype = layout.params[0].device, layout.params[0].dtype
-        return scalars.to(dtype).to(device), active.to(device)
+        on = layout.prox_on(planned)
+        keys = list(zip(layout.groups, [t.item() for t in layout.steps], on, strict=True))
+        rows = dict.fromkeys(keys, 0)  # each distinct (group, step, prox on), in order
+        for number, key in enumerate(rows):
+            rows[key] = number
+        table = [_row(*settings[group], t, prox, weight) for group, t, prox in rows]
+        index = [rows[key] for key in keys]
+        where, active = layout.rows(index, on)
+        dtype = layout.params[0].dtype
+        return torch.tensor(table, dtype=torch.float64).to(dtype).to(where.device)[where], active
+
+    @staticmethod
+    def _group_row(group: dict[str, Any], plan: GroupProx | None) -> _Settings:
+        b1, b2 = (float(b) for b in group["betas"])
+        prox = (
+            (0.0, 0.0, 0.0, 0) if plan is None else (plan.strength, plan.ratio, plan.addition, plan.horizon)
+        )
+        return (float(group["lr"]), float(group["weight_decay"]), float(group["eps"]), b1, b2, *prox)
+
+
+def _row(
+    lr: float, wd: float, eps: float, b1: float, b2: float,
+    strength: float, ratio: float, addition: float, horizon: int,
+    t: float, prox: bool, weight: float,
+) -> list[float]:  # fmt: skip
+    """One row of ``adamw_prox_``'s scalars at step ``t`` (after its increment), as torch's
+    AdamW (``c1 = 1 - β1^t``, ``sqrt(c2)``) and ``attach_prox`` (``τ = s lr sqrt(c2) f_t``,
+    ``f_t = min(1, t / horizon)``) compute them."""
+    root = math.sqrt(1.0 - b2**t)
+    tau = strength * (lr * root * (min(1.0, t / horizon) if horizon > 0 else 1.0)) if prox else 0.0
+    return [1.0 - lr * wd, 1.0 - b1, b2, 1.0 - b2, eps * root, lr * root / (1.0 - b1**t),
+            ratio * tau, addition * tau, weight]  # fmt: skip
 
 
 class _Layout:
@@ -360,7 +377,9 @@ class _Layout:
         self.ids: list[int] = []
         self.states: list[dict[str, Any]] = []
         self.averaged: tuple[dict[int, Tensor], list[Tensor] | None] | None = None
-        self._masks: dict[tuple[int, int], tuple[object, Tensor]] = {}
+        self._keys: dict[bool, tuple[Any, ...]] = {}
+        self._on: tuple[tuple[tuple[object] | None, ...], list[bool]] | None = None
+        self._rows: tuple[tuple[tuple[int, ...], tuple[bool, ...]], Tensor, Tensor] | None = None
 
     @staticmethod
     def build(optimizer: FusedAdamW, key: tuple[Any, ...]) -> _Layout | None:
@@ -387,12 +406,45 @@ class _Layout:
                 layout.states.append(state)
         if not layout.params or len({(p.device, p.dtype) for p in layout.params}) != 1:
             return None  # none, or tensors on several devices or of several dtypes
-        layout.group_of = torch.tensor(layout.groups, dtype=torch.long)
         layout.probe = torch.empty(len(layout.params), _COLUMNS)
         return layout
 
-    group_of: Tensor
     probe: Tensor
+
+    def prox_on(self, planned: list[GroupProx | None]) -> list[bool]:
+        """Whether each tensor is under the prox ``planned`` for its group, kept while the
+        groups' selections stay the same objects."""
+        selections = tuple(None if plan is None else (plan.selected,) for plan in planned)
+        kept = self._on
+        if kept is not None and all(
+            a is b or (a is not None and b is not None and a[0] is b[0])
+            for a, b in zip(kept[0], selections, strict=True)
+        ):
+            return kept[1]
+        on = [
+            plan is not None and (plan.selected is None or i in plan.selected)
+            for plan, i in zip((planned[g] for g in self.groups), self.ids, strict=True)
+        ]
+        self._on = (selections, on)
+        return on
+
+    def rows(self, index: list[int], on: list[bool]) -> tuple[Tensor, Tensor]:
+        """The row of each tensor's scalars and where the prox is on, as tensors on the
+        tensors' device, kept while they stay the same (a step's are its last's)."""
+        signature = (tuple(index), tuple(on))
+        if self._rows is None or self._rows[0] != signature:
+            device = self.params[0].device
+            self._rows = (signature, torch.tensor(index, device=device), torch.tensor(on, device=device))
+        return self._rows[1], self._rows[2]
+
+    def kernel_key(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``ADAMW_PROX``'s key for a call on these tensors with ``args``, kept per variant
+        (with or without averages): a tuple of shapes a step saved."""
+        averaged = args[-1] is not None
+        key = self._keys.get(averaged)
+        if key is None:
+            key = self._keys[averaged] = FusedKernel.key(self.params, args)
+        return key
 
     def current(self, state: Mapping[Tensor, Any]) -> bool:
         """Whether the optimizer's state is still the one these lists hold: a state cleared
@@ -409,20 +461,6 @@ class _Layout:
             ):
                 return False
         return True
-
-    def mask(self, group: int, selected: frozenset[int] | set[int] | None) -> Tensor:
-        """The tensors of group ``group`` that ``selected`` holds (None: all of them)."""
-        kept = self._masks.get((group, id(selected)))
-        if kept is not None and kept[0] is selected:
-            return kept[1]
-        mask = torch.tensor(
-            [
-                g == group and (selected is None or i in selected)
-                for g, i in zip(self.groups, self.ids, strict=True)
-            ]
-        )
-        self._masks[(group, id(selected))] = (selected, mask)
-        return mask
 
 
 class Handles(RemovableHandle):
