@@ -135,9 +135,9 @@ def adamw_prox_(
 
 
 # On this project's 2-core CPU (benchmarks/trainer.py's 6.3M-parameter model, in the loop)
-# the fused step with the prox and an EMA took 8.2-8.4 ms against 11.7-11.9 ms for torch's
-# AdamW(fused=True) followed by their hooks (5.1-5.2 ms bare): 3.5 ms a step saved. It
-# compiles in 65-135 s cold for those 98 tensors (11 s from inductor's cache), which a
+# the fused step with the prox and an EMA took 8.2-9.9 ms against 11.7-13.8 ms for torch's
+# AdamW(fused=True) followed by their hooks (5.1-6.4 ms bare) in four runs: 3.5-3.9 ms a
+# step saved. It compiles in 65-135 s cold for those 98 tensors (11 s from inductor's cache), which a
 # run of the length fused=None waits for (100 steps) does not repay, so "pick for me"
 # compiles it on CUDA only, where the passes it saves are HBM traffic (not measured here:
 # no GPU); fused=True compiles it anywhere.
