@@ -102,7 +102,7 @@ def adamw_prox_(
     in one pass, with one division an element.
 
     ``scalars[i]`` holds tensor ``i``'s ``(1 - lr λ, 1 - β1, β2, 1 - β2, ε sqrt(c2),
-    lr sqrt(c2) / c1, r τ, q τ, a)`` (the last three 0 where the prox is off); the prox
+    lr sqrt(c2) / c1, r τ, q τ, a)`` (``r τ`` and ``q τ`` 0 where the prox is off); the prox
     applies where ``active[i]``. With ``d = sqrt(v) + ε sqrt(c2)``, AdamW's update is
     ``w (1 - lr λ) - (lr sqrt(c2) / c1) m / d`` (its ``(lr / c1) m / (sqrt(v) / sqrt(c2) +
     ε)`` with the same ``d`` the prox's metric uses), so the update and the prox share a
