@@ -331,3 +331,52 @@ def test_one_division_stays_within_rounding_of_torchs_step_at_the_extremes(dtype
         for got, want in zip(run(True, l1), run(False, l1), strict=True):
             torch.testing.assert_close(got, want, **tight)
             assert torch.equal(got == 0, want == 0)
+
+
+@pytest.mark.parametrize("option", ["amsgrad", "maximize"])
+def test_torchs_keywords_take_torchs_step(option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drop-in for ``torch.optim.AdamW``: its keywords are taken, and where the fused
+    loop does not apply (AMSGrad, ``maximize``) the step is torch's, hooks and all."""
+    calls: list[int] = []
+    monkeypatch.setattr(fused_adamw.ADAMW_PROX, "run_", counting(fused_adamw.ADAMW_PROX.run_, calls))
+    got, _ = train(
+        True, lambda: L1(5e-3), optimizer=lambda gs, f: FusedAdamW(gs, lr=3e-2, fused=f, **{option: True})
+    )
+    want, _ = train(
+        None, lambda: L1(5e-3), optimizer=lambda gs, f: torch.optim.AdamW(gs, lr=3e-2, **{option: True})
+    )
+    assert calls == []
+    for a, b in zip(got.parameters(), want.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_step_that_raises_leaves_the_step_count_where_it_was() -> None:
+    """A prox whose plan raises at the second step: the error reaches the caller, and the
+    optimizer's state is the first step's (the count was not moved without the moments)."""
+
+    class Broken(L1):
+        calls = 0
+
+        def quotient_coefficients(self) -> tuple[float, float, float] | None:
+            Broken.calls += 1
+            if Broken.calls == 2:
+                raise RuntimeError("plan failed")
+            return super().quotient_coefficients()
+
+    net = model()
+    opt = FusedAdamW(net.parameters(), lr=3e-2, fused=True)
+    attach_prox(opt, Broken(1e-3), warmup=0)
+    for step in range(2):
+        loss = nn.functional.cross_entropy(net(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 1:
+            before = {id(p): (float(s["step"]), s["exp_avg"].clone()) for p, s in opt.state.items()}
+            with pytest.raises(RuntimeError, match="plan failed"):
+                opt.step()
+        else:
+            opt.step()
+    for p, s in opt.state.items():
+        count, moment = before[id(p)]
+        assert float(s["step"]) == count == 1.0
+        assert torch.equal(s["exp_avg"], moment)

@@ -295,6 +295,10 @@ def test_unchanged_models_stay_bitwise_equal_without_prox() -> None:
             ),
             r"^step_size must be one of 'auto', 'optimizer', 'lr', got 'big'$",
         ),
+        (
+            lambda: attach_prox(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), L1),
+            r"^penalty must be a penalty made with its strength, such as L1\(1e-3\), got the class L1$",
+        ),
         (lambda: max_norm_([torch.ones(2, 2)], 0.0), r"^max_norm must be in \(0, inf\), got 0.0$"),
         (lambda: max_norm_([torch.ones(2, 2)], 1.0, dim=2), r"^dim must be an integer in \[-2, 1\], got 2$"),
         (lambda: MaxNorm(-3.0), r"^MaxNorm.max_norm must be in \(0, inf\), got -3.0$"),

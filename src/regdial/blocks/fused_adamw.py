@@ -148,8 +148,10 @@ class FusedAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose step also runs an attached prox, fused; see the module.
 
     Args:
-        params, lr, betas, eps, weight_decay, foreach: as ``torch.optim.AdamW`` (``foreach``
-            is its step's wherever the fused loop does not run).
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
+            differentiable: as ``torch.optim.AdamW``, for a drop-in replacement (``foreach``
+            is its step's wherever the fused loop does not run; AMSGrad, ``maximize``,
+            ``capturable`` and ``differentiable`` always take that step).
         fused: ``None``: compile where it repays; ``True``: always; ``False``: never.
     """
 
@@ -160,11 +162,18 @@ class FusedAdamW(torch.optim.AdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+        )  # fmt: skip
         self.fuse = check_fused("FusedAdamW.fused", fused)
         if fused is True:  # said where it is asked for, not at the first step
             for kind in sorted({p.device.type for g in self.param_groups for p in g["params"]}):
@@ -228,12 +237,16 @@ class FusedAdamW(torch.optim.AdamW):
         if not ADAMW_PROX.wants(self.fuse, params, key=key):
             self._reference()
             return loss
+        planned = self._planned(prox)  # before the step count moves: a plan may raise
         torch._foreach_add_(layout.steps, 1.0)
-        planned = self._planned(prox)
-        scalars, active = self._scalars(layout, planned, weight)
-        ran = ADAMW_PROX.run_(
-            self.fuse, params, grads, exp_avgs, exp_avg_sqs, scalars, active, averages, key=key
-        )
+        try:
+            scalars, active = self._scalars(layout, planned, weight)
+            ran = ADAMW_PROX.run_(
+                self.fuse, params, grads, exp_avgs, exp_avg_sqs, scalars, active, averages, key=key
+            )
+        except BaseException:
+            torch._foreach_sub_(layout.steps, 1.0)  # the scalars or a call's guards: no tensor moved yet
+            raise
         if not ran:
             torch._foreach_sub_(layout.steps, 1.0)  # a compile that failed: nothing else moved
             self._reference()

@@ -328,6 +328,9 @@ def attach_prox(
     """
     if not isinstance(optimizer, Optimizer):
         fail("optimizer", "a torch.optim.Optimizer", optimizer)
+    if isinstance(penalty, type):  # the class passes the check below, and fails at the first step
+        fail("penalty", f"a penalty made with its strength, such as {penalty.__name__}(1e-3)",
+             Described(f"the class {penalty.__name__}"))  # fmt: skip
     if not callable(getattr(penalty, "prox_", None)):
         fail("penalty", "a penalty or constraint with a prox_(params, lr) method", penalty)
     check_choice("step_size", step_size, ("auto", "optimizer", "lr"))
