@@ -282,3 +282,34 @@ def test_an_evaluation_after_training_is_not_one_of_the_runs(tmp_path: Path) -> 
     rows = len(lit.history)
     fitted.validate(fitted.lightning_module, blobs(1, 64), verbose=False)
     assert len(lit.history) == rows == 2
+
+
+def test_a_knob_both_the_space_and_the_trainer_set_is_named_as_the_spaces(tmp_path: Path) -> None:
+    """With ``online=``, the refusal names the Space's knob, not a setting the user never
+    gave (the controller's start): Hugging Face's ``label_smoothing_factor``, and a
+    Lightning ``training_step`` that computes its own loss."""
+    space = Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.3)})
+    with pytest.raises(
+        ValueError,
+        match=r"^online\.label_smoothing must be a knob the Trainer does not also set \(one place decides\): "
+        r"leave label_smoothing out of the Space, or TrainingArguments\.label_smoothing_factor unset, "
+        r"got label_smoothing in the Space and label_smoothing_factor=0\.1$",
+    ):
+        hf_trainer(
+            tiny_bert(), hf.HuggingFaceCallback(online=space), tmp_path / "hf", label_smoothing_factor=0.1
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^regularization\.label_smoothing must be 0 when TrainingArguments\.label_smoothing_factor is set",
+    ):
+        hf_trainer(tiny_bert(), hf.HuggingFaceCallback(Regularization(label_smoothing=0.1)), tmp_path / "plain",
+                   label_smoothing_factor=0.1)  # fmt: skip
+    controller = HypergradientController(space, every=1, warmup=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^online\.label_smoothing must be a knob the training_step applies: use self\.regdial\.batch\(x, y\) "
+        r"and self\.regdial\.loss\(logits, y\) there, or leave label_smoothing out of the Space .*got label_smoothing "
+        r"in the Space$",
+    ):
+        lightning_fit(Classifier(use_regdial=False), pl_integration.LightningCallback(online=controller, num_classes=3),
+                      tmp_path / "pl", epochs=1)  # fmt: skip

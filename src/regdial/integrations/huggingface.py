@@ -169,12 +169,19 @@ class HuggingFaceCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
         s = self.setting
-        if s.label_smoothing and getattr(args, "label_smoothing_factor", 0.0):
-            fail("regularization.label_smoothing", "0 when TrainingArguments.label_smoothing_factor is set (one place "
-                 "decides; the Trainer's is already on)", s.label_smoothing)  # fmt: skip
-        if s.embedding_noise and getattr(args, "neftune_noise_alpha", None):
-            fail("regularization.embedding_noise", "0 when TrainingArguments.neftune_noise_alpha is set",
-                 s.embedding_noise)  # fmt: skip
+        for knob, argument in (
+            ("label_smoothing", "label_smoothing_factor"),
+            ("embedding_noise", "neftune_noise_alpha"),
+        ):
+            given = getattr(args, argument, None)
+            if not getattr(s, knob) or not given:
+                continue
+            if self.online is not None and knob in self.online.controller.space.knobs:  # the Space set it
+                fail(f"online.{knob}", f"a knob the Trainer does not also set (one place decides): leave {knob} "
+                     f"out of the Space, or TrainingArguments.{argument} unset",
+                     Described(f"{knob} in the Space and {argument}={given}"))  # fmt: skip
+            fail(f"regularization.{knob}", f"0 when TrainingArguments.{argument} is set (one place decides; the "
+                 "Trainer's is already on)", getattr(s, knob))  # fmt: skip
         self._built = {name: getattr(args, name, None) for name in BUILT_ARGUMENTS}
         if model is not None and s.dropout is not None:
             from regdial.blocks.noise import set_dropout

@@ -164,6 +164,10 @@ class LightningCallback(pl.Callback):
             needs_batch = [k for k in unused if k != "label_smoothing"]
             if (needs_loss and not calls.get("loss")) or (needs_batch and not calls.get("batch")):
                 name = (needs_batch if needs_batch and not calls.get("batch") else needs_loss)[0]
+                if self.online is not None and name in self.online.controller.space.knobs:  # the Space set it
+                    fail(f"online.{name}", "a knob the training_step applies: use self.regdial.batch(x, y) and "
+                         f"self.regdial.loss(logits, y) there, or leave {name} out of the Space (a Lightning "
+                         "module computes its own loss)", Described(f"{name} in the Space"))  # fmt: skip
                 fail(f"regularization.{name}", "0, or a training_step that uses self.regdial.batch(x, y) and "
                      "self.regdial.loss(logits, y) (a Lightning module computes its own loss)",
                      getattr(self.setting, name))  # fmt: skip
