@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -313,3 +314,30 @@ def test_a_knob_both_the_space_and_the_trainer_set_is_named_as_the_spaces(tmp_pa
     ):
         lightning_fit(Classifier(use_regdial=False), pl_integration.LightningCallback(online=controller, num_classes=3),
                       tmp_path / "pl", epochs=1)  # fmt: skip
+
+
+def test_a_resumed_lightning_run_regroups_with_the_strengths_it_saved(tmp_path: Path, caplog) -> None:
+    """Resumed from a checkpoint, the optimizer is regrouped with the controller's restored
+    strengths, and the warning says those, not the fresh start's."""
+    checkpoints = tmp_path / "checkpoints"
+
+    def fit(epochs: int, resume: str | None = None) -> tuple[Any, pl_integration.LightningCallback]:
+        controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}), every=2, warmup=0)
+        callback = pl_integration.LightningCallback(online=controller, num_classes=3)
+        saver = lightning.pytorch.callbacks.ModelCheckpoint(
+            dirpath=str(checkpoints), every_n_epochs=1, save_top_k=-1
+        )
+        trainer = lightning.pytorch.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=str(tmp_path),
+                                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                            num_sanity_val_steps=0, callbacks=[callback, saver])  # fmt: skip
+        trainer.fit(Classifier(), blobs(0, 192), blobs(1, 96), ckpt_path=resume)
+        return trainer, callback
+
+    _, first = fit(2)
+    saved = first.online.controller.values["weight_decay"]
+    assert saved != 0.05  # it moved from the recipe's start
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fit(3, str(sorted(checkpoints.glob("*.ckpt"))[-1]))
+    said = [r.getMessage() for r in caplog.records if "replaces the optimizer's own" in r.getMessage()]
+    assert said and f"weight_decay={saved:g}" in said[0] and "weight_decay=0.05 " not in said[0]

@@ -142,6 +142,11 @@ class LightningCallback(pl.Callback):
                 no_held_out("a Trainer that validates (a validation_step and val_dataloaders)")
             self.online.say_data("the Trainer's validation data (val_dataloaders)")
             self._last_step = trainer.global_step
+            restored = getattr(self, "_restored", None)
+            if (
+                restored is not None and restored.get("online") is not None
+            ):  # resumed: the strengths then in force
+                self.session.setting = self.online.controller.start()
         applied = self.session.start(
             pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
         )
