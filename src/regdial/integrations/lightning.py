@@ -143,10 +143,8 @@ class LightningCallback(pl.Callback):
             self.online.say_data("the Trainer's validation data (val_dataloaders)")
             self._last_step = trainer.global_step
             restored = getattr(self, "_restored", None)
-            if (
-                restored is not None and restored.get("online") is not None
-            ):  # resumed: the strengths then in force
-                self.session.setting = self.online.controller.start()
+            if restored is not None and restored.get("online") is not None:
+                self.session.setting = self.online.controller.start()  # resumed: the saved strengths
         applied = self.session.start(
             pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
         )
