@@ -76,8 +76,6 @@ class GroupProx(NamedTuple):
     horizon: int
 
 
-_COLUMNS = 9  # decay, 1-β1, β2, 1-β2, offset, step, threshold, addition, EMA weight
-
 _Settings = tuple[float, float, float, float, float, float, float, float, int]
 """A group's ``(lr, weight decay, ε, β1, β2)`` and its prox's ``(strength, ratio, addition,
 horizon)`` (zeros without one)."""
@@ -233,7 +231,7 @@ class FusedAdamW(torch.optim.AdamW):
         prox, average = self._fused_hooks()
         averages, weight = self._averages(average, layout)
         params, exp_avgs, exp_avg_sqs = layout.params, layout.exp_avgs, layout.exp_avg_sqs
-        key = layout.kernel_key((grads, exp_avgs, exp_avg_sqs, layout.probe, layout.probe, averages))
+        key = layout.kernel_key(averaged=averages is not None)
         if not ADAMW_PROX.wants(self.fuse, params, key=key):
             self._reference()
             return loss
@@ -419,10 +417,7 @@ class _Layout:
                 layout.states.append(state)
         if not layout.params or len({(p.device, p.dtype) for p in layout.params}) != 1:
             return None  # none, or tensors on several devices or of several dtypes
-        layout.probe = torch.empty(len(layout.params), _COLUMNS)
         return layout
-
-    probe: Tensor
 
     def prox_on(self, planned: list[GroupProx | None]) -> list[bool]:
         """Whether each tensor is under the prox ``planned`` for its group, kept while the
@@ -450,12 +445,14 @@ class _Layout:
             self._rows = (signature, torch.tensor(index, device=device), torch.tensor(on, device=device))
         return self._rows[1], self._rows[2]
 
-    def kernel_key(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """``ADAMW_PROX``'s key for a call on these tensors with ``args``, kept per variant
-        (with or without averages): a tuple of shapes a step saved."""
-        averaged = args[-1] is not None
+    def kernel_key(self, *, averaged: bool) -> tuple[Any, ...]:
+        """``ADAMW_PROX``'s key for a step on these tensors, with or without averages, kept:
+        a tuple of shapes a step saved. The key reads the group's shapes and which arguments
+        are None; the lists stand in for ``adamw_prox_``'s (gradients, moments, scalars,
+        mask, averages), of which only the averages may be None."""
         key = self._keys.get(averaged)
         if key is None:
+            args = (self.exp_avgs,) * 5 + (self.exp_avgs if averaged else None,)
             key = self._keys[averaged] = FusedKernel.key(self.params, args)
         return key
 
