@@ -386,12 +386,15 @@ class Applied:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes during training: the setting in force, the schedules'
-        progress, the weight average (with its update count) and early stopping."""
+        progress, the weight average (with its update count), early stopping, and L2-SP's
+        anchors (a run resumed in a trainer starts from its trained weights, not its anchor)."""
+        l2sp = self._penalty_by_knob.get("l2sp")
         return {
             "setting": self.setting.to_dict(),
             "progress": self.progress,
             "ema": None if self.ema is None else self.ema.state_dict(),
             "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
+            "l2sp_anchors": l2sp.anchors(self.model) if isinstance(l2sp, L2SP) else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -404,6 +407,9 @@ class Applied:
             self.ema.load_state_dict(state["ema"])
         if self.early_stopping is not None and state.get("early_stopping") is not None:
             self.early_stopping.load_state_dict(state["early_stopping"])
+        l2sp = self._penalty_by_knob.get("l2sp")
+        if isinstance(l2sp, L2SP) and state.get("l2sp_anchors") is not None:
+            l2sp.load_anchors(self.model, state["l2sp_anchors"])
 
     def remove(self) -> None:
         """Detach every hook this setting installed (proximal steps, EMA updates, noise)."""

@@ -100,6 +100,26 @@ class L2SP(Penalty):
         """The anchored parameters, e.g. for ``attach_prox(optimizer, l2sp, params=...)``."""
         return [param for param, _ in self._anchors.values()]
 
+    def anchors(self, model: nn.Module) -> dict[str, Tensor]:
+        """The anchors under ``model``'s parameter names, for a checkpoint: a run resumed
+        from one starts with its trained weights, which are not its anchor."""
+        return {
+            name: self._anchors[id(param)][1]
+            for name, param in model.named_parameters()
+            if self._acts_on(param)
+        }
+
+    def load_anchors(self, model: nn.Module, anchors: Mapping[str, Tensor]) -> None:
+        """Restore what ``anchors(model)`` returned: every anchored parameter's, by name."""
+        for name, param in model.named_parameters():
+            if not self._acts_on(param):
+                continue
+            saved = anchors.get(name)
+            if not isinstance(saved, Tensor) or saved.shape != param.shape:
+                fail(f"L2SP.anchors.{name}", f"a tensor of shape {tuple(param.shape)}",
+                     Described("none" if saved is None else f"shape {tuple(getattr(saved, 'shape', ()))}"))  # fmt: skip
+            self._anchors[id(param)][1].copy_(saved)
+
     def _acts_on(self, tensor: Tensor) -> bool:
         entry = self._anchors.get(id(tensor))
         return entry is not None and entry[0] is tensor

@@ -24,6 +24,7 @@ from regdial.applied import Applied
 from regdial.blocks.groups import param_groups
 from regdial.blocks.stopping import EarlyStopping
 from regdial.dial.trial import Trial
+from regdial.integrations._resume import SCHEDULER_LISTS, AsBuilt
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 
@@ -78,9 +79,15 @@ def _is_plain(optimizer: Any) -> bool:
 
 
 def regroup(
-    optimizer: Optimizer, model: nn.Module, setting: Regularization, schedulers: Sequence[Any] = ()
-) -> None:
-    """Rebuild ``optimizer``'s groups along ``param_groups``' split, in place, before any step.
+    optimizer: Optimizer,
+    model: nn.Module,
+    setting: Regularization,
+    schedulers: Sequence[Any] = (),
+    *,
+    resumed: bool = False,
+) -> AsBuilt | None:
+    """Rebuild ``optimizer``'s groups along ``param_groups``' split, in place, before any step
+    (or, ``resumed``, before the first step of a run resumed with its state loaded).
 
     Only when the setting sets ``weight_decay``: a setting that leaves it unset leaves the
     optimizer's groups, and the decay the user or the trainer gave them, alone. Each new
@@ -88,11 +95,12 @@ def regroup(
     parameters came from; the weights get the setting's weight decay, the rest none, and
     where that replaces a decay the optimizer had, one warning says so. Learning-rate
     schedulers already built on the old groups are given one entry per new group (their
-    base lr and, for ``LambdaLR``, their function).
+    base lr and, for ``LambdaLR``, their function). Returns the ``AsBuilt`` that writes the
+    optimizer's state in its old groups (None where nothing was regrouped).
     """
     if not sets_weight_decay(setting):
-        return
-    if any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
+        return None
+    if not resumed and any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
         fail("optimizer", "one that has not stepped yet (regdial regroups it at the start of training)",
              Described("an optimizer with state"))  # fmt: skip
     decay = resolve_float(setting.weight_decay)
@@ -114,14 +122,16 @@ def regroup(
                 rebuilt.append(group)
                 positions.append(position)
     count = len(optimizer.param_groups)
+    built = AsBuilt(optimizer.param_groups, positions)
     optimizer.param_groups.clear()
     optimizer.param_groups.extend(rebuilt)
     for wrapped in schedulers:
         scheduler = getattr(wrapped, "scheduler", wrapped)  # accelerate's AcceleratedScheduler holds it
-        for name in ("base_lrs", "lr_lambdas", "_last_lr", "min_lrs"):
+        for name in SCHEDULER_LISTS:
             values = getattr(scheduler, name, None)
             if isinstance(values, list) and len(values) == count:
                 setattr(scheduler, name, [values[i] for i in positions])
+    return built
 
 
 def sets_weight_decay(setting: Regularization) -> bool:
@@ -156,6 +166,7 @@ class Session:
             fail("monitor", "the name of a logged evaluation value (eval_loss, val_loss...)", monitor)
         self.setting, self.trial, self.monitor = setting, trial, monitor
         self.applied: Applied | None = None
+        self.built: AsBuilt | None = None
         self.history = History(None, setting=setting.to_dict(),
                                train_loss_source="running mean of the training batches' losses")  # fmt: skip
         self.stopper = EarlyStopping(
@@ -178,10 +189,16 @@ class Session:
         num_classes: int | None,
         data_kind: str | None,
         schedulers: Any = (),
+        *,
+        resumed: bool = False,
     ) -> Applied:
+        """Apply the setting (``resumed``: to a run whose optimizer state is already loaded);
+        ``built`` is then the regrouped optimizer's ``AsBuilt``, or None."""
         optimizer = unwrap(optimizer)
         check_dropout(model, self.setting)
-        regroup(optimizer, model, self.setting, [s for s in schedulers if s is not None])
+        self.built = regroup(
+            optimizer, model, self.setting, [s for s in schedulers if s is not None], resumed=resumed
+        )
         self.applied = Applied(self.setting, model, optimizer, num_classes=num_classes, data_kind=data_kind)
         if self.setting.dropout is not None:
             set_config_dropout(model, resolve_float(self.setting.dropout))
@@ -207,6 +224,30 @@ class Session:
         if self._live is not None:
             model.load_state_dict(self._live, strict=False)
             self._live = None
+
+    # -- resuming -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record, early stopping, the applied setting's state and, while the model holds
+        the average (a trainer saving the model it evaluated), the live weights."""
+        return {
+            "applied": None if self.applied is None else self.applied.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "history": self.history.to_dict(),
+            "live": self._live,
+        }
+
+    def load_record(self, state: Mapping[str, Any], where: str) -> None:
+        """The record and early stopping of ``state_dict()``, before ``start``."""
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.history = History.from_dict(state["history"], where)
+
+    def load_applied(self, state: Mapping[str, Any], model: nn.Module) -> None:
+        """The applied setting's state and the live weights of ``state_dict()``, after ``start``."""
+        if self.applied is not None and state.get("applied") is not None:
+            self.applied.load_state_dict(state["applied"])
+        if state.get("live"):
+            model.load_state_dict(state["live"], strict=False)
 
     # -- the record -----------------------------------------------------------------------
 

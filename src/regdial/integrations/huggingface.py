@@ -48,6 +48,15 @@ new record and early-stopping counter, and the trial's ``label_smoothing_factor`
 ``neftune_noise_alpha`` (which the Trainer reads only when it is built) are applied by the
 callback as that trial's label smoothing and embedding noise; see ``hp_space``.
 
+``train(resume_from_checkpoint=...)`` continues as if the run had never stopped (the same
+weights to the bit, where the Trainer evaluates before it saves). Each checkpoint gets a
+``regdial/`` folder (safetensors and JSON) with the record, early stopping, the average,
+L2-SP's anchors, the live weights (the Trainer saves the model it evaluated: the average)
+and the ``online`` controller; the optimizer and scheduler are saved in the groups the
+Trainer built (``AsBuilt``), which its new optimizer loads before the callback regroups it.
+A checkpoint without that folder resumes with one warning (its record starts afresh);
+``online`` refuses it in one line.
+
 At each evaluation the callback records a ``History`` row (the training loss is the mean
 of the training batches' losses since the previous evaluation), and at the end it logs
 the diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
@@ -60,6 +69,7 @@ Needs the ``huggingface`` extra: ``pip install 'regdial[huggingface]'``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
@@ -72,8 +82,10 @@ from regdial.dial.hypergradient import HypergradientController
 from regdial.dial.implicit import Training
 from regdial.dial.space import Space
 from regdial.dial.trial import Trial
-from regdial.integrations._common import Session
+from regdial.integrations._common import Session, unwrap
+from regdial.integrations._hp_space import BUILT_ARGUMENTS, TRAINING_ARGUMENTS, suggester
 from regdial.integrations._online import Online, no_held_out, smoothed
+from regdial.integrations._resume import STATE_DIR, Patched, save_state, saved_state
 from regdial.setting import Regularization
 from regdial.training.logs import normalize
 
@@ -84,15 +96,14 @@ except ImportError as error:  # pragma: no cover - the extra is missing
         "regdial.integrations.huggingface needs transformers: pip install 'regdial[huggingface]'"
     ) from error
 
-__all__ = ["FLOAT_INPUTS", "HuggingFaceCallback", "hp_space"]
+__all__ = ["FLOAT_INPUTS", "STATE_DIR", "TRAINING_ARGUMENTS", "HuggingFaceCallback", "hp_space"]
+
+logger = logging.getLogger("regdial.integrations")
 
 FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features")
 """The model inputs that batch-level knobs (noise, mixup, cutmix, augment) act on."""
 
 BATCH_KNOBS = ("noise", "mixup", "cutmix", "augment")
-
-BUILT_ARGUMENTS = ("label_smoothing_factor", "neftune_noise_alpha")
-"""The TrainingArguments that the Trainer reads only when it is built (its label smoother, NEFTune)."""
 
 
 def shifts_labels(model: nn.Module) -> bool | None:
@@ -155,7 +166,7 @@ class HuggingFaceCallback(TrainerCallback):
         if causal_lm is not None and not isinstance(causal_lm, bool):
             fail("causal_lm", "True, False or None (ask transformers)", causal_lm)
         self.causal_lm = causal_lm
-        self._hooks: list[RemovableHandle] = []
+        self._hooks: list[RemovableHandle | Patched] = []
         self._soft: Tensor | None = None
         self._max_steps = 1
         self._built: dict[str, Any] = {}  # the TrainingArguments the Trainer read when it was built
@@ -206,19 +217,30 @@ class HuggingFaceCallback(TrainerCallback):
             fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
                  Described("two on the same model"))  # fmt: skip
         object.__setattr__(model, "_regdial_callback", self)
+        resumed = state.global_step > 0
+        saved = saved_state(args, state) if resumed else None
         if self.online is not None:
-            if state.global_step > 0:
-                fail("online", "a run from its start (the controller's strengths do not travel in a Hugging Face "
-                     "checkpoint)", Described(f"a run resumed at step {state.global_step}"))  # fmt: skip
+            if resumed and (saved is None or saved.get("online") is None):
+                fail("online", "a run from its start, or resumed from a checkpoint this callback saved (with its "
+                     f"{STATE_DIR}/ folder)", Described(f"a run resumed at step {state.global_step} without "
+                     "the controller's state"))  # fmt: skip
             strategy = getattr(args, "eval_strategy", "no")
             if self.online.data is None and getattr(strategy, "value", strategy) == "no":
                 no_held_out(
                     "a Trainer that evaluates (eval_strategy 'steps' or 'epoch', with an eval_dataset)"
                 )
             self.online.say_data("the Trainer's evaluation data (eval_dataset)")
-            self.setting = self.online.start()
+            if saved is not None:
+                self.online.controller.load_state_dict(saved["online"])
+            self.setting = self.online.start()  # resumed: the strengths it saved
         # A new run (a search's next trial): its own setting, record and early stopping.
         self.session = self.session.fresh(self._trial_setting(args))
+        if saved is not None:
+            self.session.load_record(saved, "the checkpoint's regdial state")
+        elif resumed:
+            logger.warning("regdial: resumed at step %d from a checkpoint without regdial's state (%s/, saved "
+                           "beside the Trainer's files): its record, early stopping and average start afresh "
+                           "here", state.global_step, STATE_DIR)  # fmt: skip
         setting = self.session.setting
         config = getattr(model, "config", None)
         num_classes = self.num_classes or getattr(config, "num_labels", None)
@@ -229,7 +251,14 @@ class HuggingFaceCallback(TrainerCallback):
             )
         self._main_input = getattr(model, "main_input_name", "input_ids")
         kind = {"pixel_values": "image", "input_values": "signal"}.get(self._main_input)
-        self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")])
+        self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")], resumed=resumed)
+        built = self.session.built
+        if built is not None:  # saved as the Trainer built them, so that a resumed run loads them
+            self._hooks.append(unwrap(optimizer).register_state_dict_post_hook(built))
+            if kwargs.get("lr_scheduler") is not None:
+                self._hooks.append(built.save_scheduler(kwargs["lr_scheduler"]))
+        if saved is not None:
+            self.session.load_applied(saved, model)
         self._max_steps = max(1, int(getattr(state, "max_steps", 0) or 1))
         self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
@@ -404,8 +433,12 @@ class HuggingFaceCallback(TrainerCallback):
     def on_save(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
-        if model is not None:
-            self.session.use_live(model)
+        if model is None:
+            return
+        if self.session.applied is not None and getattr(args, "should_save", True):
+            online = None if self.online is None else self.online.controller.state_dict()
+            save_state(args, state, {**self.session.state_dict(), "online": online})
+        self.session.use_live(model)
 
     def on_train_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -437,13 +470,6 @@ def _labelled(batch: Any) -> tuple[dict[str, Any], Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
 
 
-# -- Trainer.hyperparameter_search ---------------------------------------------------------
-
-TRAINING_ARGUMENTS = {"weight_decay": "weight_decay", "label_smoothing": "label_smoothing_factor",
-                      "embedding_noise": "neftune_noise_alpha"}  # fmt: skip
-"""The knobs that a ``TrainingArguments`` field holds, and that field."""
-
-
 def hp_space(space: Space, callback: HuggingFaceCallback | None = None) -> Callable[[Any], dict[str, float]]:
     """The ``hp_space`` function ``Trainer.hyperparameter_search(backend="optuna")`` expects,
     with regdial's ranges::
@@ -466,21 +492,4 @@ def hp_space(space: Space, callback: HuggingFaceCallback | None = None) -> Calla
         fail("space", "a regdial.Space", space)
     if callback is not None and not isinstance(callback, HuggingFaceCallback):
         fail("callback", "the HuggingFaceCallback on the Trainer, or None", callback)
-    for name in space.knobs:
-        if name not in TRAINING_ARGUMENTS:
-            fail(f"tune.space.{name}", "a knob with a TrainingArguments field (" + ", ".join(TRAINING_ARGUMENTS)
-                 + "); search the others with regdial.tune(objective)", Described("not one"))  # fmt: skip
-        if callback is None and TRAINING_ARGUMENTS[name] in BUILT_ARGUMENTS:
-            fail(f"tune.space.{name}", "searched with the callback, hp_space(space, callback) (the Trainer reads "
-                 f"{TRAINING_ARGUMENTS[name]} only when it is built, not at each trial)", Described("no callback"))  # fmt: skip
-
-    def suggest(trial: Any) -> dict[str, float]:
-        values: dict[str, float] = {}
-        for name, r in space.knobs.items():
-            if r.optional and not trial.suggest_categorical(f"{name}_on", [True, False]):
-                values[TRAINING_ARGUMENTS[name]] = 0.0
-                continue
-            values[TRAINING_ARGUMENTS[name]] = trial.suggest_float(name, r.low, r.high, log=r.log)
-        return values
-
-    return suggest
+    return suggester(space, callback is not None)

@@ -111,6 +111,7 @@ class LightningCallback(pl.Callback):
             fail("loss_fn", "a function (output, batch) -> loss", loss_fn)
         self.loss_fn = loss_fn
         self._last_step = 0
+        self._restored: dict[str, Any] | None = None  # a checkpoint's state, until the fit it resumes starts
         if not isinstance(monitor, str):
             fail("monitor", "the name of a logged validation value (val_loss, val_acc...)", monitor)
         self.session = Session(setting, trial, normalize(monitor))
@@ -142,8 +143,7 @@ class LightningCallback(pl.Callback):
                 no_held_out("a Trainer that validates (a validation_step and val_dataloaders)")
             self.online.say_data("the Trainer's validation data (val_dataloaders)")
             self._last_step = trainer.global_step
-            restored = getattr(self, "_restored", None)
-            if restored is not None and restored.get("online") is not None:
+            if self._restored is not None and self._restored.get("online") is not None:
                 self.session.setting = self.online.controller.start()  # resumed: the saved strengths
         applied = self.session.start(
             pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
@@ -250,22 +250,16 @@ class LightningCallback(pl.Callback):
         return self.session.history
 
     def state_dict(self) -> dict[str, Any]:
-        applied = self.session.applied
-        return {
-            "applied": None if applied is None else applied.state_dict(),
-            "early_stopping": self.session.stopper.state_dict(),
-            "history": self.session.history.to_dict(),
-            "online": None if self.online is None else self.online.controller.state_dict(),
-        }
+        online = None if self.online is None else self.online.controller.state_dict()
+        return {**self.session.state_dict(), "online": online}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
-        self.session.stopper.load_state_dict(state_dict["early_stopping"])
-        self.session.history = History.from_dict(state_dict["history"], "the Lightning checkpoint")
+        self.session.load_record(state_dict, "the Lightning checkpoint")
         if self.online is not None and state_dict.get("online") is not None:
             self.online.controller.load_state_dict(state_dict["online"])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        restored = getattr(self, "_restored", None)
-        if restored is not None and restored.get("applied") is not None and self.session.applied is not None:
-            self.session.applied.load_state_dict(restored["applied"])
+        if self._restored is not None:
+            self.session.load_applied(self._restored, pl_module)
+            self._restored = None  # this fit's: a later fit without a checkpoint starts afresh

@@ -1,0 +1,140 @@
+"""A trainer's run, resumed: what regdial saves beside a trainer's checkpoint, and how the
+trainer's own optimizer state stays loadable after regdial regrouped it.
+
+A trainer that resumes loads its optimizer and scheduler state into a newly built
+optimizer before any callback runs (Hugging Face's ``Trainer``), so a regrouped
+optimizer saves in the groups it was built with (``AsBuilt``). Lightning saves a callback's
+``state_dict`` in its checkpoint; Hugging Face's has no place for tensors, so its callback
+writes ``checkpoint-<step>/regdial/`` (``save_state``) and reads it back (``saved_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.optim import Optimizer
+
+from regdial.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["SCHEDULER_LISTS", "STATE_DIR", "AsBuilt", "Patched", "save_state", "saved_state"]
+
+STATE_DIR = "regdial"
+"""The folder of regdial's state (record, early stopping, average, controller) in each Trainer checkpoint."""
+
+SCHEDULER_LISTS = ("base_lrs", "lr_lambdas", "_last_lr", "min_lrs")
+"""A learning-rate scheduler's lists of one entry per parameter group."""
+
+
+class AsBuilt:
+    """An optimizer ``state_dict`` post-hook that writes a regrouped optimizer's state in the
+    groups it was built with (``optimizer.register_state_dict_post_hook(built)``).
+
+    A trainer that resumes (Hugging Face's) loads the saved state into a newly built
+    optimizer before any callback runs, and torch refuses a state of other groups; saved as
+    built, it loads, and the callback regroups it again. Each group keeps the hyperparameters
+    in force now (the scheduler's lr) but the weight decay it was built with; the
+    per-parameter state is renumbered to the built order.
+    """
+
+    def __init__(self, groups: Sequence[Mapping[str, Any]], positions: Sequence[int]) -> None:
+        self.groups = [({k: v for k, v in g.items() if k != "params"}, list(g["params"])) for g in groups]
+        self.positions = list(positions)  # which built group each regrouped one came from
+
+    def __call__(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        saved = state_dict["param_groups"]
+        index = {id(p): i for g, s in zip(optimizer.param_groups, saved, strict=True)
+                 for p, i in zip(g["params"], s["params"], strict=True)}  # fmt: skip
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        number = 0  # torch numbers the parameters in the order of the groups
+        for position, (hyper, params) in enumerate(self.groups):
+            now = saved[self.positions.index(position)] if position in self.positions else {}
+            group = {k: v if k == "weight_decay" else now.get(k, v) for k, v in hyper.items()}
+            group["params"] = list(range(number, number + len(params)))
+            for p in params:
+                if index[id(p)] in state_dict["state"]:
+                    state[number] = state_dict["state"][index[id(p)]]
+                number += 1
+            groups.append(group)
+        return {"state": state, "param_groups": groups}
+
+    def scheduler_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A scheduler's ``state_dict()`` with one entry per built group, as a scheduler
+        built on the built groups loads it (their lr functions, base and last lr)."""
+        firsts = [self.positions.index(j) for j in range(len(self.groups)) if j in self.positions]
+        if len(firsts) != len(
+            self.groups
+        ):  # a built group without parameters: nothing to take its entry from
+            return state
+        lists = {
+            name: [values[i] for i in firsts]
+            for name in SCHEDULER_LISTS
+            if isinstance(values := state.get(name), list) and len(values) == len(self.positions)
+        }
+        return {**state, **lists}
+
+    def save_scheduler(self, wrapped: Any) -> Patched:
+        """Have the scheduler inside ``wrapped`` write ``scheduler_state`` (its ``state_dict``
+        replaced on the instance, until ``remove()``): torch's schedulers have no state hooks."""
+        scheduler = getattr(wrapped, "scheduler", wrapped)
+        own = scheduler.state_dict
+
+        def state_dict() -> dict[str, Any]:
+            state = own()
+            state.pop("state_dict", None)  # torch's schedulers save their __dict__, which now holds this
+            return self.scheduler_state(state)
+
+        scheduler.state_dict = state_dict
+        return Patched(scheduler, "state_dict")
+
+
+class Patched:
+    """An attribute set on an instance, which ``remove()`` deletes (the class's shows again)."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
+
+
+# -- Hugging Face's checkpoints ------------------------------------------------------------
+
+
+def _checkpoint(args: Any, state: Any) -> Path:
+    """The folder the Trainer saves a step's checkpoint in (its ``PREFIX_CHECKPOINT_DIR``)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+def save_state(args: Any, state: Any, saved: Mapping[str, Any]) -> None:
+    """Write ``saved`` into the checkpoint the Trainer has just written (``on_save``), with what
+    tells it apart from another run's: the step and the Trainer's last log entry. Nothing when
+    that folder is elsewhere (a search trial's run directory)."""
+    folder = _checkpoint(args, state)
+    if folder.is_dir():
+        save_checkpoint(
+            folder / STATE_DIR, {**saved, "step": int(state.global_step), "log": _last_log(state)}
+        )
+
+
+def _last_log(state: Any) -> dict[str, Any] | None:
+    """The Trainer's last log entry: what its ``trainer_state.json`` beside regdial's state ends with."""
+    logs = getattr(state, "log_history", None) or [None]
+    return logs[-1] if isinstance(logs[-1], dict) else None
+
+
+def saved_state(args: Any, state: Any) -> dict[str, Any] | None:
+    """regdial's state in the checkpoint the Trainer resumed from: ``checkpoint-<step>/regdial/``
+    of its output directory, when that checkpoint's log ends as the resumed state's does (a
+    checkpoint moved elsewhere, or another run's, is not this one's). None when there is none."""
+    folder = _checkpoint(args, state) / STATE_DIR
+    if not has_checkpoint(folder):
+        return None
+    saved = load_checkpoint(folder)
+    if saved.get("step") != state.global_step or saved.get("log") != _last_log(state):
+        return None
+    return saved

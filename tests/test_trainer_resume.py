@@ -1,0 +1,184 @@
+"""A trainer run that regdial regrouped and regularized, stopped and resumed from its
+checkpoint, continues as if it had never stopped: the Hugging Face and Lightning Trainers."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from regdial import Regularization, Space
+from regdial.integrations._common import regroup
+
+transformers = pytest.importorskip("transformers")
+lightning = pytest.importorskip("lightning")
+
+from tests.test_integrations import Classifier, TokenTask, accuracy, blobs, tiny_bert  # noqa: E402
+
+from regdial.integrations import huggingface as hf  # noqa: E402
+from regdial.integrations import lightning as pl_integration  # noqa: E402
+
+EVERY_KIND = Regularization(
+    weight_decay=0.05, l1=1e-4, l2sp=0.01, ema=0.9, label_smoothing=0.1, early_stopping=50
+)
+"""Decay (regrouped), a prox, an anchor, an average, a smoothed loss, a patience counter."""
+
+
+class StopAt(transformers.TrainerCallback):  # type: ignore[misc]
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def hf_run(
+    out: Path, callback: hf.HuggingFaceCallback, stop: int | None = None, resume: str | None = None
+) -> Any:
+    """24 steps, evaluated and saved every 8. Evaluated before it is saved in the same step,
+    as here: the checkpoint's RNG state is then the one the uninterrupted run trains on
+    (an evaluation draws from it: its DataLoader's seed)."""
+    arguments = transformers.TrainingArguments(
+        output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-3,
+        eval_strategy="steps", eval_steps=8, save_strategy="steps", save_steps=8, logging_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=tiny_bert(), args=arguments, train_dataset=TokenTask(0, 256),
+                                   eval_dataset=TokenTask(1, 128), compute_metrics=accuracy,
+                                   callbacks=[callback] + ([StopAt(stop)] if stop else []))  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def timeless(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History rows without the evaluation's timings (``val_runtime``, ``val_samples_per_second``)."""
+    return [{k: v for k, v in row.items() if "runtime" not in k and "per_second" not in k} for row in rows]
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["setting", "online"])
+def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: Path, kind: str) -> None:
+    """Stopped at step 16 of 24 and resumed from checkpoint-16: the same weights, record and
+    strengths as the run that never stopped. Before regdial saved the Trainer's grouping,
+    torch refused the checkpoint (``loaded state dict has a different number of parameter
+    groups``); before it saved its own state, the average restarted from the saved model
+    (the average itself), L2-SP anchored at step 16's weights and the record began again."""
+
+    def callback() -> hf.HuggingFaceCallback:
+        if kind == "online":
+            return hf.HuggingFaceCallback(
+                online=Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.3)})
+            )
+        return hf.HuggingFaceCallback(EVERY_KIND)
+
+    whole_callback, first, second = callback(), callback(), callback()
+    whole = hf_run(tmp_path / "whole", whole_callback)
+    hf_run(tmp_path / "parts", first, stop=16)
+    assert (tmp_path / "parts" / "checkpoint-16" / hf.STATE_DIR / "last.json").is_file()
+    resumed = hf_run(tmp_path / "parts", second, resume=str(tmp_path / "parts" / "checkpoint-16"))
+    assert same_weights(whole.model, resumed.model) == 0.0
+    assert [g["lr"] for g in whole.optimizer.param_groups] == [
+        g["lr"] for g in resumed.optimizer.param_groups
+    ]
+    assert len(second.history) == len(whole_callback.history) == 3
+    assert timeless(second.history.rows) == timeless(whole_callback.history.rows)
+    if kind == "online":
+        assert second.online is not None and whole_callback.online is not None
+        assert second.online.controller.values == whole_callback.online.controller.values
+        assert second.online.controller.moves == whole_callback.online.controller.moves
+
+
+def test_a_hugging_face_checkpoint_without_regdials_state_says_what_starts_afresh(
+    tmp_path: Path, caplog
+) -> None:
+    hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), stop=16)
+    shutil.rmtree(tmp_path / "checkpoint-16" / hf.STATE_DIR)
+    with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
+        hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), resume=str(tmp_path / "checkpoint-16"))
+    said = [r.getMessage() for r in caplog.records if "without regdial's state" in r.getMessage()]
+    assert said == ["regdial: resumed at step 16 from a checkpoint without regdial's state (regdial/, saved beside "
+                    "the Trainer's files): its record, early stopping and average start afresh here"]  # fmt: skip
+    online = hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)}))
+    with pytest.raises(ValueError, match=r"^online must be a run from its start, or resumed from a checkpoint this "
+                       r"callback saved \(with its regdial/ folder\), got a run resumed at step 16 without the "
+                       r"controller's state$"):  # fmt: skip
+        hf_run(tmp_path, online, resume=str(tmp_path / "checkpoint-16"))
+
+
+def test_the_regrouped_optimizer_saves_the_grouping_it_was_built_with() -> None:
+    """Its state loads into an optimizer built as the trainer built it, per parameter, with the
+    lr in force and the built weight decay; regrouped again, it steps as the original would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+    def built() -> torch.optim.AdamW:  # a trainer's two groups, in its own order
+        params = list(model.parameters())
+        return torch.optim.AdamW(
+            [{"params": params[::2], "weight_decay": 0.1}, {"params": params[1::2]}], lr=0.01
+        )
+
+    optimizer = built()
+    hook = regroup(optimizer, model, Regularization(weight_decay=0.05))
+    assert hook is not None and len(optimizer.param_groups) == 3  # the weights; the norm; the biases
+    optimizer.register_state_dict_post_hook(hook)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    for group in optimizer.param_groups:
+        group["lr"] = 0.003  # a scheduler's
+    fresh = built()
+    fresh.load_state_dict(optimizer.state_dict())
+    assert [g["weight_decay"] for g in fresh.param_groups] == [0.1, 0.01] and {
+        g["lr"] for g in fresh.param_groups
+    } == {0.003}
+    for p in model.parameters():
+        assert torch.equal(fresh.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+    regroup(fresh, model, Regularization(weight_decay=0.05), resumed=True)
+    assert [(g["weight_decay"], len(g["params"])) for g in fresh.param_groups] == [
+        (g["weight_decay"], len(g["params"])) for g in optimizer.param_groups
+    ]
+    with pytest.raises(ValueError, match=r"^optimizer must be one that has not stepped yet"):
+        regroup(built_and_stepped(model), model, Regularization(weight_decay=0.05))
+
+
+def built_and_stepped(model: nn.Module) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_a_resumed_lightning_run_keeps_its_anchor_and_continues_as_if_it_never_stopped(
+    tmp_path: Path,
+) -> None:
+    """L2-SP's anchor is the start's weights after a resume, not the checkpoint's (Lightning
+    restores the weights before the callback applies the setting), and the run ends where
+    the one that never stopped does."""
+    setting = Regularization(weight_decay=0.05, l2sp=0.1, ema=0.9, early_stopping=50)
+
+    def fit(epochs: int, out: Path, resume: str | None = None) -> tuple[Classifier, Any]:
+        callback = pl_integration.LightningCallback(setting, num_classes=3)
+        saver = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(out), every_n_epochs=1, save_top_k=-1)
+        trainer = lightning.pytorch.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=str(out),
+                                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                            num_sanity_val_steps=0, callbacks=[callback, saver])  # fmt: skip
+        module = Classifier()
+        trainer.fit(module, blobs(0, 192), blobs(1, 96), ckpt_path=resume)
+        return module, callback
+
+    start = {k: v.clone() for k, v in Classifier().state_dict().items()}
+    whole, _ = fit(3, tmp_path / "whole")
+    fit(2, tmp_path / "parts")
+    resumed, callback = fit(3, tmp_path / "parts", str(sorted((tmp_path / "parts").glob("*.ckpt"))[-1]))
+    anchors = callback.session.applied._penalty_by_knob["l2sp"].anchors(resumed)
+    assert anchors and all(torch.equal(anchor, start[name]) for name, anchor in anchors.items())
+    assert same_weights(whole, resumed) < 1e-6
