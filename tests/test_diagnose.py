@@ -69,6 +69,31 @@ def test_flat_high_loss_is_underfitting() -> None:
     assert "records no setting" in bare.message
 
 
+def test_an_online_runs_advice_stays_inside_its_space() -> None:
+    """An online run held to its Space (``meta["space"]``): a knob at the range's floor is
+    not advised below it (the controller could not have gone there); the range is named."""
+    from regdial import Space
+
+    train = math.log(10) - 0.05 * (1 - np.exp(-E / 5))
+    run = history(train, train + 0.01)
+    space = Space(
+        {
+            "weight_decay": (1e-4, 1.0),
+            "dropout": (0.0, 0.5),
+            "l1": {"low": 1e-6, "high": 1e-3, "scale": "log", "optional": True},
+        }
+    )
+    run.meta["space"] = space.to_dict()
+    result = diagnose(run, Regularization(weight_decay=1e-4, dropout=0.3, l1=1e-6))
+    assert result.state == "underfitting"
+    assert "weight_decay" not in result.moves and result.moves["dropout"] == pytest.approx(0.2)
+    assert result.moves["l1"] == pytest.approx(1e-6 / 3)  # optional: below its floor is towards off
+    assert "weight_decay is at its range's floor (0.0001): widen the Space to go lower" in result.message
+    near = diagnose(run, Regularization(weight_decay=2e-4))
+    assert near.moves == {"weight_decay": 1e-4}  # held at the floor, not advised past it
+    assert "lower weight_decay (x0.5: 0.0002 -> 0.0001)" in near.message
+
+
 def test_a_loss_above_an_untrained_models_asks_for_a_lower_learning_rate() -> None:
     train = 3 * math.log(10) + 0.0 * E  # three times the loss of a uniform guess, flat
     result = diagnose(history(train, train + 0.1), Regularization(weight_decay=1e-2))

@@ -171,6 +171,31 @@ def _describe(moves: dict[str, Any], setting: Regularization) -> str:
     return " or ".join(parts)
 
 
+def _within(moves: dict[str, Any], setting: Regularization, space: object) -> tuple[dict[str, Any], str]:
+    """The moves kept inside the ranges an online run's strengths were held to (``meta["space"]``,
+    ``Space.to_dict()``), and what says a knob already at its range's edge: advice past the
+    range is a run the controller could not make, so the range is what to widen."""
+    if not isinstance(space, dict):
+        return moves, ""
+    kept, edges = {}, []
+    for name, new in moves.items():
+        bounds = space.get(name)
+        old = _number(getattr(setting, name))
+        if not isinstance(bounds, dict) or old is None:
+            kept[name] = new
+            continue
+        low = 0.0 if bounds.get("optional") else float(bounds.get("low", 0.0))
+        high = float(bounds.get("high", math.inf))
+        held = min(high, max(low, new))
+        if held != old:
+            kept[name] = held
+        else:
+            side, edge = ("floor", low) if new < old else ("ceiling", high)
+            edges.append(f"{name} is at its range's {side} ({edge:g}): widen the Space to go "
+                         + ("lower" if new < old else "higher"))  # fmt: skip
+    return kept, " or ".join(edges)
+
+
 def in_force(history: History, setting: Regularization | None) -> Regularization | None:
     """The setting in force at the end of ``history``'s run: the last one a controller
     turned to (``meta["retunes"]``, which ``fit`` records for an online run), else
@@ -220,8 +245,8 @@ def diagnose(
     details = {"sigma": sigma, "smoothed_val_min": smooth_val[low], "smoothed_val_end": smooth_val[-1]}
 
     def make(state: State, message: str, direction: int, overfit_epoch: int | None = None) -> Diagnosis:
-        moves = _moves(setting, direction, history.kind)
-        advice = _describe(moves, setting)
+        moves, held = _within(_moves(setting, direction, history.kind), setting, history.meta.get("space"))
+        advice = " or ".join(filter(None, [_describe(moves, setting), held]))
         text = message + (f": {advice}" if advice else "")
         if advice and not known:
             text += " (the log records no setting: the advice starts from every knob off)"

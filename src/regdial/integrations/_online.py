@@ -113,6 +113,7 @@ class Online:
         meta["online"] = {"moves": [dict(m) for m in c.moves], "turns": c.turns, "hypergradient_steps": c.updates,
                           "cost": share if math.isfinite(share) else None,
                           "values": c.start().to_dict()}  # fmt: skip
+        meta["space"] = c.space.to_dict()  # the ranges the strengths stayed in, which the advice keeps
         if c.updates == 0:
             logger.warning("regdial: online: no hypergradient step was taken (the run ended within the warm-up, a "
                            "quarter of it by default, or had no held-out batches)")  # fmt: skip

@@ -140,6 +140,9 @@ class Run:
             device=str(device), precision=self.precision.name,
             world=1 if distributed is None else distributed.world,
         )  # fmt: skip
+        to_dict = getattr(getattr(controller, "space", None), "to_dict", None)
+        if callable(to_dict):  # the ranges a controller's strengths stay in (the advice does too)
+            self.history.meta["space"] = to_dict()
         self.loop = LoopState()
         self.reason = ""
         self.saved_epoch: int | None = None
