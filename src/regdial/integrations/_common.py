@@ -296,17 +296,19 @@ class Session:
                 raise
         return bool(stop) and self.setting.early_stopping > 0
 
-    def finish(self, model: nn.Module, output_dir: str | Path | None) -> None:
+    def finish(self, model: nn.Module, output_dir: str | Path | None, *, chosen: bool = False) -> None:
         """End of training: the best weights (early stopping) or the average into the model,
-        the history and the report written, the diagnosis logged, the hooks removed."""
+        the history and the report written, the diagnosis logged, the hooks removed.
+        ``chosen``: the trainer already put the weights it was asked for in the model (Hugging
+        Face's ``load_best_model_at_end``), which then stay."""
         from regdial.diagnosis import diagnose
 
         self.use_live(model)
         self.ended = True
         if self.applied is not None:
-            if self.setting.early_stopping > 0 and self.stopper.best_state is not None:
+            if not chosen and self.setting.early_stopping > 0 and self.stopper.best_state is not None:
                 self.applied.eval_model.load_state_dict(self.stopper.best_state)
-            if self.applied.ema is not None:
+            if self.applied.ema is not None and not chosen:
                 model.load_state_dict(_averaged(model, self.applied.ema.module), strict=False)
             self.applied.remove()
         if len(self.history) == 0:

@@ -32,8 +32,11 @@ embedding_noise  NEFTune noise on the input embeddings (the Trainer's ``neftune_
 noise, mixup,    on the float input the batch passes (``pixel_values``, ``input_values``,
 cutmix, augment  ``inputs_embeds``, ``input_features``), in a hook on the model's forward;
                  refused for token ids
-ema              the average is evaluated at each evaluation and is the final model
+ema              the average is evaluated at each evaluation, saved in each checkpoint, and is the
+                 final model (with ``load_best_model_at_end``: the best checkpoint's, which the
+                 Trainer loads and which stays)
 early_stopping   on the evaluation's ``monitor`` (``eval_loss``); the best weights are restored
+                 (with ``load_best_model_at_end``, the Trainer's best checkpoint is what stays)
 schedules        every strength follows ``global_step / max_steps``
 ===============  ==============================================================================
 
@@ -451,7 +454,9 @@ class HuggingFaceCallback(TrainerCallback):
                 object.__delattr__(model, "_regdial_callback")
             if self.online is not None:
                 self.online.finish(self.session.history.meta)
-            self.session.finish(model, getattr(args, "output_dir", None))
+            # load_best_model_at_end: the best checkpoint's model (the average it evaluated) stays
+            chosen = bool(getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint)
+            self.session.finish(model, getattr(args, "output_dir", None), chosen=chosen)
 
     @property
     def history(self) -> Any:

@@ -1,5 +1,6 @@
-"""A trainer run that regdial regrouped and regularized, stopped and resumed from its
-checkpoint, continues as if it had never stopped: the Hugging Face and Lightning Trainers."""
+"""A trainer's checkpoints with regdial: a run that regdial regrouped and regularized, stopped
+and resumed from its checkpoint, continues as if it had never stopped (the Hugging Face
+and Lightning Trainers), and the best checkpoint the Trainer loads at the end stays."""
 
 from __future__ import annotations
 
@@ -182,3 +183,29 @@ def test_a_resumed_lightning_run_keeps_its_anchor_and_continues_as_if_it_never_s
     anchors = callback.session.applied._penalty_by_knob["l2sp"].anchors(resumed)
     assert anchors and all(torch.equal(anchor, start[name]) for name, anchor in anchors.items())
     assert same_weights(whole, resumed) < 1e-6
+
+
+def test_the_best_checkpoint_the_trainer_loads_at_the_end_stays(tmp_path: Path) -> None:
+    """``load_best_model_at_end``: the final model is the best checkpoint's (the average it
+    evaluated), not the last average or regdial's own best, which replaced it silently."""
+    from safetensors.torch import load_file
+
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=12, per_device_train_batch_size=32, learning_rate=2e-2,
+        eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, logging_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )  # fmt: skip
+    for setting in (Regularization(ema=0.9), Regularization(early_stopping=3)):
+        callback = hf.HuggingFaceCallback(setting)
+        trainer = transformers.Trainer(model=tiny_bert(), args=arguments, train_dataset=TokenTask(0, 64),
+                                       eval_dataset=TokenTask(1, 128), callbacks=[callback])  # fmt: skip
+        trainer.train()
+        best = trainer.state.best_model_checkpoint
+        assert best is not None and not best.endswith(
+            f"-{trainer.state.global_step}"
+        )  # the best is not the last
+        saved = load_file(str(Path(best) / "model.safetensors"))
+        final = trainer.model.state_dict()
+        assert max(float((final[k] - saved[k]).abs().max()) for k in saved) == 0.0
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, abs=1e-6)
