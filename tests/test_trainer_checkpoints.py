@@ -209,3 +209,25 @@ def test_the_best_checkpoint_the_trainer_loads_at_the_end_stays(tmp_path: Path) 
         final = trainer.model.state_dict()
         assert max(float((final[k] - saved[k]).abs().max()) for k in saved) == 0.0
         assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, abs=1e-6)
+
+
+def test_a_lightning_checkpoint_holds_the_average_it_validated(tmp_path: Path) -> None:
+    """With ``ema``, each checkpoint's ``state_dict`` is the average the validation scored
+    (``load_from_checkpoint`` and ``ckpt_path="best"`` get those weights), as Lightning's
+    own ``WeightAveraging`` saves it; the live weights travel in the callback's state."""
+    callback = pl_integration.LightningCallback(Regularization(ema=0.9), num_classes=3)
+    saver = lightning.pytorch.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path), monitor="val_loss", save_top_k=1
+    )
+    trainer = lightning.pytorch.Trainer(max_epochs=4, accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
+                                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                        callbacks=[callback, saver])  # fmt: skip
+    trainer.fit(Classifier(), blobs(0, 192), blobs(1, 96))
+    best = torch.load(saver.best_model_path, weights_only=True)
+    module = Classifier()
+    module.load_state_dict(best["state_dict"])
+    scored = lightning.pytorch.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                                       enable_model_summary=False).validate(module, blobs(1, 96), verbose=False)  # fmt: skip
+    assert scored[0]["val_loss"] == pytest.approx(float(saver.best_model_score), rel=1e-6)
+    live = best["callbacks"][callback.state_key]["live"]
+    assert live and any(not torch.equal(live[k], best["state_dict"][k]) for k in live)

@@ -237,6 +237,17 @@ class Session:
             "live": self._live,
         }
 
+    def swap_in_average(self, saved: Any, model: nn.Module) -> dict[str, Tensor] | None:
+        """Put the average's tensors into ``saved`` (a checkpoint's copy of ``model.state_dict()``,
+        live now) in place; returns the live tensors it replaced (None without an average)."""
+        if self.applied is None or self.applied.ema is None or not isinstance(saved, dict) or self.ended:
+            return None
+        live = {}
+        for name, tensor in _averaged(model, self.applied.ema.module).items():
+            if name in saved:
+                live[name], saved[name] = saved[name], tensor.detach().clone()
+        return live
+
     def load_record(self, state: Mapping[str, Any], where: str) -> None:
         """The record and early stopping of ``state_dict()``, before ``start``."""
         self.stopper.load_state_dict(state["early_stopping"])

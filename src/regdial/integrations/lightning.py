@@ -30,8 +30,11 @@ diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into t
 trainer's log directory. Given a ``regdial.Trial``, it reports each validation instead
 (the search's study and report hold every trial), and a
 pruned trial stops training by raising ``optuna.TrialPruned``. Its ``state_dict`` holds the
-setting in force, the average, early stopping and the history, so a run resumed from a
-Lightning checkpoint continues them.
+setting in force, the average, early stopping, L2-SP's anchors, the history and the
+``online`` controller, so a run resumed from a Lightning checkpoint continues them. With an
+average, a checkpoint's ``state_dict`` is the average that was validated (as Lightning's
+``WeightAveraging`` saves it), and the live weights the resumed run trains on are in the
+callback's state.
 
 Needs the ``lightning`` extra: ``pip install 'regdial[lightning]'``.
 """
@@ -252,6 +255,19 @@ class LightningCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         online = None if self.online is None else self.online.controller.state_dict()
         return {**self.session.state_dict(), "online": online}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The checkpoint's model is the one validated, the average where there is one (as
+        Lightning's ``WeightAveraging`` saves it: ``load_from_checkpoint`` and
+        ``ckpt_path="best"`` get the weights its score is of); the live weights go in the
+        callback's state, from which a resumed run trains on."""
+        live = self.session.swap_in_average(checkpoint.get("state_dict"), pl_module)
+        if live is not None:
+            ours = checkpoint.get("callbacks", {}).get(self.state_key)  # absent from a weights-only one
+            if isinstance(ours, dict):
+                ours["live"] = live
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
