@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from regdial import Regularization, Space
+from regdial.dial.hypergradient import HypergradientController
 from regdial.integrations._common import regroup
 
 transformers = pytest.importorskip("transformers")
@@ -42,15 +43,15 @@ class StopAt(transformers.TrainerCallback):  # type: ignore[misc]
 def hf_run(
     out: Path, callback: hf.HuggingFaceCallback, stop: int | None = None, resume: str | None = None
 ) -> Any:
-    """24 steps, evaluated and saved every 8. Evaluated before it is saved in the same step,
+    """12 steps, evaluated and saved every 4. Evaluated before it is saved in the same step,
     as here: the checkpoint's RNG state is then the one the uninterrupted run trains on
     (an evaluation draws from it: its DataLoader's seed)."""
     arguments = transformers.TrainingArguments(
         output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-3,
-        eval_strategy="steps", eval_steps=8, save_strategy="steps", save_steps=8, logging_strategy="no", report_to=[],
+        eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4, logging_strategy="no", report_to=[],
         use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
-    trainer = transformers.Trainer(model=tiny_bert(), args=arguments, train_dataset=TokenTask(0, 256),
+    trainer = transformers.Trainer(model=tiny_bert(), args=arguments, train_dataset=TokenTask(0, 128),
                                    eval_dataset=TokenTask(1, 128), compute_metrics=accuracy,
                                    callbacks=[callback] + ([StopAt(stop)] if stop else []))  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
@@ -69,24 +70,28 @@ def same_weights(a: nn.Module, b: nn.Module) -> float:
 
 @pytest.mark.parametrize("kind", ["setting", "online"])
 def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: Path, kind: str) -> None:
-    """Stopped at step 16 of 24 and resumed from checkpoint-16: the same weights, record and
+    """Stopped at step 8 of 12 and resumed from checkpoint-8: the same weights, record and
     strengths as the run that never stopped. Before regdial saved the Trainer's grouping,
     torch refused the checkpoint (``loaded state dict has a different number of parameter
     groups``); before it saved its own state, the average restarted from the saved model
-    (the average itself), L2-SP anchored at step 16's weights and the record began again."""
+    (the average itself), L2-SP anchored at step 8's weights and the record began again."""
 
     def callback() -> hf.HuggingFaceCallback:
         if kind == "online":
+            # Its own held-out batches: the Trainer hands callbacks its evaluation data only from
+            # a run's first evaluation, which a resumed run has not had yet (said in one line).
+            space = Space({"weight_decay": (1e-9, 1.0), "label_smoothing": (0.0, 0.3)})  # room to move
+            held_out = torch.utils.data.DataLoader(TokenTask(2, 64), batch_size=32)
             return hf.HuggingFaceCallback(
-                online=Space({"weight_decay": (1e-4, 1.0), "label_smoothing": (0.0, 0.3)})
+                online=HypergradientController(space, every=2, warmup=0), online_data=held_out
             )
         return hf.HuggingFaceCallback(EVERY_KIND)
 
     whole_callback, first, second = callback(), callback(), callback()
     whole = hf_run(tmp_path / "whole", whole_callback)
-    hf_run(tmp_path / "parts", first, stop=16)
-    assert (tmp_path / "parts" / "checkpoint-16" / hf.STATE_DIR / "last.json").is_file()
-    resumed = hf_run(tmp_path / "parts", second, resume=str(tmp_path / "parts" / "checkpoint-16"))
+    hf_run(tmp_path / "parts", first, stop=8)
+    assert (tmp_path / "parts" / "checkpoint-8" / hf.STATE_DIR / "last.json").is_file()
+    resumed = hf_run(tmp_path / "parts", second, resume=str(tmp_path / "parts" / "checkpoint-8"))
     assert same_weights(whole.model, resumed.model) == 0.0
     assert [g["lr"] for g in whole.optimizer.param_groups] == [
         g["lr"] for g in resumed.optimizer.param_groups
@@ -96,24 +101,34 @@ def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: P
     if kind == "online":
         assert second.online is not None and whole_callback.online is not None
         assert second.online.controller.values == whole_callback.online.controller.values
-        assert second.online.controller.moves == whole_callback.online.controller.moves
+        moves = whole_callback.online.controller.moves
+        assert second.online.controller.moves == moves and any(m["step"] > 8 for m in moves)
 
 
 def test_a_hugging_face_checkpoint_without_regdials_state_says_what_starts_afresh(
     tmp_path: Path, caplog
 ) -> None:
-    hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), stop=16)
-    shutil.rmtree(tmp_path / "checkpoint-16" / hf.STATE_DIR)
+    hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), stop=8)
+    shutil.rmtree(tmp_path / "checkpoint-8" / hf.STATE_DIR)
     with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
-        hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), resume=str(tmp_path / "checkpoint-16"))
+        hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), resume=str(tmp_path / "checkpoint-8"))
     said = [r.getMessage() for r in caplog.records if "without regdial's state" in r.getMessage()]
-    assert said == ["regdial: resumed at step 16 from a checkpoint without regdial's state (regdial/, saved beside "
+    assert said == ["regdial: resumed at step 8 from a checkpoint without regdial's state (regdial/, saved beside "
                     "the Trainer's files): its record, early stopping and average start afresh here"]  # fmt: skip
+    hf_run(tmp_path / "online", hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)})), stop=8)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
+        hf_run(tmp_path / "online", hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)})),
+               resume=str(tmp_path / "online" / "checkpoint-8"))  # fmt: skip
+    assert (
+        "regdial: online: resumed at step 8; the hypergradient waits for this run's first evaluation"
+        in caplog.text
+    )
     online = hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)}))
     with pytest.raises(ValueError, match=r"^online must be a run from its start, or resumed from a checkpoint this "
-                       r"callback saved \(with its regdial/ folder\), got a run resumed at step 16 without the "
+                       r"callback saved \(with its regdial/ folder\), got a run resumed at step 8 without the "
                        r"controller's state$"):  # fmt: skip
-        hf_run(tmp_path, online, resume=str(tmp_path / "checkpoint-16"))
+        hf_run(tmp_path, online, resume=str(tmp_path / "checkpoint-8"))
 
 
 def test_the_regrouped_optimizer_saves_the_grouping_it_was_built_with() -> None:
@@ -196,7 +211,7 @@ def test_the_best_checkpoint_the_trainer_loads_at_the_end_stays(tmp_path: Path) 
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0, load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
     )  # fmt: skip
-    for setting in (Regularization(ema=0.9), Regularization(early_stopping=3)):
+    for setting in (Regularization(ema=0.9),):
         callback = hf.HuggingFaceCallback(setting)
         trainer = transformers.Trainer(model=tiny_bert(), args=arguments, train_dataset=TokenTask(0, 64),
                                        eval_dataset=TokenTask(1, 128), callbacks=[callback])  # fmt: skip

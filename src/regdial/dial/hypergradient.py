@@ -71,6 +71,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from regdial._checks import Described, check_int, check_range, fail
@@ -379,23 +380,11 @@ class HypergradientController:
                 return None
             fail("val", "a validation split (the hypergradient's held-out batches)", None)
         if not isinstance(batches, Sequence):
-            if self._val_iter is None or self._val_source is not batches:
-                self._val_source, self._val_iter = batches, iter(batches)
-                position = self.val_index
-                self.val_index = 0
-                for _ in range(position):
-                    if next(self._val_iter, None) is None:
-                        self._val_iter = iter(batches)
-                        break
-                    self.val_index += 1
-            batch = next(self._val_iter, None)
-            if batch is None:
-                self._val_iter, self.val_index = iter(batches), 0
-                batch = next(self._val_iter, None)
-                if batch is None:
-                    fail("val", "held-out batches for the hypergradient", Described("an empty loader"))
-            self.val_index += 1
-            return batch
+            # A DataLoader draws from the global generator as it starts an iterator (its seed)
+            # and, shuffled, as it walks: apart from it, the held-out walk leaves training's
+            # random stream as it found it, and a resumed walk (a new iterator) does too.
+            with torch.random.fork_rng(devices=[]):
+                return self._next_loaded(batches)
         if self._val_slices is None:
             self._val_slices = [(i, start) for i, b in enumerate(batches)
                                 for start in (range(0, len(b[1]), rows) if _sliceable(b) else [0])]  # fmt: skip
@@ -405,6 +394,27 @@ class HypergradientController:
         if not _sliceable(batch):
             return batch
         return type(batch)(t[start : start + rows] if isinstance(t, Tensor) else t for t in batch)
+
+    def _next_loaded(self, batches: Any) -> Any:
+        """A loader's next batch, walked in order, round and round (on resuming, from the
+        saved position)."""
+        if self._val_iter is None or self._val_source is not batches:
+            self._val_source, self._val_iter = batches, iter(batches)
+            position = self.val_index
+            self.val_index = 0
+            for _ in range(position):
+                if next(self._val_iter, None) is None:
+                    self._val_iter = iter(batches)
+                    break
+                self.val_index += 1
+        batch = next(self._val_iter, None)
+        if batch is None:
+            self._val_iter, self.val_index = iter(batches), 0
+            batch = next(self._val_iter, None)
+            if batch is None:
+                fail("val", "held-out batches for the hypergradient", Described("an empty loader"))
+        self.val_index += 1
+        return batch
 
     # -- resuming -------------------------------------------------------------------------
 

@@ -10,15 +10,24 @@ writes ``checkpoint-<step>/regdial/`` (``save_state``) and reads it back (``save
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 
+from regdial._checks import Described, fail
 from regdial.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["SCHEDULER_LISTS", "STATE_DIR", "AsBuilt", "Patched", "save_state", "saved_state"]
+if TYPE_CHECKING:
+    from regdial.integrations._common import Session
+    from regdial.integrations._online import Online
+
+__all__ = ["SCHEDULER_LISTS", "STATE_DIR", "AsBuilt", "Patched", "resume_online", "resume_record", "save_state",
+           "saved_state"]  # fmt: skip
+
+logger = logging.getLogger("regdial.integrations")
 
 STATE_DIR = "regdial"
 """The folder of regdial's state (record, early stopping, average, controller) in each Trainer checkpoint."""
@@ -138,3 +147,24 @@ def saved_state(args: Any, state: Any) -> dict[str, Any] | None:
     if saved.get("step") != state.global_step or saved.get("log") != _last_log(state):
         return None
     return saved
+
+
+def resume_online(online: Online, saved: Mapping[str, Any] | None, step: int) -> None:
+    """The controller of a resumed ``online`` run, as the checkpoint saved it; refused without it."""
+    if saved is None or saved.get("online") is None:
+        fail("online", f"a run from its start, or resumed from a checkpoint this callback saved (with its {STATE_DIR}/ "
+             "folder)", Described(f"a run resumed at step {step} without the controller's state"))  # fmt: skip
+    online.controller.load_state_dict(saved["online"])
+    if online.data is None:
+        logger.warning("regdial: online: resumed at step %d; the hypergradient waits for this run's first evaluation "
+                       "(the Trainer gives callbacks its evaluation data only then): give online_data= to continue "
+                       "it to the bit", step)  # fmt: skip
+
+
+def resume_record(session: Session, saved: Mapping[str, Any] | None, step: int) -> None:
+    """A resumed run's record and early stopping, as the checkpoint saved them; one line without them."""
+    if saved is not None:
+        session.load_record(saved, "the checkpoint's regdial state")
+        return
+    logger.warning("regdial: resumed at step %d from a checkpoint without regdial's state (%s/, saved beside the "
+                   "Trainer's files): its record, early stopping and average start afresh here", step, STATE_DIR)  # fmt: skip

@@ -88,7 +88,14 @@ from regdial.dial.trial import Trial
 from regdial.integrations._common import Session, unwrap
 from regdial.integrations._hp_space import BUILT_ARGUMENTS, TRAINING_ARGUMENTS, suggester
 from regdial.integrations._online import Online, no_held_out, smoothed
-from regdial.integrations._resume import STATE_DIR, Patched, save_state, saved_state
+from regdial.integrations._resume import (
+    STATE_DIR,
+    Patched,
+    resume_online,
+    resume_record,
+    save_state,
+    saved_state,
+)
 from regdial.setting import Regularization
 from regdial.training.logs import normalize
 
@@ -223,27 +230,19 @@ class HuggingFaceCallback(TrainerCallback):
         resumed = state.global_step > 0
         saved = saved_state(args, state) if resumed else None
         if self.online is not None:
-            if resumed and (saved is None or saved.get("online") is None):
-                fail("online", "a run from its start, or resumed from a checkpoint this callback saved (with its "
-                     f"{STATE_DIR}/ folder)", Described(f"a run resumed at step {state.global_step} without "
-                     "the controller's state"))  # fmt: skip
             strategy = getattr(args, "eval_strategy", "no")
             if self.online.data is None and getattr(strategy, "value", strategy) == "no":
                 no_held_out(
                     "a Trainer that evaluates (eval_strategy 'steps' or 'epoch', with an eval_dataset)"
                 )
             self.online.say_data("the Trainer's evaluation data (eval_dataset)")
-            if saved is not None:
-                self.online.controller.load_state_dict(saved["online"])
+            if resumed:
+                resume_online(self.online, saved, state.global_step)
             self.setting = self.online.start()  # resumed: the strengths it saved
         # A new run (a search's next trial): its own setting, record and early stopping.
         self.session = self.session.fresh(self._trial_setting(args))
-        if saved is not None:
-            self.session.load_record(saved, "the checkpoint's regdial state")
-        elif resumed:
-            logger.warning("regdial: resumed at step %d from a checkpoint without regdial's state (%s/, saved "
-                           "beside the Trainer's files): its record, early stopping and average start afresh "
-                           "here", state.global_step, STATE_DIR)  # fmt: skip
+        if resumed:
+            resume_record(self.session, saved, state.global_step)
         setting = self.session.setting
         config = getattr(model, "config", None)
         num_classes = self.num_classes or getattr(config, "num_labels", None)
