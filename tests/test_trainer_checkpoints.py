@@ -105,6 +105,28 @@ def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: P
         assert second.online.controller.moves == moves and any(m["step"] > 8 for m in moves)
 
 
+def test_a_checkpoint_copied_out_of_the_output_directory_or_trained_again_continues(tmp_path: Path) -> None:
+    """Resumed from a copy elsewhere under another name, into another output directory (plain
+    Hugging Face resumes it exactly; regdial looked only in the output directory), and the
+    same Trainer trained again from its own checkpoint (it keeps its regrouped optimizer, and
+    torch refused the checkpoint's groups): both end as the run that never stopped."""
+    whole = hf_run(tmp_path / "whole", hf.HuggingFaceCallback(EVERY_KIND))
+    stopped = hf_run(tmp_path / "parts", hf.HuggingFaceCallback(EVERY_KIND), stop=8)
+    shutil.copytree(tmp_path / "parts" / "checkpoint-8", tmp_path / "elsewhere" / "kept")
+    moved = hf_run(
+        tmp_path / "other", hf.HuggingFaceCallback(EVERY_KIND), resume=str(tmp_path / "elsewhere" / "kept")
+    )
+    assert same_weights(whole.model, moved.model) == 0.0
+    for callback in stopped.callback_handler.callbacks:
+        if isinstance(callback, StopAt):
+            callback.step = -1
+    stopped.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-8"))
+    assert same_weights(whole.model, stopped.model) == 0.0
+    assert [(g["weight_decay"], len(g["params"])) for g in stopped.optimizer.param_groups] == [
+        (g["weight_decay"], len(g["params"])) for g in whole.optimizer.param_groups
+    ]
+
+
 def test_a_hugging_face_checkpoint_without_regdials_state_says_what_starts_afresh(
     tmp_path: Path, caplog
 ) -> None:
@@ -114,7 +136,8 @@ def test_a_hugging_face_checkpoint_without_regdials_state_says_what_starts_afres
         hf_run(tmp_path, hf.HuggingFaceCallback(EVERY_KIND), resume=str(tmp_path / "checkpoint-8"))
     said = [r.getMessage() for r in caplog.records if "without regdial's state" in r.getMessage()]
     assert said == ["regdial: resumed at step 8 from a checkpoint without regdial's state (regdial/, saved beside "
-                    "the Trainer's files): its record, early stopping and average start afresh here"]  # fmt: skip
+                    "the Trainer's files) or of another run: its record, early stopping and average start afresh "
+                    "here"]  # fmt: skip
     hf_run(tmp_path / "online", hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)})), stop=8)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="regdial.integrations"):

@@ -10,7 +10,9 @@ writes ``checkpoint-<step>/regdial/`` (``save_state``) and reads it back (``save
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,7 @@ class AsBuilt:
     def __init__(self, groups: Sequence[Mapping[str, Any]], positions: Sequence[int]) -> None:
         self.groups = [({k: v for k, v in g.items() if k != "params"}, list(g["params"])) for g in groups]
         self.positions = list(positions)  # which built group each regrouped one came from
+        self.restored = False
 
     def __call__(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         saved = state_dict["param_groups"]
@@ -83,6 +86,44 @@ class AsBuilt:
             if isinstance(values := state.get(name), list) and len(values) == len(self.positions)
         }
         return {**state, **lists}
+
+    def restore(self, optimizer: Optimizer, schedulers: Sequence[Any] = ()) -> None:
+        """Put ``optimizer`` back in its built groups, in place (the lr in force, the built
+        weight decay), and its schedulers' lists; once (later calls change nothing)."""
+        if self.restored:
+            return
+        self.restored = True
+        now = optimizer.param_groups
+        groups = []
+        for position, (hyper, params) in enumerate(self.groups):
+            current = now[self.positions.index(position)] if position in self.positions else {}
+            group = {k: v if k == "weight_decay" else current.get(k, v) for k, v in hyper.items()}
+            groups.append({**group, "params": list(params)})
+        optimizer.param_groups[:] = groups
+        firsts = [self.positions.index(j) for j in range(len(self.groups)) if j in self.positions]
+        for wrapped in schedulers:
+            scheduler = getattr(wrapped, "scheduler", wrapped)
+            for name in SCHEDULER_LISTS:
+                values = getattr(scheduler, name, None)
+                if (
+                    isinstance(values, list)
+                    and len(values) == len(self.positions)
+                    and len(firsts) == len(self.groups)
+                ):
+                    setattr(scheduler, name, [values[i] for i in firsts])
+
+    def restore_when_loaded(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> Any:
+        """After training: a ``load_state_dict`` pre-hook that puts the optimizer (and its
+        schedulers) back in the built groups when a state of those groups is loaded into it,
+        as a trainer that trains again from a checkpoint does (Hugging Face's keeps its
+        optimizer). Returns the handle."""
+
+        def hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
+            groups = state_dict.get("param_groups")
+            if isinstance(groups, list) and len(groups) == len(self.groups) != len(opt.param_groups):
+                self.restore(opt, schedulers)
+
+        return optimizer.register_load_state_dict_pre_hook(hook)
 
     def save_scheduler(self, wrapped: Any) -> Patched:
         """Have the scheduler inside ``wrapped`` write ``scheduler_state`` (its ``state_dict``
@@ -137,16 +178,34 @@ def _last_log(state: Any) -> dict[str, Any] | None:
 
 
 def saved_state(args: Any, state: Any) -> dict[str, Any] | None:
-    """regdial's state in the checkpoint the Trainer resumed from: ``checkpoint-<step>/regdial/``
-    of its output directory, when that checkpoint's log ends as the resumed state's does (a
-    checkpoint moved elsewhere, or another run's, is not this one's). None when there is none."""
-    folder = _checkpoint(args, state) / STATE_DIR
-    if not has_checkpoint(folder):
-        return None
-    saved = load_checkpoint(folder)
-    if saved.get("step") != state.global_step or saved.get("log") != _last_log(state):
-        return None
-    return saved
+    """regdial's state in the checkpoint the Trainer resumed from (``resumed_from``, else
+    ``checkpoint-<step>`` of its output directory), when that checkpoint's log ends as the
+    resumed state's does (another run's folder is not this one's). None when there is none."""
+    for checkpoint in dict.fromkeys(c for c in (resumed_from(), _checkpoint(args, state)) if c is not None):
+        folder = checkpoint / STATE_DIR
+        if not has_checkpoint(folder):
+            continue
+        saved = load_checkpoint(folder)
+        if saved.get("step") == state.global_step and saved.get("log") == _last_log(state):
+            return saved
+    return None
+
+
+def resumed_from() -> Path | None:
+    """The checkpoint the Hugging Face Trainer is resuming from, anywhere on disk: the
+    ``resume_from_checkpoint`` of its ``_inner_training_loop``, which calls ``on_train_begin``
+    (the Trainer hands callbacks no path; a checkpoint copied out of the output directory,
+    resumed as plain Hugging Face resumes it, lost regdial's state). None outside that call."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "_inner_training_loop"
+            and "resume_from_checkpoint" in frame.f_code.co_varnames
+        ):
+            path = frame.f_locals.get("resume_from_checkpoint")
+            return Path(path) if isinstance(path, str | os.PathLike) else None
+        frame = frame.f_back
+    return None
 
 
 def resume_online(online: Online, saved: Mapping[str, Any] | None, step: int) -> None:
@@ -167,4 +226,5 @@ def resume_record(session: Session, saved: Mapping[str, Any] | None, step: int) 
         session.load_record(saved, "the checkpoint's regdial state")
         return
     logger.warning("regdial: resumed at step %d from a checkpoint without regdial's state (%s/, saved beside the "
-                   "Trainer's files): its record, early stopping and average start afresh here", step, STATE_DIR)  # fmt: skip
+                   "Trainer's files) or of another run: its record, early stopping and average start afresh here",
+                   step, STATE_DIR)  # fmt: skip

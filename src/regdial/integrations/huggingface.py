@@ -96,6 +96,7 @@ from regdial.integrations._resume import (
     save_state,
     saved_state,
 )
+from regdial.integrations._transformers import labelled, shifts_labels
 from regdial.setting import Regularization
 from regdial.training.logs import normalize
 
@@ -114,22 +115,6 @@ FLOAT_INPUTS = ("pixel_values", "input_values", "inputs_embeds", "input_features
 """The model inputs that batch-level knobs (noise, mixup, cutmix, augment) act on."""
 
 BATCH_KNOBS = ("noise", "mixup", "cutmix", "augment")
-
-
-def shifts_labels(model: nn.Module) -> bool | None:
-    """Whether transformers' Trainer shifts the labels when it smooths this model's loss:
-    its class is in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (a peft model is asked of its base,
-    as the Trainer does). None for a model that is not transformers'."""
-    from transformers import PreTrainedModel
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    if not isinstance(base, PreTrainedModel):
-        return None
-    if getattr(base.config, "is_encoder_decoder", False):
-        return False  # seq2seq: the decoder's inputs are already shifted right
-    return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # what _get_name() returns
 
 
 class HuggingFaceCallback(TrainerCallback):
@@ -183,6 +168,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._shift: bool | None = None
         self._checked_inputs = False
         self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
+        self._after: tuple[Any, RemovableHandle, list[Any]] | None = None  # the regrouping, after training
 
     # -- before training ----------------------------------------------------------------
 
@@ -227,6 +213,11 @@ class HuggingFaceCallback(TrainerCallback):
             fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
                  Described("two on the same model"))  # fmt: skip
         object.__setattr__(model, "_regdial_callback", self)
+        if self._after is not None:  # trained before: the optimizer as the Trainer built it, to regroup
+            built, handle, schedulers = self._after
+            handle.remove()
+            built.restore(unwrap(optimizer), schedulers)
+            self._after = None
         resumed = state.global_step > 0
         saved = saved_state(args, state) if resumed else None
         if self.online is not None:
@@ -398,7 +389,7 @@ class HuggingFaceCallback(TrainerCallback):
         training = Training(
             net=model, applied=self.session.applied, device=targets.device, step=int(state.global_step),
             epoch=len(self.session.history), total_steps=self._max_steps, steps_per_epoch=max(1, per_epoch),
-            seed=int(getattr(args, "seed", 0)), val=val, split=_labelled, loss=loss,
+            seed=int(getattr(args, "seed", 0)), val=val, split=labelled, loss=loss,
             smooths=not targets.is_floating_point(), val_pending=val is None,
             logits=None if targets.is_floating_point() else logits,
         )  # fmt: skip
@@ -448,6 +439,12 @@ class HuggingFaceCallback(TrainerCallback):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        built, optimizer, scheduler = self.session.built, kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        if (
+            built is not None and optimizer is not None
+        ):  # the Trainer keeps it: a later train() may load into it
+            schedulers = [scheduler] if scheduler is not None else []
+            self._after = (built, built.restore_when_loaded(unwrap(optimizer), schedulers), schedulers)
         if model is not None:
             if getattr(model, "_regdial_callback", None) is self:
                 object.__delattr__(model, "_regdial_callback")
@@ -461,17 +458,6 @@ class HuggingFaceCallback(TrainerCallback):
     def history(self) -> Any:
         """The run's ``History`` so far (one row per evaluation)."""
         return self.session.history
-
-
-def _labelled(batch: Any) -> tuple[dict[str, Any], Tensor]:
-    """A Trainer batch (a dict with ``labels``) as the model's keyword arguments and its labels."""
-    if not hasattr(batch, "keys") or "labels" not in batch:
-        fail(
-            "online_data",
-            "batches of the Trainer's form (dicts with labels)",
-            Described(type(batch).__name__),
-        )
-    return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
 
 
 def hp_space(space: Space, callback: HuggingFaceCallback | None = None) -> Callable[[Any], dict[str, float]]:
