@@ -43,6 +43,11 @@ def test_u_shaped_validation_is_overfitting_since_its_minimum() -> None:
     assert f"would have stopped at {result.early_stop_epoch}" in result.message
     suggested = result.suggest(Regularization(weight_decay=0.01, dropout=0.1))
     assert (suggested.weight_decay, suggested.dropout) == (0.03, 0.2)
+    # A run early stopping did stop there: said as done, not as what it would have done.
+    ended = history(train[: result.early_stop_epoch], val[: result.early_stop_epoch], noise=0.02)
+    patience = result.message.split("(patience ")[1].split(")")[0]
+    stopped = diagnose(ended, Regularization(weight_decay=0.01, dropout=0.1, early_stopping=int(patience)))
+    assert f"early stopping (patience {patience}) stopped it at {result.early_stop_epoch}" in stopped.message
 
 
 def test_memorized_training_data_is_overfitting() -> None:

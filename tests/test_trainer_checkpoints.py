@@ -5,6 +5,7 @@ and Lightning Trainers), and the best checkpoint the Trainer loads at the end st
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,31 @@ def test_a_lightning_checkpoint_holds_the_average_it_validated(tmp_path: Path) -
     assert scored[0]["val_loss"] == pytest.approx(float(saver.best_model_score), rel=1e-6)
     live = best["callbacks"][callback.state_key]["live"]
     assert live and any(not torch.equal(live[k], best["state_dict"][k]) for k in live)
+
+
+def test_a_setting_changed_at_resume_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A resumed run continues the saved one: another setting would be replaced, silently, by
+    the saved state in force (the optimizer ran on with 0.05 where 0.1 was given)."""
+    hf_run(tmp_path, hf.HuggingFaceCallback(Regularization(weight_decay=0.05, label_smoothing=0.1)), stop=8)
+    for given, said in (
+        (Regularization(weight_decay=0.1, label_smoothing=0.2),
+         "weight_decay=0.05, label_smoothing=0.1 (resume it unchanged, or start a new run), got weight_decay=0.1, "
+         "label_smoothing=0.2"),
+        (Regularization(weight_decay=0.05, label_smoothing=0.1, ema=0.9), "ema=0.0 (resume it unchanged, or start "
+         "a new run), got ema=0.9"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^regularization must be the setting the checkpoint's run started "
+                           r"with, " + re.escape(said) + "$"):  # fmt: skip
+            hf_run(tmp_path, hf.HuggingFaceCallback(given), resume=str(tmp_path / "checkpoint-8"))
+
+    def fit(setting: Regularization, epochs: int, resume: str | None = None) -> None:
+        saver = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "pl"), every_n_epochs=1)
+        trainer = lightning.pytorch.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=str(tmp_path),
+                                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                            num_sanity_val_steps=0,
+                                            callbacks=[pl_integration.LightningCallback(setting, num_classes=3), saver])  # fmt: skip
+        trainer.fit(Classifier(), blobs(0, 192), blobs(1, 96), ckpt_path=resume)
+
+    fit(Regularization(l2sp=0.01), 1)
+    with pytest.raises(ValueError, match=r"^regularization must be the setting .* got l2sp=0\.0$"):
+        fit(Regularization(), 2, str(next((tmp_path / "pl").glob("*.ckpt"))))

@@ -251,7 +251,9 @@ def diagnose(
         if advice and not known:
             text += " (the log records no setting: the advice starts from every knob off)"
         if direction > 0 and early is not None:
-            text += f"; early stopping (patience {stopper.patience}) would have stopped at {'' if unit == 'epoch' else unit + ' '}{early}"
+            at = f"{'' if unit == 'epoch' else unit + ' '}{early}"
+            stopped = setting.early_stopping > 0 and early == epochs[-1]  # it did: the run ends there
+            text += f"; early stopping (patience {stopper.patience}) {'stopped it' if stopped else 'would have stopped'} at {at}"
         if history.meta.get("source") == "lightning" and unit == "epoch":
             text += " (epochs counted from 1: the log's epoch 0 is epoch 1 here)"
         return Diagnosis(state, text, best, overfit_epoch, gap, early, direction, moves, details, known)

@@ -235,6 +235,7 @@ class Session:
             "early_stopping": self.stopper.state_dict(),
             "history": self.history.to_dict(),
             "live": self._live,
+            "start": self.setting.to_dict(),
         }
 
     def swap_in_average(self, saved: Any, model: nn.Module) -> dict[str, Tensor] | None:
@@ -248,8 +249,17 @@ class Session:
                 live[name], saved[name] = saved[name], tensor.detach().clone()
         return live
 
-    def load_record(self, state: Mapping[str, Any], where: str) -> None:
-        """The record and early stopping of ``state_dict()``, before ``start``."""
+    def load_record(self, state: Mapping[str, Any], where: str, *, same_start: bool = True) -> None:
+        """The record and early stopping of ``state_dict()``, before ``start``. ``same_start``:
+        the session's setting must be the one the saved run started with (a changed one would
+        be silently replaced by the saved state in force), refused in one line otherwise."""
+        saved = state.get("start")
+        now = self.setting.to_dict()
+        if same_start and isinstance(saved, dict) and saved != now:
+            changed = [k for k in now if now[k] != saved.get(k)]
+            fail("regularization", "the setting the checkpoint's run started with, "
+                 + ", ".join(f"{k}={saved.get(k)}" for k in changed) + " (resume it unchanged, or start a new run)",
+                 Described(", ".join(f"{k}={now[k]}" for k in changed)))  # fmt: skip
         self.stopper.load_state_dict(state["early_stopping"])
         self.history = History.from_dict(state["history"], where)
 

@@ -220,10 +220,11 @@ def resume_online(online: Online, saved: Mapping[str, Any] | None, step: int) ->
                        "it to the bit", step)  # fmt: skip
 
 
-def resume_record(session: Session, saved: Mapping[str, Any] | None, step: int) -> None:
-    """A resumed run's record and early stopping, as the checkpoint saved them; one line without them."""
+def resume_record(session: Session, saved: Mapping[str, Any] | None, step: int, *, online: bool) -> None:
+    """A resumed run's record and early stopping, as the checkpoint saved them (its setting
+    the one it started with, unless ``online`` turns it); one line without them."""
     if saved is not None:
-        session.load_record(saved, "the checkpoint's regdial state")
+        session.load_record(saved, "the checkpoint's regdial state", same_start=not online)
         return
     logger.warning("regdial: resumed at step %d from a checkpoint without regdial's state (%s/, saved beside the "
                    "Trainer's files) or of another run: its record, early stopping and average start afresh here",

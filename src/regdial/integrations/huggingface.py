@@ -233,7 +233,7 @@ class HuggingFaceCallback(TrainerCallback):
         # A new run (a search's next trial): its own setting, record and early stopping.
         self.session = self.session.fresh(self._trial_setting(args))
         if resumed:
-            resume_record(self.session, saved, state.global_step)
+            resume_record(self.session, saved, state.global_step, online=self.online is not None)
         setting = self.session.setting
         config = getattr(model, "config", None)
         num_classes = self.num_classes or getattr(config, "num_labels", None)

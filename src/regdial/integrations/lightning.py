@@ -271,7 +271,7 @@ class LightningCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
-        self.session.load_record(state_dict, "the Lightning checkpoint")
+        self.session.load_record(state_dict, "the Lightning checkpoint", same_start=self.online is None)
         if self.online is not None and state_dict.get("online") is not None:
             self.online.controller.load_state_dict(state_dict["online"])
 
