@@ -220,3 +220,17 @@ def test_an_unset_dropout_is_advised_as_the_models_own_rates_not_zero() -> None:
         in message
     )
     assert "dropout (0 ->" not in message
+
+
+def test_a_smoothed_training_loss_at_label_smoothings_floor_is_not_underfitting() -> None:
+    """A trainer's training loss is the smoothed one, which cannot go below the smoothed
+    target's entropy (1.18 for 10 classes at 0.3): a model that fits its data sits there,
+    and reading it against ln 10 said "underfitting: still 56%"."""
+    floor = -(0.73 * math.log(0.73)) - 9 * 0.03 * math.log(0.03)
+    train = floor + 0.02 + 1.5 * np.exp(-E / 3)
+    run = history(train, 0.35 + 1.0 * np.exp(-E / 3), classes=10)
+    run.meta["train_loss_source"] = "running mean of the training batches' losses"
+    result = diagnose(run, Regularization(label_smoothing=0.3), num_classes=10)
+    assert result.state != "underfitting" and result.details["untrained_share"] < 0.05
+    run.meta["train_loss_source"] = "measured on the training split"  # fit's: unsmoothed, no floor
+    assert diagnose(run, Regularization(label_smoothing=0.3), num_classes=10).state == "underfitting"

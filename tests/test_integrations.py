@@ -246,6 +246,8 @@ def test_every_knob_reaches_the_lightning_trainer(tmp_path: Path) -> None:
     assert module.regdial.calls["loss"] > 0 and module.regdial.ema is not None
     assert len(callback.history) == 4 and "val_accuracy" in callback.history.columns
     assert (tmp_path / "regdial_history.json").is_file() and (tmp_path / "regdial_report.html").is_file()
+    page = (tmp_path / "regdial_report.html").read_text()  # the scores of the last and the best validation
+    assert "No scores" not in page and "this run (best epoch)" in page and "val loss" in page
 
 
 def test_lightning_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:

@@ -298,3 +298,59 @@ def test_a_setting_changed_at_resume_is_refused_in_one_line(tmp_path: Path) -> N
     fit(Regularization(l2sp=0.01), 1)
     with pytest.raises(ValueError, match=r"^regularization must be the setting .* got l2sp=0\.0$"):
         fit(Regularization(), 2, str(next((tmp_path / "pl").glob("*.ckpt"))))
+
+
+def test_a_lightning_test_from_a_checkpoint_leaves_the_callback_as_the_fit_left_it(tmp_path: Path) -> None:
+    """``trainer.test(ckpt_path=...)`` hands the callback the checkpoint's state too: it no longer
+    rewinds the record, and a later fit of a fresh model with the callback starts from that
+    model's own weights (the checkpoint's live weights were loaded into it, 0.33 away)."""
+    callback = pl_integration.LightningCallback(Regularization(weight_decay=0.01, ema=0.9), num_classes=3)
+    saver = lightning.pytorch.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path), monitor="val_loss", save_top_k=-1
+    )
+
+    def trainer(epochs: int, *more: Any) -> Any:
+        return lightning.pytorch.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=str(tmp_path),
+                                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                         num_sanity_val_steps=0, callbacks=[callback, *more])  # fmt: skip
+
+    class Tested(Classifier):
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.validation_step(batch, batch_idx)
+
+    first = trainer(4, saver)
+    first.fit(Tested(), blobs(0, 192), blobs(1, 96))
+    assert len(callback.history) == 4
+    first.test(dataloaders=blobs(1, 96), ckpt_path=str(sorted(tmp_path.glob("*.ckpt"))[0]), verbose=False)
+    assert len(callback.history) == 4
+    fresh = Classifier()
+    fresh.net[0].weight.data.add_(0.5)  # not the weights any checkpoint holds
+    start = {k: v.clone() for k, v in fresh.state_dict().items()}
+    seen: dict[str, Any] = {}
+
+    class Spy(lightning.pytorch.Callback):  # type: ignore[misc]
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen.update({k: v.clone() for k, v in module.state_dict().items()})
+
+    trainer(1, Spy()).fit(fresh, blobs(0, 192), blobs(1, 96))
+    assert max(float((seen[k] - start[k]).abs().max()) for k in start) == 0.0
+
+
+def test_lightnings_accumulated_loss_is_recorded_as_the_training_step_returned_it(tmp_path: Path) -> None:
+    """With ``accumulate_grad_batches=2`` Lightning hands ``on_train_batch_end`` the loss divided
+    by 2 (what it backpropagates); the record was half the training loss, and the diagnosis
+    read a gap that was not there."""
+    losses: list[float] = []
+
+    class Recording(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            losses.append(float(loss))
+            return loss
+
+    callback = pl_integration.LightningCallback(Regularization(weight_decay=0.01), num_classes=3)
+    trainer = lightning.pytorch.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
+                                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                        enable_checkpointing=False, accumulate_grad_batches=2, callbacks=[callback])  # fmt: skip
+    trainer.fit(Recording(), blobs(0, 192), blobs(1, 96))
+    assert callback.history.rows[0]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)

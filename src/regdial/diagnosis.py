@@ -352,6 +352,23 @@ def _memorized(
     return message, since, train_fit - val_fit
 
 
+def _smoothing_floor(history: History, setting: Regularization, classes: int | None) -> float:
+    """The least training loss label smoothing ``e`` allows over ``K`` classes, where the
+    history's training loss is the training batches' (a trainer's, smoothed): the entropy of
+    the smoothed target, ``-(1-e+e/K) ln(1-e+e/K) - (K-1)(e/K) ln(e/K)``; an untrained model's
+    is ``ln K`` with or without it. 0 otherwise (``fit``'s training loss is measured unsmoothed)."""
+    e = _number(setting.label_smoothing) or 0.0
+    if (
+        not classes
+        or classes < 2
+        or not 0 < e < 1
+        or "batches" not in str(history.meta.get("train_loss_source"))
+    ):
+        return 0.0
+    top, rest = 1 - e + e / classes, e / classes
+    return -top * math.log(top) - (classes - 1) * rest * math.log(rest)
+
+
 def _underfit(
     history: History, smooth_train: list[float], smooth_val: list[float], train: list[float],
     num_classes: int | None, details: dict[str, float], known: bool, setting: Regularization,
@@ -363,7 +380,8 @@ def _underfit(
         untrained_share = 1.0 - history.column("train_r2")[-1]
     else:
         reference = math.log(classes) if classes else train[0]
-        untrained_share = smooth_train[-1] / reference if reference > 0 else 0.0
+        floor = _smoothing_floor(history, setting, classes)
+        untrained_share = (smooth_train[-1] - floor) / (reference - floor) if reference > floor else 0.0
     details["untrained_share"] = untrained_share
     if untrained_share > 1.0:  # worse than not training at all: an optimization problem
         return (

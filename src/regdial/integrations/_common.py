@@ -317,11 +317,19 @@ class Session:
                 raise
         return bool(stop) and self.setting.early_stopping > 0
 
-    def finish(self, model: nn.Module, output_dir: str | Path | None, *, chosen: bool = False) -> None:
+    def finish(
+        self,
+        model: nn.Module,
+        output_dir: str | Path | None,
+        *,
+        chosen: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
         """End of training: the best weights (early stopping) or the average into the model,
         the history and the report written, the diagnosis logged, the hooks removed.
         ``chosen``: the trainer already put the weights it was asked for in the model (Hugging
-        Face's ``load_best_model_at_end``), which then stay."""
+        Face's ``load_best_model_at_end``), which then stay. ``num_classes``: the user's, for
+        the diagnosis (an untrained classifier's loss, label smoothing's floor)."""
         from regdial.diagnosis import diagnose
 
         self.use_live(model)
@@ -335,14 +343,14 @@ class Session:
         if len(self.history) == 0:
             return
         setting = self.applied.setting if self.applied is not None else self.setting  # in force at the end
-        reading = diagnose(self.history, setting)
+        reading = diagnose(self.history, setting, num_classes=num_classes)
         # One line for a person watching a run; quieter inside a search, where every trial ends so.
         logger.log(
             logging.INFO if self.trial is not None else logging.WARNING, "regdial: %s", reading.message
         )
         self.history.meta.update(status="completed", diagnosis=reading.message)
         if output_dir is not None and self.trial is None:  # a search records its own trials
-            write_record(Path(output_dir), self.history, setting)
+            write_record(Path(output_dir), self.history, setting, self.monitor)
 
 
 def _averaged(model: nn.Module, average: nn.Module) -> dict[str, Tensor]:
@@ -367,8 +375,11 @@ def check_dropout(model: nn.Module, setting: Regularization) -> None:
                        setting.dropout, ", ".join(unturned[:5]) + (" ..." if len(unturned) > 5 else ""))  # fmt: skip
 
 
-def write_record(directory: Path, history: History, setting: Regularization) -> None:
-    """``regdial_history.json`` and ``regdial_report.html`` (PNGs in ``regdial_report/``)."""
+def write_record(
+    directory: Path, history: History, setting: Regularization, monitor: str = "val_loss"
+) -> None:
+    """``regdial_history.json`` and ``regdial_report.html`` (PNGs in ``regdial_report/``); the
+    summary's scores are the last evaluation's (``final``) and the best one's by ``monitor``."""
     from regdial._io import write_json
     from regdial.reports.run import run_report
 
@@ -376,8 +387,17 @@ def write_record(directory: Path, history: History, setting: Regularization) -> 
     write_json(directory / "regdial_history.json", history.to_dict())
     run = directory / "regdial_report"
     history.save(run)
+
+    def scores(row: Mapping[str, Any]) -> dict[str, float]:
+        return {k: v for k, v in row.items() if k.startswith("val_") and isinstance(v, float) and math.isfinite(v)
+                and "runtime" not in k and "per_second" not in k}  # fmt: skip
+
+    best = history.best_epoch(monitor if monitor in history.columns else "val_loss")
+    best_row = next((r for r in history.rows if r["epoch"] == best), None)
     write_json(run / "summary.json", {"setting": setting.to_dict(), "status": "completed",
-                                      "task": history.meta.get("task", directory.name)})  # fmt: skip
+                                      "task": history.meta.get("task", directory.name),
+                                      "final": scores(history.rows[-1]),
+                                      "best": scores(best_row) if best_row is not None else {}})  # fmt: skip
     page = run_report(run)
     html = page.read_text(encoding="utf-8").replace("src='", "src='regdial_report/")
     from regdial._io import write_text

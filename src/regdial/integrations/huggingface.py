@@ -452,7 +452,9 @@ class HuggingFaceCallback(TrainerCallback):
                 self.online.finish(self.session.history.meta)
             # load_best_model_at_end: the best checkpoint's model (the average it evaluated) stays
             chosen = bool(getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint)
-            self.session.finish(model, getattr(args, "output_dir", None), chosen=chosen)
+            self.session.finish(
+                model, getattr(args, "output_dir", None), chosen=chosen, num_classes=self.num_classes
+            )
 
     @property
     def history(self) -> Any:

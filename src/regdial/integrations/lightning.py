@@ -137,6 +137,14 @@ class LightningCallback(pl.Callback):
         if self.session.applied is not None or self.session.ended:  # fitted before: a new run, its own record
             self.session = self.session.fresh()
             self._checked = False
+        # The state of the checkpoint this fit resumes (not one a trainer.test(ckpt_path=...) loaded).
+        self._restored = self._restored if trainer.ckpt_path else None
+        if self._restored is not None:
+            self.session.load_record(
+                self._restored, "the Lightning checkpoint", same_start=self.online is None
+            )
+            if self.online is not None and self._restored.get("online") is not None:
+                self.online.controller.load_state_dict(self._restored["online"])
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         if self.online is not None:
             from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -158,7 +166,10 @@ class LightningCallback(pl.Callback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
-            self.session.add_train_loss(loss.detach())
+            # Lightning hands this hook the loss it backpropagates: divided by the accumulation
+            # (automatic optimization), which is not the training_step's loss.
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            self.session.add_train_loss(loss.detach() * scale)
         applied = self.session.applied
         if applied is None:
             return
@@ -245,7 +256,9 @@ class LightningCallback(pl.Callback):
         directory = trainer.log_dir or trainer.default_root_dir
         if self.online is not None:
             self.online.finish(self.session.history.meta)
-        self.session.finish(pl_module, directory if trainer.is_global_zero else None)
+        self.session.finish(
+            pl_module, directory if trainer.is_global_zero else None, num_classes=self.num_classes
+        )
 
     @property
     def history(self) -> History:
@@ -270,10 +283,7 @@ class LightningCallback(pl.Callback):
                 ours["live"] = live
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict
-        self.session.load_record(state_dict, "the Lightning checkpoint", same_start=self.online is None)
-        if self.online is not None and state_dict.get("online") is not None:
-            self.online.controller.load_state_dict(state_dict["online"])
+        self._restored = state_dict  # applied when the fit it resumes starts (on_fit_start)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         if self._restored is not None:
