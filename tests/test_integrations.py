@@ -294,3 +294,26 @@ def test_regrouping_keeps_the_schedulers_in_step() -> None:
     scheduler.step()
     assert all(g["lr"] == pytest.approx(5e-4) for g in optimizer.param_groups)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_an_accumulated_language_models_training_loss_is_recorded_as_the_trainer_logs_it(
+    tmp_path: Path,
+) -> None:
+    """With gradient accumulation the Trainer passes ``num_items_in_batch``, and a causal LM's
+    loss for each micro-batch is its share of the whole batch's (its sum over all the batch's
+    tokens): averaged, the record was half the Trainer's own logged loss."""
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    ids = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": ids[i], "labels": ids[i]} for i in range(64)]
+    callback = hf.HuggingFaceCallback(Regularization(weight_decay=0.01))
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=arguments, train_dataset=rows,
+                                   eval_dataset=rows[:16], callbacks=[callback])  # fmt: skip
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert [row["train_loss"] for row in callback.history.rows] == pytest.approx(logged, rel=1e-4)

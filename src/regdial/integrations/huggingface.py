@@ -169,6 +169,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._checked_inputs = False
         self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
         self._after: tuple[Any, RemovableHandle, list[Any]] | None = None  # the regrouping, after training
+        self._step_loss: Tensor | None = None  # an accumulated step's loss, its micro-batches' shares summed
 
     # -- before training ----------------------------------------------------------------
 
@@ -341,7 +342,11 @@ class HuggingFaceCallback(TrainerCallback):
                     num_items_in_batch=kwargs.get("num_items_in_batch"),
                 )
         loss = output.get("loss") if hasattr(output, "get") else None
-        if isinstance(loss, Tensor):
+        if isinstance(loss, Tensor) and kwargs.get("num_items_in_batch") is not None:
+            # Each micro-batch's loss is its share of the accumulated batch's (its sum over the
+            # whole batch's items): summed over the step, recorded once at its end.
+            self._step_loss = loss.detach() + (0.0 if self._step_loss is None else self._step_loss)
+        elif isinstance(loss, Tensor):
             self.session.add_train_loss(loss.detach())
         return output
 
@@ -350,6 +355,9 @@ class HuggingFaceCallback(TrainerCallback):
     def on_step_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
+        if self._step_loss is not None:
+            self.session.add_train_loss(self._step_loss)
+            self._step_loss = None
         applied = self.session.applied
         if applied is not None:
             applied.set_progress(min(1.0, state.global_step / self._max_steps))
