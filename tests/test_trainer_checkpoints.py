@@ -354,3 +354,15 @@ def test_lightnings_accumulated_loss_is_recorded_as_the_training_step_returned_i
                                         enable_checkpointing=False, accumulate_grad_batches=2, callbacks=[callback])  # fmt: skip
     trainer.fit(Recording(), blobs(0, 192), blobs(1, 96))
     assert callback.history.rows[0]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+def test_one_callback_on_a_second_trainer_regroups_that_trainers_own_optimizer(tmp_path: Path) -> None:
+    """After training the callback keeps a way to put its optimizer back as built (for a later
+    train() of the same Trainer); a second Trainer, or a search's next trial, builds its own
+    optimizer, which must be left alone (the first one's groups crashed it)."""
+    callback = hf.HuggingFaceCallback(Regularization(weight_decay=0.05))
+    hf_run(tmp_path / "first", callback)
+    second = hf_run(tmp_path / "second", callback)
+    in_optimizer = {id(p) for g in second.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in second.model.parameters()}
+    assert {g["weight_decay"] for g in second.optimizer.param_groups} == {0.05, 0.0}

@@ -168,7 +168,9 @@ class HuggingFaceCallback(TrainerCallback):
         self._shift: bool | None = None
         self._checked_inputs = False
         self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
-        self._after: tuple[Any, RemovableHandle, list[Any]] | None = None  # the regrouping, after training
+        self._after: tuple[Any, RemovableHandle, list[Any], Any] | None = (
+            None  # the regrouping, after training
+        )
         self._step_loss: Tensor | None = None  # an accumulated step's loss, its micro-batches' shares summed
 
     # -- before training ----------------------------------------------------------------
@@ -214,10 +216,11 @@ class HuggingFaceCallback(TrainerCallback):
             fail("trainer", "one regdial callback (each would regroup the optimizer and apply its own setting)",
                  Described("two on the same model"))  # fmt: skip
         object.__setattr__(model, "_regdial_callback", self)
-        if self._after is not None:  # trained before: the optimizer as the Trainer built it, to regroup
-            built, handle, schedulers = self._after
+        if self._after is not None:  # trained before: that optimizer, if it is this one, as it was built
+            built, handle, schedulers, regrouped = self._after
             handle.remove()
-            built.restore(unwrap(optimizer), schedulers)
+            if regrouped is unwrap(optimizer):  # a new Trainer, or a search's next trial, built its own
+                built.restore(regrouped, schedulers)
             self._after = None
         resumed = state.global_step > 0
         saved = saved_state(args, state) if resumed else None
@@ -452,7 +455,8 @@ class HuggingFaceCallback(TrainerCallback):
             built is not None and optimizer is not None
         ):  # the Trainer keeps it: a later train() may load into it
             schedulers = [scheduler] if scheduler is not None else []
-            self._after = (built, built.restore_when_loaded(unwrap(optimizer), schedulers), schedulers)
+            inner = unwrap(optimizer)
+            self._after = (built, built.restore_when_loaded(inner, schedulers), schedulers, inner)
         if model is not None:
             if getattr(model, "_regdial_callback", None) is self:
                 object.__delattr__(model, "_regdial_callback")
