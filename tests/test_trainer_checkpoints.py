@@ -366,3 +366,20 @@ def test_one_callback_on_a_second_trainer_regroups_that_trainers_own_optimizer(t
     in_optimizer = {id(p) for g in second.optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in second.model.parameters()}
     assert {g["weight_decay"] for g in second.optimizer.param_groups} == {0.05, 0.0}
+
+
+def test_regdials_state_is_found_beside_a_log_that_ends_in_nan(tmp_path: Path) -> None:
+    """The state is matched to the resumed run by the Trainer's last log entry; a NaN in it (an
+    overflowed grad norm) is not == itself, and the state was taken for another run's."""
+    from types import SimpleNamespace
+
+    from regdial.integrations._resume import save_state, saved_state
+
+    (tmp_path / "checkpoint-8").mkdir()
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=8, log_history=[{"loss": 0.5, "grad_norm": float("nan"), "step": 8}])
+    save_state(args, state, {"history": {"rows": []}})
+    found = saved_state(args, state)
+    assert found is not None and found["history"] == {"rows": []}
+    other = SimpleNamespace(global_step=8, log_history=[{"loss": 0.6, "grad_norm": float("nan"), "step": 8}])
+    assert saved_state(args, other) is None

@@ -11,6 +11,7 @@ writes ``checkpoint-<step>/regdial/`` (``save_state``) and reads it back (``save
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -186,9 +187,14 @@ def saved_state(args: Any, state: Any) -> dict[str, Any] | None:
         if not has_checkpoint(folder):
             continue
         saved = load_checkpoint(folder)
-        if saved.get("step") == state.global_step and saved.get("log") == _last_log(state):
+        if saved.get("step") == state.global_step and _same(saved.get("log"), _last_log(state)):
             return saved
     return None
+
+
+def _same(saved: Any, resumed: Any) -> bool:
+    """Two log entries alike as JSON writes them (a logged NaN, a grad norm's, is not == itself)."""
+    return json.dumps(saved, sort_keys=True) == json.dumps(resumed, sort_keys=True)
 
 
 def resumed_from() -> Path | None:
