@@ -24,7 +24,7 @@ from regdial.applied import Applied
 from regdial.blocks.groups import param_groups
 from regdial.blocks.stopping import EarlyStopping
 from regdial.dial.trial import Trial
-from regdial.integrations._resume import SCHEDULER_LISTS, AsBuilt
+from regdial.integrations._resume import AsBuilt, per_group_lists
 from regdial.setting import Regularization
 from regdial.training.history import History, higher_is_better
 
@@ -122,15 +122,12 @@ def regroup(
                 rebuilt.append(group)
                 positions.append(position)
     count = len(optimizer.param_groups)
-    built = AsBuilt(optimizer.param_groups, positions)
-    optimizer.param_groups.clear()
-    optimizer.param_groups.extend(rebuilt)
+    built = AsBuilt(optimizer, positions, schedulers)
+    optimizer.param_groups[:] = rebuilt
     for wrapped in schedulers:
         scheduler = getattr(wrapped, "scheduler", wrapped)  # accelerate's AcceleratedScheduler holds it
-        for name in SCHEDULER_LISTS:
-            values = getattr(scheduler, name, None)
-            if isinstance(values, list) and len(values) == count:
-                setattr(scheduler, name, [values[i] for i in positions])
+        for name, values in per_group_lists(vars(scheduler).get, count, positions).items():
+            setattr(scheduler, name, values)
     return built
 
 

@@ -14,7 +14,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from regdial.integrations._common import Session
     from regdial.integrations._online import Online
 
-__all__ = ["SCHEDULER_LISTS", "STATE_DIR", "AsBuilt", "Patched", "resume_online", "resume_record", "save_state",
-           "saved_state"]  # fmt: skip
+__all__ = ["SCHEDULER_LISTS", "STATE_DIR", "AsBuilt", "Patched", "per_group_lists", "resume_online", "resume_record",
+           "save_state", "saved_state"]  # fmt: skip
 
 logger = logging.getLogger("regdial.integrations")
 
@@ -37,6 +37,19 @@ STATE_DIR = "regdial"
 
 SCHEDULER_LISTS = ("base_lrs", "lr_lambdas", "_last_lr", "min_lrs")
 """A learning-rate scheduler's lists of one entry per parameter group."""
+
+
+def per_group_lists(
+    values_of: Callable[[str], Any], count: int, order: Sequence[int]
+) -> dict[str, list[Any]]:
+    """A scheduler's lists of one entry per group (``SCHEDULER_LISTS``, read by ``values_of``)
+    that have ``count`` entries, taken in ``order``: a scheduler on other groups of the same
+    parameters."""
+    return {
+        name: [values[i] for i in order]
+        for name in SCHEDULER_LISTS
+        if isinstance(values := values_of(name), list) and len(values) == count
+    }
 
 
 class AsBuilt:
@@ -48,12 +61,42 @@ class AsBuilt:
     built, it loads, and the callback regroups it again. Each group keeps the hyperparameters
     in force now (the scheduler's lr) but the weight decay it was built with; the
     per-parameter state is renumbered to the built order.
+
+    Args:
+        optimizer: the optimizer, still in its built groups (``regroup`` makes this first).
+        positions: which built group each regrouped one comes from.
+        schedulers: the learning-rate schedulers on it (accelerate's wrappers allowed).
     """
 
-    def __init__(self, groups: Sequence[Mapping[str, Any]], positions: Sequence[int]) -> None:
-        self.groups = [({k: v for k, v in g.items() if k != "params"}, list(g["params"])) for g in groups]
-        self.positions = list(positions)  # which built group each regrouped one came from
+    def __init__(
+        self, optimizer: Optimizer, positions: Sequence[int], schedulers: Sequence[Any] = ()
+    ) -> None:
+        self.optimizer, self.schedulers = optimizer, list(schedulers)
+        self.groups = [({k: v for k, v in g.items() if k != "params"}, list(g["params"]))
+                       for g in optimizer.param_groups]  # fmt: skip
+        self.positions = list(positions)
+        # The regrouped group each built one's hyperparameters and scheduler entries are read
+        # from: its first (its parts share the lr); None for a built group without parameters.
+        self.firsts = [
+            self.positions.index(j) if j in self.positions else None for j in range(len(self.groups))
+        ]
         self.restored = False
+
+    def _group(self, position: int, now: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Built group ``position``'s hyperparameters: those in force in ``now`` (the regrouped
+        groups), but the weight decay it was built with."""
+        first = self.firsts[position]
+        current = now[first] if first is not None else {}
+        return {
+            k: v if k == "weight_decay" else current.get(k, v) for k, v in self.groups[position][0].items()
+        }
+
+    def _lists(self, values_of: Callable[[str], Any]) -> dict[str, list[Any]]:
+        """A scheduler's per-group lists in the built groups (none where a built group had no
+        parameters: nothing to take its entry from)."""
+        if None in self.firsts:
+            return {}
+        return per_group_lists(values_of, len(self.positions), [f for f in self.firsts if f is not None])
 
     def __call__(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         saved = state_dict["param_groups"]
@@ -62,9 +105,8 @@ class AsBuilt:
         state: dict[int, Any] = {}
         groups: list[dict[str, Any]] = []
         number = 0  # torch numbers the parameters in the order of the groups
-        for position, (hyper, params) in enumerate(self.groups):
-            now = saved[self.positions.index(position)] if position in self.positions else {}
-            group = {k: v if k == "weight_decay" else now.get(k, v) for k, v in hyper.items()}
+        for position, (_, params) in enumerate(self.groups):
+            group = self._group(position, saved)
             group["params"] = list(range(number, number + len(params)))
             for p in params:
                 if index[id(p)] in state_dict["state"]:
@@ -73,47 +115,24 @@ class AsBuilt:
             groups.append(group)
         return {"state": state, "param_groups": groups}
 
-    def scheduler_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A scheduler's ``state_dict()`` with one entry per built group, as a scheduler
-        built on the built groups loads it (their lr functions, base and last lr)."""
-        firsts = [self.positions.index(j) for j in range(len(self.groups)) if j in self.positions]
-        if len(firsts) != len(
-            self.groups
-        ):  # a built group without parameters: nothing to take its entry from
-            return state
-        lists = {
-            name: [values[i] for i in firsts]
-            for name in SCHEDULER_LISTS
-            if isinstance(values := state.get(name), list) and len(values) == len(self.positions)
-        }
-        return {**state, **lists}
-
-    def restore(self, optimizer: Optimizer, schedulers: Sequence[Any] = ()) -> None:
-        """Put ``optimizer`` back in its built groups, in place (the lr in force, the built
+    def restore(self) -> None:
+        """Put the optimizer back in its built groups, in place (the lr in force, the built
         weight decay), and its schedulers' lists; once (later calls change nothing)."""
         if self.restored:
             return
         self.restored = True
-        now = optimizer.param_groups
-        groups = []
-        for position, (hyper, params) in enumerate(self.groups):
-            current = now[self.positions.index(position)] if position in self.positions else {}
-            group = {k: v if k == "weight_decay" else current.get(k, v) for k, v in hyper.items()}
-            groups.append({**group, "params": list(params)})
-        optimizer.param_groups[:] = groups
-        firsts = [self.positions.index(j) for j in range(len(self.groups)) if j in self.positions]
-        for wrapped in schedulers:
+        now = self.optimizer.param_groups
+        built = [
+            {**self._group(position, now), "params": list(params)}
+            for position, (_, params) in enumerate(self.groups)
+        ]
+        self.optimizer.param_groups[:] = built
+        for wrapped in self.schedulers:
             scheduler = getattr(wrapped, "scheduler", wrapped)
-            for name in SCHEDULER_LISTS:
-                values = getattr(scheduler, name, None)
-                if (
-                    isinstance(values, list)
-                    and len(values) == len(self.positions)
-                    and len(firsts) == len(self.groups)
-                ):
-                    setattr(scheduler, name, [values[i] for i in firsts])
+            for name, values in self._lists(vars(scheduler).get).items():
+                setattr(scheduler, name, values)
 
-    def restore_when_loaded(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> Any:
+    def restore_when_loaded(self) -> Any:
         """After training: a ``load_state_dict`` pre-hook that puts the optimizer (and its
         schedulers) back in the built groups when a state of those groups is loaded into it,
         as a trainer that trains again from a checkpoint does (Hugging Face's keeps its
@@ -122,23 +141,25 @@ class AsBuilt:
         def hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
             groups = state_dict.get("param_groups")
             if isinstance(groups, list) and len(groups) == len(self.groups) != len(opt.param_groups):
-                self.restore(opt, schedulers)
+                self.restore()
 
-        return optimizer.register_load_state_dict_pre_hook(hook)
+        return self.optimizer.register_load_state_dict_pre_hook(hook)
 
-    def save_scheduler(self, wrapped: Any) -> Patched:
-        """Have the scheduler inside ``wrapped`` write ``scheduler_state`` (its ``state_dict``
-        replaced on the instance, until ``remove()``): torch's schedulers have no state hooks."""
-        scheduler = getattr(wrapped, "scheduler", wrapped)
-        own = scheduler.state_dict
+    def save_schedulers(self) -> list[Patched]:
+        """Have each scheduler write its state in the built groups (its ``state_dict`` replaced
+        on the instance, until ``remove()``): torch's schedulers have no state hooks."""
+        patched = []
+        for wrapped in self.schedulers:
+            scheduler = getattr(wrapped, "scheduler", wrapped)
 
-        def state_dict() -> dict[str, Any]:
-            state = own()
-            state.pop("state_dict", None)  # torch's schedulers save their __dict__, which now holds this
-            return self.scheduler_state(state)
+            def state_dict(own: Callable[[], dict[str, Any]] = scheduler.state_dict) -> dict[str, Any]:
+                state = own()
+                state.pop("state_dict", None)  # torch's schedulers save their __dict__, which now holds this
+                return {**state, **self._lists(state.get)}
 
-        scheduler.state_dict = state_dict
-        return Patched(scheduler, "state_dict")
+            scheduler.state_dict = state_dict
+            patched.append(Patched(scheduler, "state_dict"))
+        return patched
 
 
 class Patched:

@@ -90,6 +90,7 @@ from regdial.integrations._hp_space import BUILT_ARGUMENTS, TRAINING_ARGUMENTS, 
 from regdial.integrations._online import Online, no_held_out, smoothed
 from regdial.integrations._resume import (
     STATE_DIR,
+    AsBuilt,
     Patched,
     resume_online,
     resume_record,
@@ -168,9 +169,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._shift: bool | None = None
         self._checked_inputs = False
         self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
-        self._after: tuple[Any, RemovableHandle, list[Any], Any] | None = (
-            None  # the regrouping, after training
-        )
+        self._after: tuple[AsBuilt, RemovableHandle] | None = None  # the regrouping, after training
         self._step_loss: Tensor | None = None  # an accumulated step's loss, its micro-batches' shares summed
 
     # -- before training ----------------------------------------------------------------
@@ -217,10 +216,12 @@ class HuggingFaceCallback(TrainerCallback):
                  Described("two on the same model"))  # fmt: skip
         object.__setattr__(model, "_regdial_callback", self)
         if self._after is not None:  # trained before: that optimizer, if it is this one, as it was built
-            built, handle, schedulers, regrouped = self._after
+            previous, handle = self._after
             handle.remove()
-            if regrouped is unwrap(optimizer):  # a new Trainer, or a search's next trial, built its own
-                built.restore(regrouped, schedulers)
+            if previous.optimizer is unwrap(
+                optimizer
+            ):  # a new Trainer, or a search's next trial, built its own
+                previous.restore()
             self._after = None
         resumed = state.global_step > 0
         saved = saved_state(args, state) if resumed else None
@@ -251,9 +252,8 @@ class HuggingFaceCallback(TrainerCallback):
         self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")], resumed=resumed)
         built = self.session.built
         if built is not None:  # saved as the Trainer built them, so that a resumed run loads them
-            self._hooks.append(unwrap(optimizer).register_state_dict_post_hook(built))
-            if kwargs.get("lr_scheduler") is not None:
-                self._hooks.append(built.save_scheduler(kwargs["lr_scheduler"]))
+            self._hooks.append(built.optimizer.register_state_dict_post_hook(built))
+            self._hooks.extend(built.save_schedulers())
         if saved is not None:
             self.session.load_applied(saved, model)
         self._max_steps = max(1, int(getattr(state, "max_steps", 0) or 1))
@@ -450,13 +450,9 @@ class HuggingFaceCallback(TrainerCallback):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        built, optimizer, scheduler = self.session.built, kwargs.get("optimizer"), kwargs.get("lr_scheduler")
-        if (
-            built is not None and optimizer is not None
-        ):  # the Trainer keeps it: a later train() may load into it
-            schedulers = [scheduler] if scheduler is not None else []
-            inner = unwrap(optimizer)
-            self._after = (built, built.restore_when_loaded(inner, schedulers), schedulers, inner)
+        built = self.session.built
+        if built is not None:  # the Trainer keeps its optimizer: a later train() may load into it
+            self._after = (built, built.restore_when_loaded())
         if model is not None:
             if getattr(model, "_regdial_callback", None) is self:
                 object.__delattr__(model, "_regdial_callback")

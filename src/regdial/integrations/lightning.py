@@ -145,6 +145,7 @@ class LightningCallback(pl.Callback):
             )
             if self.online is not None and self._restored.get("online") is not None:
                 self.online.controller.load_state_dict(self._restored["online"])
+                self.session.setting = self.online.controller.start()  # resumed: the saved strengths
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         if self.online is not None:
             from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -154,8 +155,6 @@ class LightningCallback(pl.Callback):
                 no_held_out("a Trainer that validates (a validation_step and val_dataloaders)")
             self.online.say_data("the Trainer's validation data (val_dataloaders)")
             self._last_step = trainer.global_step
-            if self._restored is not None and self._restored.get("online") is not None:
-                self.session.setting = self.online.controller.start()  # resumed: the saved strengths
         applied = self.session.start(
             pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
         )
