@@ -374,3 +374,24 @@ def test_diagonal_steps_threshold_each_coordinate() -> None:
 def test_bad_step_tensors(steps, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         L1(0.1).prox_(torch.ones(3), lr=steps)
+
+
+def test_l2sp_anchors_travel_by_name_and_a_missing_or_misshapen_one_is_named() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    penalty = L2SP(0.1, model)
+    start = {k: v.clone() for k, v in penalty.anchors(model).items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    resumed = L2SP(0.1, model)  # anchored at the trained weights, as a trainer's resume builds it
+    resumed.load_anchors(model, start)
+    assert all(torch.equal(resumed.anchors(model)[k], start[k]) for k in start)
+    with pytest.raises(
+        ValueError, match=r"^L2SP\.anchors\.1\.weight must be a tensor of shape \(2, 4\), got none$"
+    ):
+        resumed.load_anchors(model, {k: v for k, v in start.items() if k != "1.weight"})
+    with pytest.raises(
+        ValueError, match=r"^L2SP\.anchors\.0\.bias must be a tensor of shape \(4,\), got shape \(5,\)$"
+    ):
+        resumed.load_anchors(model, {**start, "0.bias": torch.zeros(5)})
