@@ -488,3 +488,17 @@ def test_max_norm_beside_a_penalty_knob_is_said_once(caplog) -> None:
         fit("wine", controller.start(), epochs=2, progress=False, controller=controller)
     said = [r.getMessage() for r in caplog.records if "max_norm caps the weights" in r.getMessage()]
     assert len(said) == 1 and "weight_decay's hypergradient takes the uncapped fixed point" in said[0]
+
+
+def test_a_state_loaded_into_a_controller_in_use_walks_its_held_out_loader_from_the_saved_place() -> None:
+    # A notebook resumes a trainer's run with the same callback: its controller, already
+    # walking the held-out loader, is handed the checkpoint's state. The walk goes on from
+    # the checkpoint's place, not from where the controller's own iterator stood.
+    loader = torch.utils.data.DataLoader(torch.arange(8.0).unsqueeze(1), batch_size=1)
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}), every=3)
+    first = controller._next_loaded(loader)
+    state = controller.state_dict()
+    walked = [controller._next_loaded(loader) for _ in range(3)]
+    controller.load_state_dict(state)
+    assert float(first) == 0.0 and [float(b) for b in walked] == [1.0, 2.0, 3.0]
+    assert float(controller._next_loaded(loader)) == 1.0

@@ -442,5 +442,6 @@ class HypergradientController:
         if q is not None and not (isinstance(q, list) and all(isinstance(t, Tensor) for t in q)):
             raise ValueError("q: not a list of tensors")
         self.q = None if q is None else [t.clone() for t in q]
+        self._val_iter = None  # a held-out loader is walked again to val_index at the next step
         if self.curves is not None:
             self.curves.load_state_dict(dict(state["curves"]))
