@@ -119,6 +119,9 @@ def test_online_on_a_causal_lm_inside_the_trainer_smooths_shifted_labels(tmp_pat
                          callbacks=[callback]).train()  # fmt: skip
     assert {m["knob"] for m in controller.moves} == {"label_smoothing", "l2"}
     assert callback._shift is True
+    # A language model logs no accuracy: the curves' judge reads its loss, not the
+    # evaluation's clock, which the Trainer logs first (eval_runtime was read as the metric).
+    assert "val_runtime" in callback.history.columns and callback.history.metric == "loss"
     # The validation objective is fit's, the calibrated cross-entropy (not the plain loss,
     # whose hypergradient walks smoothing and decay to their floors), on the next tokens:
     # the logits of positions 0-10 against the tokens at 1-11.
@@ -341,3 +344,17 @@ def test_a_resumed_lightning_run_regroups_with_the_strengths_it_saved(tmp_path: 
         fit(3, str(sorted(checkpoints.glob("*.ckpt"))[-1]))
     said = [r.getMessage() for r in caplog.records if "replaces the optimizer's own" in r.getMessage()]
     assert said and f"weight_decay={saved:g}" in said[0] and "weight_decay=0.05 " not in said[0]
+
+
+def test_a_trainers_evaluation_clock_is_not_a_histories_metric() -> None:
+    from regdial.training.history import History
+
+    row = {
+        "epoch": 1.0,
+        "train_loss": 2.0,
+        "val_loss": 2.1,
+        "val_runtime": 0.4,
+        "val_samples_per_second": 160.0,
+    }
+    assert History(None, [row]).metric == "loss"
+    assert History(None, [{**row, "val_accuracy_se": 0.01, "val_accuracy": 0.5}]).metric == "accuracy"

@@ -30,7 +30,7 @@ from typing import Any
 from regdial._checks import Described, fail
 from regdial._io import damaged, read_json, write_json, write_text
 
-__all__ = ["KINDS", "REQUIRED", "History", "higher_is_better", "log_in", "metric_columns"]
+__all__ = ["KINDS", "REQUIRED", "History", "higher_is_better", "is_bookkeeping", "log_in", "metric_columns"]
 
 KINDS = ("classification", "regression")
 REQUIRED = ("epoch", "train_loss", "val_loss")
@@ -50,6 +50,13 @@ def metric_columns(kind: str) -> list[str]:
     paired = [name for m in metrics for name in (f"train_{m}", f"val_{m}")]
     return ["epoch", "train_loss", "val_loss", "gap", *paired, f"val_{metrics[0]}_se", "weight_norm",
             "zero_fraction", "lr", "seconds"]  # fmt: skip
+
+
+def is_bookkeeping(column: str) -> bool:
+    """Whether a logged column is about the evaluation, not the model: its clock (a Hugging
+    Face Trainer logs ``eval_runtime``, ``eval_samples_per_second``...) or a metric's
+    standard error (``val_accuracy_se``)."""
+    return "runtime" in column or "per_second" in column or column.endswith("_se")
 
 
 def _number(field: str, value: object) -> float:
@@ -125,7 +132,7 @@ class History:
             return METRICS[self.kind][0]
         for row in self.rows[:1]:
             for key in row:
-                if key.startswith("val_") and key != "val_loss":
+                if key.startswith("val_") and key != "val_loss" and not is_bookkeeping(key):
                     return key[4:]
         return "loss"
 
