@@ -42,15 +42,19 @@ class StopAt(transformers.TrainerCallback):  # type: ignore[misc]
 
 
 def hf_run(
-    out: Path, callback: hf.HuggingFaceCallback, stop: int | None = None, resume: str | None = None
+    out: Path,
+    callback: hf.HuggingFaceCallback,
+    stop: int | None = None,
+    resume: str | None = None,
+    save_steps: int = 4,
 ) -> Any:
     """12 steps, evaluated and saved every 4. Evaluated before it is saved in the same step,
     as here: the checkpoint's RNG state is then the one the uninterrupted run trains on
     (an evaluation draws from it: its DataLoader's seed)."""
     arguments = transformers.TrainingArguments(
         output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-3,
-        eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4, logging_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0,
+        eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=save_steps, logging_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = transformers.Trainer(model=tiny_bert(), args=arguments, train_dataset=TokenTask(0, 128),
                                    eval_dataset=TokenTask(1, 128), compute_metrics=accuracy,
@@ -104,6 +108,21 @@ def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: P
         assert second.online.controller.values == whole_callback.online.controller.values
         moves = whole_callback.online.controller.moves
         assert second.online.controller.moves == moves and any(m["step"] > 8 for m in moves)
+
+
+def test_a_run_resumed_between_two_evaluations_records_the_training_loss_of_all_their_steps(
+    tmp_path: Path,
+) -> None:
+    # Saved at step 6, evaluated at 4 and 8: the row of step 8 is the mean loss of steps 5-8,
+    # two of them trained before the stop (the resumed run's row held steps 7-8 alone).
+    whole_callback, first, second = (hf.HuggingFaceCallback(EVERY_KIND) for _ in range(3))
+    whole = hf_run(tmp_path / "whole", whole_callback, save_steps=2)
+    hf_run(tmp_path / "parts", first, stop=6, save_steps=2)
+    resumed = hf_run(
+        tmp_path / "parts", second, resume=str(tmp_path / "parts" / "checkpoint-6"), save_steps=2
+    )
+    assert same_weights(whole.model, resumed.model) == 0.0
+    assert timeless(second.history.rows) == timeless(whole_callback.history.rows)
 
 
 def test_a_checkpoint_copied_out_of_the_output_directory_or_trained_again_continues(tmp_path: Path) -> None:

@@ -233,6 +233,7 @@ class Session:
             "history": self.history.to_dict(),
             "live": self._live,
             "start": self.setting.to_dict(),
+            "train_loss": list(self._train_loss),  # the steps since the last evaluation
         }
 
     def swap_in_average(self, saved: Any, model: nn.Module) -> dict[str, Tensor] | None:
@@ -259,6 +260,8 @@ class Session:
                  Described(", ".join(f"{k}={now[k]}" for k in changed)))  # fmt: skip
         self.stopper.load_state_dict(state["early_stopping"])
         self.history = History.from_dict(state["history"], where)
+        total, count = state.get("train_loss", (0.0, 0))
+        self._train_loss = [float(total), int(count)]
 
     def load_applied(self, state: Mapping[str, Any], model: nn.Module) -> None:
         """The applied setting's state and the live weights of ``state_dict()``, after ``start``."""
