@@ -502,3 +502,25 @@ def test_a_state_loaded_into_a_controller_in_use_walks_its_held_out_loader_from_
     controller.load_state_dict(state)
     assert float(first) == 0.0 and [float(b) for b in walked] == [1.0, 2.0, 3.0]
     assert float(controller._next_loaded(loader)) == 1.0
+
+
+def test_an_epochs_setting_is_the_one_its_last_step_trained_under(tmp_path: Path) -> None:
+    # A move after an epoch's last step applies from the next epoch: the weights the epoch
+    # ended with (the ones a best epoch is restored to) never trained under it.
+    class LastStepTurn:
+        def __init__(self) -> None:
+            self.turns = 0
+
+        def __call__(self, history, applied):
+            return None
+
+        def after_step(self, run, inputs, targets):
+            if run.loop.step % run.source.steps_per_epoch():
+                return None
+            self.turns += 1
+            return Regularization(weight_decay=0.01 * 2**self.turns)
+
+    history = fit("wine", Regularization(weight_decay=0.01), epochs=3, controller=LastStepTurn(), progress=False,
+                  run_dir=tmp_path)  # fmt: skip
+    said = history.meta["summary"]
+    assert said["best_setting"]["weight_decay"] == 0.01 * 2 ** (said["best_epoch"] - 1)

@@ -144,6 +144,7 @@ class Run:
         if callable(to_dict):  # the ranges a controller's strengths stay in (the advice does too)
             self.history.meta["space"] = to_dict()
         self.loop = LoopState()
+        self.trained_with = setting  # the setting of the last optimizer step
         self.reason = ""
         self.saved_epoch: int | None = None
         self.interrupt = Interrupt()
@@ -242,6 +243,7 @@ class Run:
         self.loop.step += 1
         self.loop.running["loss"] += value * count
         self.loop.running["seen"] += count
+        self.trained_with = self.applied.setting  # a turn after the step applies from the next
         if self.after_step is not None:
             turned = self.after_step(self, *clean)
             if turned is not None and turned != self.applied.setting:
@@ -280,7 +282,7 @@ class Run:
         row |= {"weight_norm": norm, "zero_fraction": zeros, "lr": float(self.applied.optimizer.param_groups[0]["lr"]),
                 "seconds": seconds}  # fmt: skip
         self.history.append(row)
-        self.loop.end_epoch(epoch, self.applied.setting.to_dict())
+        self.loop.end_epoch(epoch, self.trained_with.to_dict())
         watched = row.get(self.monitor, math.nan)
         tiebreak = None if self.monitor == "val_loss" else row["val_loss"]  # an accuracy's ties
         stop = self.applied.end_epoch(

@@ -41,7 +41,9 @@ class LoopState:
     """The training loss summed over this epoch's batches so far, and the samples seen."""
     status: str = "running"
     settings: dict[int, dict[str, Any]] = field(default_factory=dict)
-    """The setting in force during each epoch (a controller may turn it), by epoch."""
+    """The setting each epoch's last optimizer step trained under, by epoch: the one that
+    made the weights it ended with (a controller may turn it; a turn after that step
+    applies from the next epoch)."""
 
     def end_epoch(self, epoch: int, setting: dict[str, Any]) -> None:
         """``epoch`` is done, trained under ``setting``."""
