@@ -564,3 +564,16 @@ def test_lightning_keeps_the_modules_own_decay_and_regroups_any_layout(
         g["lr"] == pytest.approx(1e-3) for g in groups
     )  # StepLR(2) after 8 steps: 1e-2 * 0.1^4... in step
     assert "replaces the optimizer's own (0.1)" in caplog.text
+
+
+def test_a_dropout_the_online_controller_moves_is_the_one_a_saved_model_reloads_with(tmp_path: Path) -> None:
+    from regdial.integrations._common import Session
+
+    model = lora()
+    session = Session(Regularization(dropout=0.1), None, "val_loss")
+    session.start(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), None, None)
+    session.retune(Regularization(dropout=0.04))  # an online move
+    assert model.config.resid_pdrop == model.config.attn_pdrop == 0.04
+    assert model.peft_config["default"].lora_dropout == 0.04
+    model.save_pretrained(tmp_path)
+    assert '"lora_dropout": 0.04' in (tmp_path / "adapter_config.json").read_text()

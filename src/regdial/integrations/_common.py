@@ -49,17 +49,19 @@ CONFIG_DROPOUT = (
 
 
 def set_config_dropout(model: nn.Module, rate: float) -> list[str]:
-    """Write ``rate`` into the model's config (``model.config``) so a saved model reloads with it."""
-    config = getattr(model, "config", None)
+    """Write ``rate`` into the model's config (``model.config``), and a peft model's adapter
+    configs (``lora_dropout``), so a saved model (or adapter) reloads with it."""
+    configs = [getattr(model, "config", None)]
+    peft = getattr(model, "peft_config", None)
+    if isinstance(peft, Mapping):
+        configs += list(peft.values())
     changed = []
-    for name in CONFIG_DROPOUT:
-        if (
-            config is not None
-            and isinstance(getattr(config, name, None), float | int)
-            and not isinstance(getattr(config, name), bool)
-        ):
-            setattr(config, name, float(rate))
-            changed.append(name)
+    for config in configs:
+        for name in (*CONFIG_DROPOUT, "lora_dropout"):
+            value = getattr(config, name, None) if config is not None else None
+            if isinstance(value, float | int) and not isinstance(value, bool):
+                setattr(config, name, float(rate))
+                changed.append(name)
     return changed
 
 
@@ -205,6 +207,15 @@ class Session:
                            "lora_B) is then under plain L2, and the frozen weights are untouched",
                            self.setting.l2sp)  # fmt: skip
         return self.applied
+
+    def retune(self, turned: Regularization | None) -> None:
+        """An online controller's turn, applied; a dropout it moved goes into the model's
+        config too, as the start's did (a model saved after the move reloads with it)."""
+        if self.applied is None or turned is None or turned == self.applied.setting:
+            return
+        self.applied.retune(turned)
+        if turned.dropout is not None:
+            set_config_dropout(self.applied.model, resolve_float(turned.dropout))
 
     # -- the evaluated weights ----------------------------------------------------------
 

@@ -404,9 +404,7 @@ class HuggingFaceCallback(TrainerCallback):
             smooths=not targets.is_floating_point(), val_pending=val is None,
             logits=None if targets.is_floating_point() else logits,
         )  # fmt: skip
-        turned = self.online.step(training, inputs, targets)
-        if turned is not None:
-            self.session.applied.retune(turned)
+        self.session.retune(self.online.step(training, inputs, targets))
 
     def on_epoch_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -428,11 +426,8 @@ class HuggingFaceCallback(TrainerCallback):
                 self.session.use_live(model)
         if stop:
             control.should_training_stop = True
-        applied = self.session.applied
-        if self.online is not None and applied is not None:
-            turned = self.online.controller(self.session.history, applied)
-            if turned is not None and turned != applied.setting:
-                applied.retune(turned)
+        if self.online is not None and self.session.applied is not None:
+            self.session.retune(self.online.controller(self.session.history, self.session.applied))
 
     def on_save(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any

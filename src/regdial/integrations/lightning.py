@@ -223,9 +223,7 @@ class LightningCallback(pl.Callback):
             smooths=loss_fn is None and num_classes is not None, val_pending=val is None and len(self.history) == 0,
             logits=(lambda x, y: (forward(pl_module, x), y)) if loss_fn is None and num_classes is not None else None,
         )  # fmt: skip
-        turned = self.online.step(training, inputs, targets)
-        if turned is not None:
-            self.session.applied.retune(turned)
+        self.session.retune(self.online.step(training, inputs, targets))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -245,11 +243,8 @@ class LightningCallback(pl.Callback):
             self.session.use_live(pl_module)
         if stop:
             trainer.should_stop = True
-        applied = self.session.applied
-        if self.online is not None and applied is not None:
-            turned = self.online.controller(self.session.history, applied)
-            if turned is not None and turned != applied.setting:
-                applied.retune(turned)
+        if self.online is not None and self.session.applied is not None:
+            self.session.retune(self.online.controller(self.session.history, self.session.applied))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = trainer.log_dir or trainer.default_root_dir
