@@ -45,3 +45,19 @@ def test_report_without_baseline_or_weights(tmp_path: Path) -> None:
 def test_report_needs_a_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^run_dir must be a regdial run directory \(with history.csv\)"):
         report(tmp_path)
+
+
+def test_the_knobs_plot_draws_each_knob_from_its_start_to_the_runs_last_step(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import matplotlib.axes
+
+    from regdial.reports.run import _knobs
+
+    drawn: list[tuple[list[float], list[float]]] = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "step", lambda ax, x, y, **kw: drawn.append((list(x), list(y))))
+    online = {"moves": [{"step": 64, "epoch": 4, "knob": "dropout", "value": 0.04}],
+              "start": {"weight_decay": 0.05, "dropout": 0.1}, "last_step": 128}  # fmt: skip
+    assert _knobs(online, tmp_path / "knobs.png")
+    # weight decay never moved: flat from step 0; dropout from its start, held after its move
+    assert drawn == [([0.0, 128.0], [0.05, 0.05]), ([0.0, 64.0, 128.0], [0.1, 0.04, 0.04])]

@@ -62,6 +62,8 @@ class Online:
         if not isinstance(online, HypergradientController):
             fail("online", "a regdial.Space or a HypergradientController", online)
         self.controller = online
+        # Where the knobs start (a resumed run's controller is made afresh: the same start).
+        self.initial = {name: float(getattr(online.start(), name) or 0.0) for name in online.space.knobs}
         self.data = None if data is None else check_reiterable("online_data", data)
         self.started = time.perf_counter()
         self.said = False
@@ -112,7 +114,8 @@ class Online:
         share = c.seconds / total if total > 0 else math.nan
         meta["online"] = {"moves": [dict(m) for m in c.moves], "turns": c.turns, "hypergradient_steps": c.updates,
                           "cost": share if math.isfinite(share) else None,
-                          "values": c.start().to_dict()}  # fmt: skip
+                          "values": c.start().to_dict(), "start": dict(self.initial),
+                          "last_step": c.last_step}  # fmt: skip
         meta["space"] = c.space.to_dict()  # the ranges the strengths stayed in, which the advice keeps
         if c.updates == 0:
             logger.warning("regdial: online: no hypergradient step was taken (the run ended within the warm-up, a "

@@ -95,16 +95,23 @@ def _gap(history: History, baseline: History | None, diagnosis: Diagnosis, path:
 
 
 def _knobs(online: Mapping[str, Any], path: Path) -> bool:
-    """Each knob the run turned itself (``online=``), over its optimizer steps; False: none moved."""
+    """Each knob the run turned itself (``online=``), over its optimizer steps: from where it
+    started (step 0) to the run's last step, a knob that never moved flat; False: no knobs."""
     moves = [m for m in online.get("moves", []) if isinstance(m, Mapping)]
-    knobs = sorted({str(m["knob"]) for m in moves})
+    start = online.get("start") if isinstance(online.get("start"), Mapping) else {}
+    knobs = list(start) + sorted({str(m["knob"]) for m in moves} - set(start))
     if not knobs:
         return False
+    last = float(online.get("last_step") or max((float(m["step"]) for m in moves), default=0.0))
     plt = pyplot()
     figure, axes = plt.subplots(1, len(knobs), figsize=(min(11, 3.7 * len(knobs)), 3.2), squeeze=False)
     for ax, knob in zip(axes[0], knobs, strict=True):
-        steps = [float(m["step"]) for m in moves if m["knob"] == knob]
-        values = [float(m["value"]) for m in moves if m["knob"] == knob]
+        steps = [0.0] if knob in start else []
+        values = [float(start[knob])] if knob in start else []
+        steps += [float(m["step"]) for m in moves if m["knob"] == knob]
+        values += [float(m["value"]) for m in moves if m["knob"] == knob]
+        if last > steps[-1]:  # held from its last move to the run's end
+            steps, values = [*steps, last], [*values, values[-1]]
         ax.step(steps, values, where="post", color=COLORS["val"])
         if min(values) > 0 and max(values) / min(values) > 10:
             ax.set_yscale("log")
