@@ -471,7 +471,11 @@ def test_ctrl_c_stops_the_search_and_the_same_command_resumes_it(tmp_path: Path)
     ("strategy", "kwargs", "message"),
     [
         ("path", {"budget": "5 trials"}, r"^budget must be unset with strategy 'path' \(its cost is fixed"),
-        ("online", {"budget": 100}, r"^budget must be unset with strategy 'online'"),
+        (
+            "online",
+            {"budget": 100},
+            r"^budget must be unset with strategy 'online' \(its cost is fixed: one run of the trial length\)",
+        ),
         ("path", {"storage": "sqlite:///x.db"}, r"^storage must be unset with strategy 'path'"),
         ("online", {"workers": 2}, r"^workers must be unset with strategy 'online'"),
         ("path", {"grid_points": 3}, r"^grid_points must be unset with strategy 'path'"),

@@ -182,7 +182,7 @@ class Search:
                      "workers": self.workers if self.workers > 1 else None}  # fmt: skip
             name = next((name for name, value in given.items() if value is not None), None)
             if name is not None:
-                cost = "six warm-started points" if self.strategy == "path" else "one run of twice the epochs"
+                cost = "six warm-started points" if self.strategy == "path" else "one run of the trial length"
                 fail(name, f"unset with strategy {self.strategy!r} (its cost is fixed: {cost})", given[name])
         elif grid_points is not None and self.strategy != "grid":
             fail("grid_points", f"unset with strategy {self.strategy!r} (it applies to 'grid')", grid_points)
