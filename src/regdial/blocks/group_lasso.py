@@ -50,6 +50,7 @@ class GroupLasso(Penalty):
     """
 
     elementwise: ClassVar[bool] = False
+    sparsifying: ClassVar[bool] = True
 
     def __init__(
         self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None,

@@ -50,6 +50,7 @@ class L2SP(Penalty):
     """
 
     warmup: ClassVar[bool] = False
+    anchored: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -98,6 +98,14 @@ class Penalty(Scheduled, ABC):
     elementwise: ClassVar[bool] = True
     """Whether the prox acts on each element alone (exact on FSDP's sharded parameters)."""
 
+    sparsifying: ClassVar[bool] = False
+    """Whether the prox sets weights exactly to zero (L1, elastic net, group lasso)."""
+
+    anchored: ClassVar[bool] = False
+    """Whether the prox pulls toward a point other than zero (L2-SP). ``attach_prox`` runs
+    its step before the sparsifying ones on the same optimizer, whatever order they were
+    attached in: after them it would move every exact zero off zero."""
+
     def __init__(self, strength: Strength, *, foreach: bool | None = None, fused: bool | None = None) -> None:
         self.strength = strength
         self.foreach = foreach
@@ -317,6 +325,8 @@ class L1(Penalty):
     ``(1/2n)||y - Xw||^2 + R(w)`` is scikit-learn's ``Lasso(alpha=s)`` objective.
     """
 
+    sparsifying: ClassVar[bool] = True
+
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
         return l1_sum(group, dtype, fast)
 
@@ -396,6 +406,8 @@ class ElasticNet(Penalty):
 
         w <- sign(w) * max(|w| - lr*s*r, 0) / (1 + lr*s*(1 - r))
     """
+
+    sparsifying: ClassVar[bool] = True
 
     def __init__(
         self,

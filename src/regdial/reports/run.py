@@ -98,7 +98,8 @@ def _knobs(online: Mapping[str, Any], path: Path) -> bool:
     """Each knob the run turned itself (``online=``), over its optimizer steps: from where it
     started (step 0) to the run's last step, a knob that never moved flat; False: no knobs."""
     moves = [m for m in online.get("moves", []) if isinstance(m, Mapping)]
-    start = online.get("start") if isinstance(online.get("start"), Mapping) else {}
+    given = online.get("start")
+    start: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
     knobs = list(start) + sorted({str(m["knob"]) for m in moves} - set(start))
     if not knobs:
         return False
