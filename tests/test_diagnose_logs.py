@@ -163,3 +163,38 @@ def test_a_lightning_metrics_csv_says_how_its_epochs_are_counted(tmp_path: Path)
     message = diagnose(history).message
     assert message.startswith("overfitting since epoch ")
     assert message.endswith(" (epochs counted from 1: the log's epoch 0 is epoch 1 here)")
+
+
+def _trainer_state(tmp_path: Path, entries: list[dict[str, float]]) -> Path:
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps({"log_history": entries}))  # NaN as JSON's NaN, as the Trainer writes it
+    return path
+
+
+def test_a_trainer_log_whose_training_loss_went_nan_is_diverged(tmp_path: Path) -> None:
+    # logging_nan_inf_filter=False: the Trainer logs the NaN itself. Its evaluations were
+    # dropped, and the healthy epochs before them read as a good fit.
+    entries = []
+    for row in _overfitting_rows()[:12]:
+        nan = row["epoch"] >= 7
+        entries += [{"epoch": row["epoch"], "loss": math.nan if nan else row["train_loss"]},
+                    {"epoch": row["epoch"], "eval_loss": math.nan if nan else row["val_loss"]}]  # fmt: skip
+    history = History.load(_trainer_state(tmp_path, entries))
+    assert len(history) == 12
+    reading = diagnose(history)
+    assert reading.state == "diverged" and "epoch 7" in reading.message
+
+
+def test_a_trainer_log_that_logs_its_training_loss_rarely_keeps_every_evaluation(tmp_path: Path) -> None:
+    # logging_steps past several evaluations (the Trainer's 500 on a small run): the
+    # evaluations before the first training loss were dropped and the epochs shifted by 5.
+    rows = _overfitting_rows()
+    entries = []
+    for row in rows:
+        entries.append({"epoch": row["epoch"], "eval_loss": row["val_loss"]})
+        if row["epoch"] % 6 == 0:
+            entries.append({"epoch": row["epoch"], "loss": row["train_loss"]})
+    history = History.load(_trainer_state(tmp_path, entries))
+    assert [r["epoch"] for r in history.rows] == [r["epoch"] for r in rows]
+    assert history.rows[0]["train_loss"] == rows[5]["train_loss"]  # the first logged mean covers them
+    assert diagnose(history).overfit_epoch == diagnose(History(None, rows)).overfit_epoch == 8

@@ -205,9 +205,9 @@ def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:
     entries = document.get("log_history")
     if not isinstance(entries, list):
         damaged(where, "a trainer_state.json with a log_history list", "something else")
-    rows: list[dict[str, float]] = []
+    rows: list[dict[str, Any]] = []
     pending: list[float] = []
-    last_train = math.nan
+    last_train: float | None = None  # None: no training loss logged yet (a NaN one is kept)
     fractional = False
     for entry in entries:
         if not isinstance(entry, Mapping):
@@ -219,16 +219,23 @@ def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:
         if pending:
             last_train = sum(pending) / len(pending)
             pending = []
+            for early in rows:  # evaluations before the first logged training loss
+                if early["train_loss"] is None:
+                    early["train_loss"] = last_train
         epoch = float(entry.get("epoch", len(rows) + 1))
         fractional = fractional or not epoch.is_integer()
-        row = {"epoch": epoch, "train_loss": last_train}
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": last_train}
         for key, value in entry.items():
             if key.startswith("eval_") and isinstance(value, int | float) and not isinstance(value, bool):
                 if key.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
                     continue
                 row[normalize(key)] = float(value)
-        if math.isfinite(last_train):
-            rows.append(row)
+        rows.append(row)
+    # The first logged training loss is the mean over the steps before it, the evaluations
+    # before it included (as a later one holds for the evaluations after it until the next).
+    first = sum(pending) / len(pending) if pending else None
+    rows = [r | {"train_loss": first} if r["train_loss"] is None else r for r in rows]
+    rows = [r for r in rows if r["train_loss"] is not None]  # a log with no training loss at all
     if fractional:  # evaluations inside epochs: number them 1, 2, 3...
         for index, row in enumerate(rows, start=1):
             row["epoch_fraction"], row["epoch"] = row["epoch"], float(index)
