@@ -198,3 +198,33 @@ def test_a_trainer_log_that_logs_its_training_loss_rarely_keeps_every_evaluation
     assert [r["epoch"] for r in history.rows] == [r["epoch"] for r in rows]
     assert history.rows[0]["train_loss"] == rows[5]["train_loss"]  # the first logged mean covers them
     assert diagnose(history).overfit_epoch == diagnose(History(None, rows)).overfit_epoch == 8
+
+
+def test_an_epoch_log_that_validates_every_other_epoch_is_read_by_its_evaluations(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    rows = _overfitting_rows()
+    path.write_text("epoch,train_loss,val_loss\n" + "".join(
+        f"{int(r['epoch'])},{r['train_loss']},{r['val_loss'] if r['epoch'] % 2 == 0 else ''}\n" for r in rows))  # fmt: skip
+    history = History.load(path)
+    assert [r["epoch"] for r in history.rows] == [float(e) for e in range(2, 17, 2)]
+    assert history.meta["epoch_unit"] == "epoch" and diagnose(history).overfit_epoch == 8
+
+
+@pytest.mark.parametrize("epoch", ["one", None])
+def test_a_trainer_log_with_an_epoch_that_is_no_number_is_one_line(
+    tmp_path: Path, epoch: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from regdial.cli import main
+
+    path = tmp_path / "trainer_state.json"
+    path.write_text(
+        json.dumps({"log_history": [{"loss": 1.0, "epoch": 1}, {"eval_loss": 1.0, "epoch": epoch}]})
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(["diagnose", str(path)])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and "log_history epochs are numbers" in err
+        and len(err.strip().splitlines()) == 1
+    )

@@ -258,6 +258,10 @@ class History:
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             damaged(path, "a history with epoch, train_loss and val_loss columns", f"no {', '.join(missing)}")
+        if any(not record.get(c) for record in rows for c in ("train_loss", "val_loss")):
+            # a loop that validates every few epochs, or logs its losses on rows of their own
+            kind, table, meta = logs.from_step_rows(rows, header, "epoch", str(path), unit="epoch")
+            return cls(kind, table, **meta)
         parsed = []
         for line, record in enumerate(rows, start=2):
             try:

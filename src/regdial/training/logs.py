@@ -131,10 +131,13 @@ def from_lightning_rows(rows: list[dict[str, str]], header: list[str], where: st
     return _table([by_epoch[e] for e in sorted(by_epoch)], where, source="lightning", log=where)
 
 
-def from_step_rows(rows: list[dict[str, str]], header: list[str], counter: str, where: str) -> Table:
+def from_step_rows(
+    rows: list[dict[str, str]], header: list[str], counter: str, where: str, unit: str = "step"
+) -> Table:
     """A log by step as one row per evaluation: each row with a validation loss, its step as
-    the row's ``epoch`` (``epoch_unit`` "step"), and the training loss of that step or, when
-    training losses sit on rows of their own, their mean since the previous evaluation."""
+    the row's ``epoch`` (``epoch_unit`` ``unit``), and the training loss of that step or, when
+    training losses sit on rows of their own, their mean since the previous evaluation. An
+    epoch log that validates every few epochs is read the same way (``unit`` "epoch")."""
     table: list[dict[str, float]] = []
     pending: list[float] = []
     for line, record in enumerate(rows, start=2):
@@ -157,7 +160,7 @@ def from_step_rows(rows: list[dict[str, str]], header: list[str], counter: str, 
             pending = []
             if "train_loss" in values:
                 table.append(values)
-    return _table(table, where, source="csv", log=where, epoch_unit="step")
+    return _table(table, where, source="csv", log=where, epoch_unit=unit)
 
 
 TENSORBOARD_TAGS = {"train_loss": "train_loss", "loss": "train_loss", "loss_train": "train_loss",
@@ -222,7 +225,11 @@ def from_trainer_state(document: Mapping[str, Any], where: str) -> Table:
             for early in rows:  # evaluations before the first logged training loss
                 if early["train_loss"] is None:
                     early["train_loss"] = last_train
-        epoch = float(entry.get("epoch", len(rows) + 1))
+        epoch = entry.get("epoch", len(rows) + 1)
+        if isinstance(epoch, bool) or not isinstance(epoch, int | float):
+            damaged(where, "a trainer_state.json whose log_history epochs are numbers",
+                    f"epoch {shorten(repr(epoch), 30)} at evaluation {len(rows) + 1}")  # fmt: skip
+        epoch = float(epoch)
         fractional = fractional or not epoch.is_integer()
         row: dict[str, Any] = {"epoch": epoch, "train_loss": last_train}
         for key, value in entry.items():
