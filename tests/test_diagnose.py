@@ -216,10 +216,21 @@ def test_an_unset_dropout_is_advised_as_the_models_own_rates_not_zero() -> None:
     val = 2.0 * np.exp(-E / 6) + 0.3 + 0.015 * np.maximum(0, E - 20)
     message = diagnose(history(train, val, noise=0.02), Regularization(weight_decay=0.01)).message
     assert (
-        "raise weight_decay (x3: 0.01 -> 0.03) or set dropout to 0.1 (unset, the model's own rates are in force)"
-        in message
-    )
+        "raise weight_decay (x3: 0.01 -> 0.03) or raise dropout above the model's own rates (unset here: 0.1 "
+        "where they are lower)" in message
+    )  # "set dropout to 0.1" was a no-op for a GPT-2 or a BERT, whose own rates are 0.1
     assert "dropout (0 ->" not in message
+
+
+def test_a_log_without_a_setting_is_advised_from_what_ran_whatever_it_was() -> None:
+    # nanoGPT's default weight decay is 0.1: "raise weight_decay (0 -> 0.01)" was a tenfold cut.
+    train = 2.0 * np.exp(-E / 6)
+    val = 2.0 * np.exp(-E / 6) + 0.3 + 0.015 * np.maximum(0, E - 20)
+    message = diagnose(history(train, val, noise=0.02)).message
+    assert message.startswith(
+        "overfitting since epoch 21, gap 0.874: raise weight_decay (0.01 if it was off, x3 what ran if not) or "
+        "raise dropout (0.1 if it was off, +0.1 what ran if not) (the log records no setting);"
+    )
 
 
 def test_a_smoothed_training_loss_at_label_smoothings_floor_is_not_underfitting() -> None:

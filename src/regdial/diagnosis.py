@@ -155,13 +155,23 @@ def _moves(setting: Regularization, direction: int, kind: str | None) -> dict[st
     return moves
 
 
-def _describe(moves: dict[str, Any], setting: Regularization) -> str:
+def _describe(moves: dict[str, Any], setting: Regularization, known: bool = True) -> str:
+    """The moves in words. A rate left unset is the model's own (GPT-2's and BERT's 0.1, a
+    plain MLP's none), unknown here: the advice is to go above it. A log that records no
+    setting leaves what ran unknown: a knob is raised to its first strength if it was off,
+    by its step if it was on."""
     parts = []
     for name, new in moves.items():
         old = _number(getattr(setting, name)) or 0.0
-        if getattr(setting, name) is None:  # unset: the model's own rates (a GPT-2's 0.1), unknown here
-            parts.append(f"set {name} to {new:g} (unset, the model's own rates are in force)")
-        elif KNOBS[name].step[0] == "times" and old > 0:
+        how, size = KNOBS[name].step
+        if not known and old == 0 and new > 0:
+            step = f"x{size:g}" if how == "times" else f"+{size:g}"
+            parts.append(f"raise {name} ({new:g} if it was off, {step} what ran if not)")
+        elif getattr(setting, name) is None:
+            parts.append(
+                f"raise {name} above the model's own rates (unset here: {new:g} where they are lower)"
+            )
+        elif how == "times" and old > 0:
             factor = new / old
             parts.append(f"{'raise' if factor > 1 else 'lower'} {name} (x{factor:.3g}: {old:g} -> {new:g})")
         elif new > old:
@@ -246,10 +256,10 @@ def diagnose(
 
     def make(state: State, message: str, direction: int, overfit_epoch: int | None = None) -> Diagnosis:
         moves, held = _within(_moves(setting, direction, history.kind), setting, history.meta.get("space"))
-        advice = " or ".join(filter(None, [_describe(moves, setting), held]))
+        advice = " or ".join(filter(None, [_describe(moves, setting, known), held]))
         text = message + (f": {advice}" if advice else "")
         if advice and not known:
-            text += " (the log records no setting: the advice starts from every knob off)"
+            text += " (the log records no setting)"
         if direction > 0 and early is not None:
             at = f"{'' if unit == 'epoch' else unit + ' '}{early}"
             stopped = setting.early_stopping > 0 and early == epochs[-1]  # it did: the run ends there
