@@ -74,6 +74,8 @@ def test_a_loss_only_log_that_stays_high_is_underfitting(tmp_path: Path) -> None
     result = diagnose(History.load(log))
     assert result.state == "underfitting", result.message
     assert "records no setting" in result.message and "already off" not in result.message
+    # a loss-only log's reference is its first evaluation, not an untrained model's (ln V)
+    assert "of its first evaluation's (train" in result.message
 
 
 def _overfitting_rows() -> list[dict[str, float]]:

@@ -386,23 +386,26 @@ def _underfit(
     """(message, direction) when the training loss is still a large share of an untrained
     model's (or worse than one: an optimization problem, direction 0); None otherwise."""
     classes = num_classes or history.meta.get("num_classes")
+    untrained = "an untrained model's"
     if "train_r2" in history.columns and math.isfinite(history.column("train_r2")[-1]):
         untrained_share = 1.0 - history.column("train_r2")[-1]
     else:
+        if not classes:  # a loss-only log (a language model's): its first row stands in
+            untrained = f"its first {'epoch' if history.meta.get('epoch_unit', 'epoch') == 'epoch' else 'evaluation'}'s"
         reference = math.log(classes) if classes else train[0]
         floor = _smoothing_floor(history, setting, classes)
         untrained_share = (smooth_train[-1] - floor) / (reference - floor) if reference > floor else 0.0
     details["untrained_share"] = untrained_share
     if untrained_share > 1.0:  # worse than not training at all: an optimization problem
         return (
-            f"underfitting: the training loss is {untrained_share:.3g} times an untrained model's "
+            f"underfitting: the training loss is {untrained_share:.3g} times {untrained} "
             f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g}): training is unstable; "
             "lower the learning rate before turning the dial",
             0,
         )
     if untrained_share > UNDERFIT:
         message = (
-            f"underfitting: the training loss is still {untrained_share:.0%} of an untrained model's "
+            f"underfitting: the training loss is still {untrained_share:.0%} of {untrained} "
             f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g})"
         )
         moves = _moves(setting, -1, history.kind)
