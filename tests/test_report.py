@@ -61,3 +61,14 @@ def test_the_knobs_plot_draws_each_knob_from_its_start_to_the_runs_last_step(
     assert _knobs(online, tmp_path / "knobs.png")
     # weight decay never moved: flat from step 0; dropout from its start, held after its move
     assert drawn == [([0.0, 128.0], [0.05, 0.05]), ([0.0, 64.0, 128.0], [0.1, 0.04, 0.04])]
+
+
+def test_a_loss_only_runs_report_claims_no_accuracy_and_no_standard_errors(tmp_path: Path) -> None:
+    from regdial.integrations._common import write_record
+    from regdial.training.history import History
+
+    rows = [{"epoch": float(e), "train_loss": 3.0 / e, "val_loss": 3.2 / e + 0.01 * e} for e in range(1, 9)]
+    write_record(tmp_path, History(None, rows), Regularization(label_smoothing=0.1))
+    page = (tmp_path / "regdial_report.html").read_text()
+    assert "this run logs no accuracy" in page and "compare runs by accuracy" not in page
+    assert "one standard error" not in page

@@ -191,15 +191,23 @@ def _scores_table(summary: Mapping[str, Any], baseline: Mapping[str, Any] | None
             base = baseline.get("final", {})
             row.append(with_se(base.get(key), base.get(f"{key}_se")) if key in base else "")
         rows.append(row)
-    return table(rows, header) + "<p class='muted'>± one standard error over the split's samples.</p>"
+    errors = any(f"{key}_se" in scores for key in keys for scores in (final, best))
+    return table(rows, header) + (
+        "<p class='muted'>± one standard error over the split's samples.</p>" if errors else ""
+    )
 
 
-def _smoothing_note(setting: Regularization) -> str:
+def _smoothing_note(setting: Regularization, accuracy: bool) -> str:
     if not setting.label_smoothing and not setting.mixup and not setting.cutmix:
         return ""
+    compare = (
+        "compare runs by accuracy"
+        if accuracy
+        else "compare runs at the same smoothing (this run logs no accuracy to compare them by)"
+    )
     return (
         "<p class='muted'>Label smoothing and mixing train the model to be less confident, which raises its "
-        "cross-entropy loss even where its accuracy improves: compare runs by accuracy.</p>"
+        f"cross-entropy loss even where its accuracy improves: {compare}.</p>"
     )
 
 
@@ -255,7 +263,7 @@ def run_report(run_dir: str | Path) -> Path:
         f"<p class='muted'>{html.escape(str(run_dir))} · {len(history)} epochs · status {html.escape(status)}{reason}</p>",
         f"<p class='state{' good' if good else ''}'><b>{html.escape(diagnosis.state)}</b>: "
         f"{html.escape(diagnosis.message)}</p>",
-        "<h2>Scores</h2>", _scores_table(summary, baseline_summary), _smoothing_note(setting),
+        "<h2>Scores</h2>", _scores_table(summary, baseline_summary), _smoothing_note(setting, "val_accuracy" in history.columns),
         "<h2>Setting</h2>", table(setting_rows, ["knob", "value"]),
         "<h2>Learning curves</h2>",
         "<img src='learning_curves.png' alt='train and validation loss and metric per epoch'>",
