@@ -524,3 +524,15 @@ def test_an_epochs_setting_is_the_one_its_last_step_trained_under(tmp_path: Path
                   run_dir=tmp_path)  # fmt: skip
     said = history.meta["summary"]
     assert said["best_setting"]["weight_decay"] == 0.01 * 2 ** (said["best_epoch"] - 1)
+
+
+def test_the_validation_objective_takes_a_models_flattened_logits_and_refuses_mismatched_targets() -> None:
+    logits, targets = torch.randn(6 * 5, 7), torch.randint(0, 7, (6, 5))  # nanoGPT's logits.view(-1, V)
+    assert torch.isclose(
+        calibrated_cross_entropy(logits, targets), calibrated_cross_entropy(logits, targets.reshape(-1))
+    )
+    with pytest.raises(
+        InputError,
+        match=r"^val must be held-out batches shaped as the training ones.*got targets of shape \(6, 4\)$",
+    ):
+        calibrated_cross_entropy(logits, targets[:, :4])

@@ -197,6 +197,11 @@ def calibrated_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     z = logits.float()
     if z.dim() == 3 and targets.dim() == 2:
         z, targets = z.reshape(-1, z.shape[-1]), targets.reshape(-1)
+    elif z.dim() == 2 and targets.dim() > 1 and targets.numel() == z.shape[0]:  # a model that flattens them
+        targets = targets.reshape(-1)
+    if z.shape[:-1] != targets.shape:
+        fail("val", "held-out batches shaped as the training ones: targets that match the model's logits "
+             f"(one per row of shape {tuple(z.shape[:-1])})", Described(f"targets of shape {tuple(targets.shape)}"))  # fmt: skip
     keep = targets != -100
     z, targets = z[keep], targets[keep]
     fixed = z.detach()
