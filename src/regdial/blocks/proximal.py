@@ -55,8 +55,6 @@ each unit's incoming weights. A projection is the prox of an indicator function,
 from __future__ import annotations
 
 import logging
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -70,6 +68,7 @@ from regdial._tensors import tensor_list
 from regdial.blocks.fused_adamw import GroupProx, Handles, fusing_optimizer
 from regdial.blocks.groups import transposed_ids, transposed_weights
 from regdial.blocks.max_norm import MaxNorm, max_norm_
+from regdial.blocks.prox_order import ATTACHED, anchored_first, has_anchored
 from regdial.blocks.shrinkage import StepQuotients
 from regdial.blocks.zeroed import report_dead_units, report_zeroed
 
@@ -391,9 +390,9 @@ def attach_prox(
         fused_groups.clear()
 
     handle = optimizer.register_step_post_hook(hook)
-    attached = _ATTACHED.setdefault(optimizer, {})
+    attached = ATTACHED.setdefault(optimizer, {})
     attached[handle.id] = penalty
-    _anchored_first(optimizer, attached)
+    anchored_first(optimizer, attached)
     fusing = fusing_optimizer(optimizer)
     coefficients = getattr(penalty, "quotient_coefficients", None)
     if fusing is not None and reader is _adam and callable(coefficients):
@@ -403,7 +402,7 @@ def attach_prox(
             (``eps > 0``), with the warm-up ``_warmed`` would apply."""
             if skipped(group) or float(group["eps"]) <= 0.0:
                 return None
-            if getattr(penalty, "sparsifying", False) and _has_anchored(fusing, attached):
+            if getattr(penalty, "sparsifying", False) and has_anchored(fusing, attached):
                 return None  # in the step it would run before L2-SP's pull: eager, after it
             found = coefficients()
             if found is None:
@@ -416,46 +415,6 @@ def attach_prox(
         fused_handle = fusing.fuse_prox(handle.id, plan, fused_groups)
         return Handles(handle, fused_handle)
     return handle
-
-
-_ATTACHED: weakref.WeakKeyDictionary[Optimizer, dict[int, Prox]] = weakref.WeakKeyDictionary()
-"""Each optimizer's attached proxes, by their step post-hook's id."""
-
-
-def _has_anchored(optimizer: Optimizer, attached: dict[int, Prox]) -> bool:
-    hooks = optimizer.__dict__.get("_optimizer_step_post_hooks", {})
-    return any(getattr(p, "anchored", False) and i in hooks for i, p in attached.items())
-
-
-def _anchored_first(optimizer: Optimizer, attached: dict[int, Prox]) -> None:
-    """Run the anchored proxes' steps (L2-SP) before the sparsifying ones (L1, elastic net,
-    group lasso) on ``optimizer``, the others keeping their places. For ``s1|w|`` and
-    ``(s2/2)(w - w0)^2`` the prox of the sum is the pull ``m = w0 + (w - w0)/(1 + t*s2)``,
-    then the soft-threshold of ``m`` at ``t*s1/(1 + t*s2)``; in the other order the pull
-    moves every exact zero off zero. The soft-threshold here is at ``t*s1``: ``1 + t*s2``
-    times the composite's (``1 + 1e-5`` at ``lr = 1e-3``, ``s2 = 0.01``)."""
-    hooks = optimizer.__dict__.get("_optimizer_step_post_hooks")
-    if not isinstance(hooks, OrderedDict):  # torch keeps them so; another torch: say so
-        if any(getattr(p, "anchored", False) for p in attached.values()) and any(
-            getattr(p, "sparsifying", False) for p in attached.values()
-        ):
-            logger.warning("attach_prox: cannot order L2-SP's step before the sparsifying ones on this optimizer: "
-                           "attach L2-SP first, or its pull moves their exact zeros off zero")  # fmt: skip
-        return
-    live = {i: p for i, p in attached.items() if i in hooks}
-    attached.clear()
-    attached.update(live)
-    anchored = [i for i, p in live.items() if getattr(p, "anchored", False)]
-    sparse = [i for i, p in live.items() if getattr(p, "sparsifying", False)]
-    if not anchored or not sparse:
-        return
-    order = [i for i in hooks if i not in anchored]
-    first = min(order.index(i) for i in sparse)
-    order[first:first] = anchored
-    if order != list(hooks):
-        items = {i: hooks[i] for i in order}
-        hooks.clear()
-        hooks.update(items)
 
 
 def _selection(
