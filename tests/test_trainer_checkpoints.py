@@ -73,7 +73,7 @@ def same_weights(a: nn.Module, b: nn.Module) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-@pytest.mark.parametrize("kind", ["setting", "online"])
+@pytest.mark.parametrize("kind", ["setting", "online", "online on the Trainer's evaluation data"])
 def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: Path, kind: str) -> None:
     """Stopped at step 8 of 12 and resumed from checkpoint-8: the same weights, record and
     strengths as the run that never stopped. Before regdial saved the Trainer's grouping,
@@ -82,11 +82,14 @@ def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: P
     (the average itself), L2-SP anchored at step 8's weights and the record began again."""
 
     def callback() -> hf.HuggingFaceCallback:
-        if kind == "online":
-            # Its own held-out batches: the Trainer hands callbacks its evaluation data only from
-            # a run's first evaluation, which a resumed run has not had yet (said in one line).
+        if kind.startswith("online"):
+            # Its own held-out batches, or the Trainer's evaluation data, which the Trainer hands
+            # callbacks only from a run's first evaluation (a resumed run has not had one yet):
+            # regdial makes the Trainer's evaluation loader itself as the run starts.
             space = Space({"weight_decay": (1e-9, 1.0), "label_smoothing": (0.0, 0.3)})  # room to move
-            held_out = torch.utils.data.DataLoader(TokenTask(2, 64), batch_size=32)
+            held_out = (
+                torch.utils.data.DataLoader(TokenTask(2, 64), batch_size=32) if kind == "online" else None
+            )
             return hf.HuggingFaceCallback(
                 online=HypergradientController(space, every=2, warmup=0), online_data=held_out
             )
@@ -103,8 +106,9 @@ def test_a_resumed_hugging_face_run_continues_as_if_it_never_stopped(tmp_path: P
     ]
     assert len(second.history) == len(whole_callback.history) == 3
     assert timeless(second.history.rows) == timeless(whole_callback.history.rows)
-    if kind == "online":
+    if kind.startswith("online"):
         assert second.online is not None and whole_callback.online is not None
+        assert second.online.controller.updates == whole_callback.online.controller.updates == 6
         assert second.online.controller.values == whole_callback.online.controller.values
         moves = whole_callback.online.controller.moves
         assert second.online.controller.moves == moves and any(m["step"] > 8 for m in moves)
@@ -163,10 +167,8 @@ def test_a_hugging_face_checkpoint_without_regdials_state_says_what_starts_afres
     with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
         hf_run(tmp_path / "online", hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)})),
                resume=str(tmp_path / "online" / "checkpoint-8"))  # fmt: skip
-    assert (
-        "regdial: online: resumed at step 8; the hypergradient waits for this run's first evaluation"
-        in caplog.text
-    )
+    # regdial makes the Trainer's evaluation loader itself: nothing waits for an evaluation
+    assert "the hypergradient waits" not in caplog.text
     online = hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0)}))
     with pytest.raises(ValueError, match=r"^online must be a run from its start, or resumed from a checkpoint this "
                        r"callback saved \(with its regdial/ folder\), got a run resumed at step 8 without the "

@@ -223,25 +223,48 @@ def resumed_from() -> Path | None:
     ``resume_from_checkpoint`` of its ``_inner_training_loop``, which calls ``on_train_begin``
     (the Trainer hands callbacks no path; a checkpoint copied out of the output directory,
     resumed as plain Hugging Face resumes it, lost regdial's state). None outside that call."""
+    frame = _training_loop()
+    path = None if frame is None else frame.f_locals.get("resume_from_checkpoint")
+    return Path(path) if isinstance(path, str | os.PathLike) else None
+
+
+def evaluation_loader() -> Any:
+    """The Hugging Face Trainer's evaluation DataLoader, made now (its ``get_eval_dataloader``,
+    a sequential walk that draws nothing from the training's random stream): the Trainer
+    hands callbacks one only from its first evaluation, which a run resumed between two
+    has not had. None outside the Trainer's training loop, or for several eval datasets."""
+    frame = _training_loop()
+    trainer = None if frame is None else frame.f_locals.get("self")
+    dataset = getattr(trainer, "eval_dataset", None)
+    if (
+        dataset is None
+        or isinstance(dataset, Mapping)
+        or not callable(getattr(trainer, "get_eval_dataloader", None))
+    ):
+        return None
+    return trainer.get_eval_dataloader()  # type: ignore[union-attr]
+
+
+def _training_loop() -> Any:
+    """The frame of the Trainer's ``_inner_training_loop`` on the call stack, or None."""
     frame = inspect.currentframe()
     while frame is not None:
         if (
             frame.f_code.co_name == "_inner_training_loop"
             and "resume_from_checkpoint" in frame.f_code.co_varnames
         ):
-            path = frame.f_locals.get("resume_from_checkpoint")
-            return Path(path) if isinstance(path, str | os.PathLike) else None
+            return frame
         frame = frame.f_back
     return None
 
 
-def resume_online(online: Online, saved: Mapping[str, Any] | None, step: int) -> None:
+def resume_online(online: Online, saved: Mapping[str, Any] | None, step: int, *, waits: bool) -> None:
     """The controller of a resumed ``online`` run, as the checkpoint saved it; refused without it."""
     if saved is None or saved.get("online") is None:
         fail("online", f"a run from its start, or resumed from a checkpoint this callback saved (with its {STATE_DIR}/ "
              "folder)", Described(f"a run resumed at step {step} without the controller's state"))  # fmt: skip
     online.controller.load_state_dict(saved["online"])
-    if online.data is None:
+    if waits:
         logger.warning("regdial: online: resumed at step %d; the hypergradient waits for this run's first evaluation "
                        "(the Trainer gives callbacks its evaluation data only then): give online_data= to continue "
                        "it to the bit", step)  # fmt: skip

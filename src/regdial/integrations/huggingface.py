@@ -92,6 +92,7 @@ from regdial.integrations._resume import (
     STATE_DIR,
     AsBuilt,
     Patched,
+    evaluation_loader,
     resume_online,
     resume_record,
     save_state,
@@ -167,6 +168,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._max_steps = 1
         self._built: dict[str, Any] = {}  # the TrainingArguments the Trainer read when it was built
         self._shift: bool | None = None
+        self._eval_loader: Any = None  # the Trainer's evaluation loader, made at the run's start
         self._checked_inputs = False
         self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
         self._after: tuple[AsBuilt, RemovableHandle] | None = None  # the regrouping, after training
@@ -232,8 +234,9 @@ class HuggingFaceCallback(TrainerCallback):
                     "a Trainer that evaluates (eval_strategy 'steps' or 'epoch', with an eval_dataset)"
                 )
             self.online.say_data("the Trainer's evaluation data (eval_dataset)")
+            self._eval_loader = evaluation_loader() if self.online.data is None else None
             if resumed:
-                resume_online(self.online, saved, state.global_step)
+                resume_online(self.online, saved, state.global_step, waits=self._eval_loader is None)
             self.setting = self.online.start()  # resumed: the strengths it saved
         # A new run (a search's next trial): its own setting, record and early stopping.
         self.session = self.session.fresh(self._trial_setting(args))
@@ -384,7 +387,14 @@ class HuggingFaceCallback(TrainerCallback):
         per_epoch = (
             len(loader) // accumulation if isinstance(loader, Sized) else int(self._max_steps / epochs)
         )
-        val = self.online.data if self.online.data is not None else kwargs.get("eval_dataloader")
+        val = next(
+            (
+                v
+                for v in (self.online.data, self._eval_loader, kwargs.get("eval_dataloader"))
+                if v is not None
+            ),
+            None,
+        )
         shift = bool(self._shift)
 
         def loss(x: Any, y: Tensor, smoothing: Tensor | None, _: Any) -> Tensor:
