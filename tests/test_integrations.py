@@ -183,6 +183,15 @@ def test_hp_space_gives_hugging_face_regdials_ranges() -> None:
         ValueError, match=r"^tune.space.dropout must be a knob with a TrainingArguments field"
     ):
         hf.hp_space(Space({"dropout": (0.0, 0.5)}))
+    # The callback's own strength of a searched knob replaced every trial's (the study
+    # recorded decays that never trained), and a Space's base was never applied.
+    with pytest.raises(ValueError, match=r"^regularization.weight_decay must be 0 when hp_space searches it "
+                       r"\(it would replace each trial's TrainingArguments.weight_decay\), got 0.01$"):  # fmt: skip
+        hf.hp_space(space, hf.HuggingFaceCallback(Regularization(weight_decay=0.01)))
+    with pytest.raises(ValueError, match=r"^space.base must be unset for hp_space .*, got dropout=0.4$"):
+        hf.hp_space(
+            Space(space.knobs, base=Regularization(dropout=0.4)), hf.HuggingFaceCallback(Regularization())
+        )
 
 
 # -- Lightning -------------------------------------------------------------------------------

@@ -497,4 +497,4 @@ def hp_space(space: Space, callback: HuggingFaceCallback | None = None) -> Calla
         fail("space", "a regdial.Space", space)
     if callback is not None and not isinstance(callback, HuggingFaceCallback):
         fail("callback", "the HuggingFaceCallback on the Trainer, or None", callback)
-    return suggester(space, callback is not None)
+    return suggester(space, None if callback is None else callback.setting)
