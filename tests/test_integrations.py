@@ -326,3 +326,19 @@ def test_an_accumulated_language_models_training_loss_is_recorded_as_the_trainer
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert [row["train_loss"] for row in callback.history.rows] == pytest.approx(logged, rel=1e-4)
+
+
+def test_a_search_trials_weight_decay_of_0_is_no_decay_not_the_optimizers_own() -> None:
+    # The unregularized baseline, or an optional knob off: it trained with AdamW's default
+    # 0.01 while trials.csv said 0. Outside a search, 0 still leaves the optimizer alone.
+    from regdial.dial.trial import Trial
+    from regdial.integrations._common import Session
+
+    for trial, expected in (
+        (Trial(Regularization(), number=0, metric="val_loss", epochs=1), {0.0}),
+        (None, {0.01}),
+    ):
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # weight_decay=0.01
+        Session(Regularization(), trial, "val_loss").start(model, optimizer, None, None)
+        assert {g["weight_decay"] for g in optimizer.param_groups} == expected

@@ -87,12 +87,15 @@ def regroup(
     schedulers: Sequence[Any] = (),
     *,
     resumed: bool = False,
+    whole: bool = False,
 ) -> AsBuilt | None:
     """Rebuild ``optimizer``'s groups along ``param_groups``' split, in place, before any step
     (or, ``resumed``, before the first step of a run resumed with its state loaded).
 
     Only when the setting sets ``weight_decay``: a setting that leaves it unset leaves the
-    optimizer's groups, and the decay the user or the trainer gave them, alone. Each new
+    optimizer's groups, and the decay the user or the trainer gave them, alone; a search
+    trial's setting is ``whole``, its 0 a decay (a trial with the knob off, the unregularized
+    baseline, trained with the optimizer's own decay while its record said 0). Each new
     group keeps the hyperparameters (lr, betas, eps, initial_lr...) of the group its
     parameters came from; the weights get the setting's weight decay, the rest none, and
     where that replaces a decay the optimizer had, one warning says so. Learning-rate
@@ -100,7 +103,7 @@ def regroup(
     base lr and, for ``LambdaLR``, their function). Returns the ``AsBuilt`` that writes the
     optimizer's state in its old groups (None where nothing was regrouped).
     """
-    if not sets_weight_decay(setting):
+    if not whole and not sets_weight_decay(setting):
         return None
     if not resumed and any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
         fail("optimizer", "one that has not stepped yet (regdial regroups it at the start of training)",
@@ -196,7 +199,12 @@ class Session:
         optimizer = unwrap(optimizer)
         check_dropout(model, self.setting)
         self.built = regroup(
-            optimizer, model, self.setting, [s for s in schedulers if s is not None], resumed=resumed
+            optimizer,
+            model,
+            self.setting,
+            [s for s in schedulers if s is not None],
+            resumed=resumed,
+            whole=self.trial is not None,
         )
         self.applied = Applied(self.setting, model, optimizer, num_classes=num_classes, data_kind=data_kind)
         if self.setting.dropout is not None:
