@@ -495,6 +495,15 @@ def test_a_search_refuses_what_its_strategy_cannot_honour(
     assert not (tmp_path / "result.json").exists()
 
 
+def test_a_grid_over_a_knob_that_may_be_off_is_one_line(tmp_path: Path) -> None:
+    # Optuna's GridSampler raised "The parameter name, l1_on, is not found in the given grid."
+    space = Space({"l1": {"low": 1e-5, "high": 1e-2, "scale": "log", "optional": True}})
+    with pytest.raises(
+        ValueError, match=r"^space.l1 must be a range without optional=True for strategy 'grid'"
+    ):
+        tune("wine", space, epochs=1, strategy="grid", grid_points=2, run_dir=tmp_path)
+
+
 def test_the_search_writes_no_private_optuna_state() -> None:
     """Bookkeeping goes through Optuna's public API (study.tell, documented storage methods)."""
     source = Path(__file__).resolve().parent.parent / "src" / "regdial"

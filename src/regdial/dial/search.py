@@ -147,6 +147,11 @@ class Search:
         self.time_scale: TimeScale | None = None
         self.grid_points = options.grid_points or 4
         if self.strategy == "grid":
+            optional = [name for name, r in self.space.knobs.items() if r.optional]
+            if optional:  # Optuna's grid holds each knob's values, not its on/off switch
+                fail(f"space.{optional[0]}", "a range without optional=True for strategy 'grid' (its grid "
+                     "spans the range; search a knob that may be off with 'auto' or 'tpe')",
+                     Described("optional=True"))  # fmt: skip
             self.space.grid(self.grid_points)  # refuse an oversized grid now
         self.budget = Budget.parse(budget if budget is not None else DEFAULT_RUNS * self.reference)
         self.run_dir = None if run_dir is None else Path(run_dir)
