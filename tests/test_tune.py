@@ -693,3 +693,19 @@ def test_the_curves_first_turn_waits_for_first() -> None:
     assert [turn["epoch"] for turn in controller.turns] == [16]
     with pytest.raises(ValueError, match=r"^first must be an integer in \[1, inf\), got 0$"):
         OnlineController(space, every=4, first=0)
+
+
+def test_an_objective_that_reports_and_returns_is_told_which_score_counts(caplog) -> None:
+    from regdial import Space
+
+    def objective(setting: Regularization, trial: Trial) -> float:
+        for epoch in range(1, 3):
+            trial.report(epoch, train_loss=1.0 / epoch, val_loss=1.0 / epoch)
+        return 0.123  # a final score (an average's) the search does not use
+
+    with caplog.at_level("WARNING", logger="regdial.dial.objective"):
+        result = tune(objective, space=Space({"weight_decay": (1e-4, 1e-1)}), budget="2 trials", strategy="random",
+                      epochs=2, report=False)  # fmt: skip
+    assert result.best_value == 0.5
+    said = [r.getMessage() for r in caplog.records if "returned 0.123" in r.getMessage()]
+    assert len(said) == 1 and "the return is not used" in said[0]

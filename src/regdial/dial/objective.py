@@ -328,6 +328,7 @@ class UserObjective:
     metric: str = "val_loss"
     epochs: int = 30
     import_path: str | None = None
+    _said: bool = field(default=False, repr=False, compare=False)
 
     def __call__(self, setting: Regularization, trial: Trial) -> object:
         returned = self.fn(setting, trial)
@@ -343,6 +344,11 @@ class UserObjective:
         elif not trial.history.rows:
             row = {"train_loss": math.nan, "val_loss": math.nan} | {trial.metric: score}
             trial.report(trial.epochs, **row)
+        elif not self._said:  # a final score (an average's, say) beside the epochs reported for pruning
+            self._said = True
+            logger.warning("regdial: the objective returned %g and reported its epochs to the trial: the trial's "
+                           "score is the epochs' %s, the return is not used (report the final score as the last "
+                           "epoch, or return it without reporting)", score, trial.metric)  # fmt: skip
         return returned
 
     def to_dict(self) -> dict[str, Any]:
