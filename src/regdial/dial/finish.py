@@ -73,7 +73,9 @@ def _finished(search: Search, result: TuneResult) -> TuneResult | None:
     )
     retrained = bool(done.retrain) or not search.retrain
     if same and retrained and done.best_trial == result.best_trial and result.trials:
-        search.say("this search was already finished (by an earlier run or another process): its result is read back")
+        search.say(
+            "this search was already finished (by an earlier run or another process): its result is read back"
+        )
         return done
     return None
 
