@@ -171,6 +171,37 @@ def test_an_objective_is_tuned_and_pruned() -> None:
     assert math.isfinite(result.best_value)
 
 
+def test_a_trials_weight_decay_0_turns_off_the_decay_the_users_optimizer_was_built_with(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """torch's AdamW decays at 0.01 unless told: a trial at weight_decay 0 (the unregularized
+    baseline) trained with it while its record said 0. Outside a search, 0 leaves it alone."""
+    seen: list[tuple[float, list[float]]] = []
+    x = torch.randn(60, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def train(setting: Regularization, trial: Trial) -> float:
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        applied = Applied(setting, model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        seen.append(
+            (float(setting.weight_decay), [g["weight_decay"] for g in applied.optimizer.param_groups])
+        )  # type: ignore[arg-type]
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        applied.optimizer.step()
+        return float(loss.detach())
+
+    with caplog.at_level("WARNING", logger="regdial"):
+        tune(train, space=Space({"dropout": (0.0, 0.5)}), metric="val_loss", epochs=1, budget="2 trials")
+    assert seen and all(decay == 0.0 and groups == [0.0] for decay, groups in seen)
+    assert (
+        "a search trial's weight_decay=0 turns the optimizer's own (0.01) off in every group" in caplog.text
+    )
+    model = nn.Linear(4, 2)
+    outside = Applied(Regularization(dropout=0.0), model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert [g["weight_decay"] for g in outside.optimizer.param_groups] == [0.01]
+
+
 @pytest.mark.slow
 def test_module_function_strings_with_two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     package = tmp_path / "pkg"

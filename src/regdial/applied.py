@@ -33,7 +33,9 @@ early stopping's counters and best weights), so a resumed run continues exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -64,6 +66,20 @@ OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer]
 """A built optimizer, or a function of ``param_groups`` that builds one."""
 
 logger = logging.getLogger(__name__)
+
+_WHOLE_SETTING: ContextVar[bool] = ContextVar("regdial_whole_setting", default=False)
+
+
+@contextmanager
+def whole_setting() -> Iterator[None]:
+    """Inside, a setting is a search trial's whole setting: its ``weight_decay=0`` means
+    off, and an ``Applied`` built on an optimizer with its own decay turns that off (outside,
+    0 leaves the optimizer's decay alone). The search runs each objective under it."""
+    token = _WHOLE_SETTING.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_SETTING.reset(token)
 
 
 def infer_data_kind(x: Tensor) -> str:
@@ -139,6 +155,8 @@ class Applied:
             self.optimizer = optimizer
             if initial_decay or isinstance(setting.weight_decay, Schedule):
                 self._set_weight_decay(initial_decay, strict=True)
+            elif _WHOLE_SETTING.get():
+                self._turn_off_own_decay()
         elif callable(optimizer):
             self.optimizer = optimizer(groups)
             if not isinstance(self.optimizer, Optimizer):
@@ -230,6 +248,22 @@ class Applied:
         for group in marked:
             if group["regularize"]:
                 group["weight_decay"] = value
+
+    def _turn_off_own_decay(self) -> None:
+        """A search trial's weight decay 0 is off (the unregularized baseline's, a trial
+        without the knob): a decay the optimizer was built with would train where the
+        trial's record says 0. Its groups marked by ``param_groups`` lose it on the
+        weights; an optimizer without marks, on every group (it cannot tell the weights)."""
+        marked = [g for g in self.optimizer.param_groups if "regularize" in g]
+        groups = [g for g in marked if g["regularize"]] if marked else self.optimizer.param_groups
+        own = sorted({float(g.get("weight_decay", 0.0)) for g in groups} - {0.0})
+        if own:
+            logger.warning("regdial: a search trial's weight_decay=0 turns the optimizer's own (%s) off%s",
+                           ", ".join(f"{v:g}" for v in own),
+                           "" if marked else " in every group (build it from regdial.param_groups to spare "
+                           "biases and norms, or pass a factory)")  # fmt: skip
+        for group in groups:
+            group["weight_decay"] = 0.0
 
     def _set_rates(self, progress: float) -> None:
         s = self.setting

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from regdial._checks import Described, fail, shorten
+from regdial.applied import whole_setting
 from regdial.dial.space import Space
 from regdial.dial.trial import Trial
 from regdial.setting import Regularization
@@ -331,7 +332,8 @@ class UserObjective:
     _said: bool = field(default=False, repr=False, compare=False)
 
     def __call__(self, setting: Regularization, trial: Trial) -> object:
-        returned = self.fn(setting, trial)
+        with whole_setting():  # the trial's weight_decay=0 is off, in an optimizer built with its own too
+            returned = self.fn(setting, trial)
         if returned is None:
             return None
         is_number = isinstance(returned, int | float) and not isinstance(returned, bool)
