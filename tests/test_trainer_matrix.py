@@ -577,3 +577,42 @@ def test_a_dropout_the_online_controller_moves_is_the_one_a_saved_model_reloads_
     assert model.peft_config["default"].lora_dropout == 0.04
     model.save_pretrained(tmp_path)
     assert '"lora_dropout": 0.04' in (tmp_path / "adapter_config.json").read_text()
+
+
+class Crashing(OwnGroups):
+    """Stops its own run at its 9th step, as Ctrl-C or an error in the user's code does."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(equal=False)
+        self.error = error
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 8:
+            raise self.error
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("error", "status"), [(KeyboardInterrupt(), "interrupted"),
+                                               (RuntimeError("boom"), "failed (RuntimeError)")])  # fmt: skip
+def test_a_lightning_run_stopped_by_an_exception_keeps_its_record_and_says_how_it_ended(
+    error: BaseException, status: str, tmp_path: Path
+) -> None:
+    """Two epochs were recorded before the stop: they were lost (Ctrl-C) or never written."""
+    import json
+    import signal
+
+    # Lightning ignores SIGINT from a Ctrl-C on, and children inherit that: put it back.
+    handler = signal.getsignal(signal.SIGINT)
+    trainer = lightning.pytorch.Trainer(max_epochs=4, accelerator="cpu", default_root_dir=str(tmp_path),
+                                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                        enable_model_summary=False, num_sanity_val_steps=0,
+                                        callbacks=[pl_integration.LightningCallback(Regularization(ema=0.9))])  # fmt: skip
+    try:
+        with pytest.raises((SystemExit, RuntimeError)):  # Lightning exits 1 on Ctrl-C
+            trainer.fit(Crashing(error), blobs(64), blobs(32))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    record = json.loads((tmp_path / "regdial_history.json").read_text())
+    assert record["meta"]["status"] == status and len(record["rows"]) == 2
+    summary = json.loads((tmp_path / "regdial_report" / "summary.json").read_text())
+    assert summary["status"] == status

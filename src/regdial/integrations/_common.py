@@ -371,6 +371,17 @@ class Session:
         if output_dir is not None and self.trial is None:  # a search records its own trials
             write_record(Path(output_dir), self.history, setting, self.monitor)
 
+    def record_unfinished(self, output_dir: str | Path | None, error: BaseException) -> None:
+        """A run the trainer stopped by an exception (Ctrl-C: ``interrupted``; else
+        ``failed``, with its type): its record so far is written, and says so, where it
+        would have been lost. The weights are left as they are, for a resume."""
+        if self.ended or len(self.history) == 0 or output_dir is None or self.trial is not None:
+            return
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed ({type(error).__name__})"
+        self.history.meta["status"] = status
+        setting = self.applied.setting if self.applied is not None else self.setting
+        write_record(Path(output_dir), self.history, setting, self.monitor, status=status)
+
 
 def _averaged(model: nn.Module, average: nn.Module) -> dict[str, Tensor]:
     """The average's tensors that are not the model's own (frozen weights are shared, see ``EMA``)."""
@@ -395,7 +406,11 @@ def check_dropout(model: nn.Module, setting: Regularization) -> None:
 
 
 def write_record(
-    directory: Path, history: History, setting: Regularization, monitor: str = "val_loss"
+    directory: Path,
+    history: History,
+    setting: Regularization,
+    monitor: str = "val_loss",
+    status: str = "completed",
 ) -> None:
     """``regdial_history.json`` and ``regdial_report.html`` (PNGs in ``regdial_report/``); the
     summary's scores are the last evaluation's (``final``) and the best one's by ``monitor``."""
@@ -413,7 +428,7 @@ def write_record(
 
     best = history.best_epoch(monitor if monitor in history.columns else "val_loss")
     best_row = next((r for r in history.rows if r["epoch"] == best), None)
-    write_json(run / "summary.json", {"setting": setting.to_dict(), "status": "completed",
+    write_json(run / "summary.json", {"setting": setting.to_dict(), "status": status,
                                       "task": history.meta.get("task", directory.name),
                                       "final": scores(history.rows[-1]),
                                       "best": scores(best_row) if best_row is not None else {}})  # fmt: skip

@@ -254,6 +254,12 @@ class LightningCallback(pl.Callback):
             pl_module, directory if trainer.is_global_zero else None, num_classes=self.num_classes
         )
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.is_global_zero:
+            self.session.record_unfinished(trainer.log_dir or trainer.default_root_dir, exception)
+
     @property
     def history(self) -> History:
         """The run's ``History`` so far (one row per validation)."""
