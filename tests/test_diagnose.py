@@ -188,6 +188,7 @@ def test_a_run_a_controller_turned_is_advised_from_where_it_ended(tmp_path) -> N
     turned to (``meta["retunes"]``), not from its start."""
     from typer.testing import CliRunner
 
+    from regdial._io import write_json
     from regdial.cli import app
     from regdial.diagnosis import in_force
 
@@ -206,6 +207,15 @@ def test_a_run_a_controller_turned_is_advised_from_where_it_ended(tmp_path) -> N
     run.save(tmp_path)
     (tmp_path / "summary.json").write_text('{"setting": ' + __import__("json").dumps(start.to_dict()) + "}")
     printed = CliRunner().invoke(app, ["diagnose", str(tmp_path)]).output
+    assert "raise weight_decay (x3: 0.0001 -> 0.0003)" in " ".join(printed.split())
+    # A trainer callback's online= run records where it ended as meta["online"]["values"]
+    # (its regdial_history.json's meta["setting"] is the start): the CLI advised from 0.05.
+    del run.meta["retunes"]
+    run.meta["online"] = {"moves": [], "values": end.to_dict()}
+    assert in_force(run, start) == end
+    (tmp_path / "trainer").mkdir()
+    write_json(tmp_path / "trainer" / "regdial_history.json", run.to_dict())
+    printed = CliRunner().invoke(app, ["diagnose", str(tmp_path / "trainer")]).output
     assert "raise weight_decay (x3: 0.0001 -> 0.0003)" in " ".join(printed.split())
 
 

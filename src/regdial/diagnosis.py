@@ -208,14 +208,18 @@ def _within(moves: dict[str, Any], setting: Regularization, space: object) -> tu
 
 def in_force(history: History, setting: Regularization | None) -> Regularization | None:
     """The setting in force at the end of ``history``'s run: the last one a controller
-    turned to (``meta["retunes"]``, which ``fit`` records for an online run), else
-    ``setting``. An online run starts at the recipe and ends elsewhere; advice from its
+    turned to (``meta["retunes"]``, which ``fit`` records for an online run; a trainer
+    callback's ``online=`` run records its last values in ``meta["online"]["values"]``),
+    else ``setting``. An online run starts at the recipe and ends elsewhere; advice from its
     start (weight decay 0.05 where the run ended at 0.0001) would be a different run's."""
     retunes = history.meta.get("retunes")
     if isinstance(retunes, list) and retunes and isinstance(retunes[-1], dict):
         last = retunes[-1].get("setting")
         if isinstance(last, dict):
             return Regularization.from_dict(last)
+    online = history.meta.get("online")
+    if isinstance(online, dict) and isinstance(online.get("values"), dict):
+        return Regularization.from_dict(online["values"])
     return setting
 
 
