@@ -478,6 +478,54 @@ def test_your_own_loop_turns_the_knobs_with_turn(monkeypatch) -> None:
         controller.turn(applied, x, y, step=0, total_steps=len(batches), val=val)
 
 
+def test_what_turn_cannot_move_in_your_loop_is_one_line_at_the_first_turn(caplog) -> None:
+    """nanoGPT's loop keeps the model's own loss: label smoothing's turns were recorded (to
+    0.2) for a loss never smoothed; a dropout in the Space was held at the range's start and
+    never moved; without forward=, the last position's logits failed a quarter of the run
+    later, naming the held-out batches. Each is now one line at the first turn."""
+    import logging
+
+    from regdial import Applied
+
+    data = (torch.arange(900) * 7 % 16).reshape(-1, 9)
+    x, y = data[:32, :-1], data[:32, 1:]
+    val = [(data[32:64, :-1], data[32:64, 1:])]
+
+    def one_step(space: Space, own_loss: bool) -> tuple[HypergradientController, Applied, nn.Module]:
+        torch.manual_seed(0)
+        model = _TinyGPT()
+        controller = HypergradientController(space, every=4)
+        applied = Applied(controller.start(), model, lambda g: torch.optim.AdamW(g, lr=1e-2), num_classes=16)
+        logits, loss = model(x, y)
+        (loss if own_loss else applied.loss(logits, y)).backward()
+        applied.optimizer.step()
+        return controller, applied, model
+
+    controller, applied, model = one_step(Space({"label_smoothing": (0.0, 0.2)}), own_loss=True)
+    with pytest.raises(InputError, match=r"^online.label_smoothing must be a knob your loop applies: train on "
+                       r"applied.loss\(logits, y\), not the model's own loss"):  # fmt: skip
+        controller.turn(applied, x, y, step=1, total_steps=40, val=val, forward=lambda a, b: model(a, b)[0])
+    controller, applied, model = one_step(Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)}), False)
+    with pytest.raises(InputError, match=r"^online.dropout must be a knob turn\(\) moves"):
+        controller.turn(applied, x, y, step=1, total_steps=40, val=val, forward=lambda a, b: model(a, b)[0])
+    controller, applied, model = one_step(Space({"weight_decay": (1e-4, 1.0)}), own_loss=False)
+    state = torch.get_rng_state()
+    with pytest.raises(InputError, match=r"^forward must be a function \(inputs, targets\) -> the logits of every "
+                       r"target.*got outputs of shape \(32, 1, 16\) for targets of shape \(32, 8\)$"):  # fmt: skip
+        controller.turn(applied, x, y, step=1, total_steps=40, val=val)
+    assert torch.equal(torch.get_rng_state(), state)  # the check draws nothing from the run's random stream
+    assert controller.turn(applied, x, y, step=1, total_steps=40, val=val,
+                           forward=lambda a, b: model(a, b)[0]) is None  # fmt: skip
+    # A fixed setting's loss-side knob in a loop that never calls applied.loss: said when it finishes.
+    model = _TinyGPT()
+    applied = Applied(
+        Regularization(label_smoothing=0.1), model, lambda g: torch.optim.AdamW(g), num_classes=16
+    )
+    with caplog.at_level(logging.WARNING, logger="regdial"):
+        applied.finish()
+    assert "label_smoothing=0.1 did not train: the loop never called applied.loss" in caplog.text
+
+
 def test_max_norm_beside_a_penalty_knob_is_said_once(caplog) -> None:
     """The projection is not in the fixed point the hypergradient differentiates."""
     import logging

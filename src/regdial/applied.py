@@ -379,7 +379,17 @@ class Applied:
         return False
 
     def finish(self) -> bool:
-        """End of training: put early stopping's best weights back; True if it did."""
+        """End of training: put early stopping's best weights back; True if it did. A knob
+        the loop never applied (label smoothing without ``loss``, noise, mixing or
+        augmentation without ``batch``) is said in one line: it did not train."""
+        s = self.setting
+        unapplied = [k for k, call in (("label_smoothing", "loss"), ("noise", "batch"), ("mixup", "batch"),
+                                       ("cutmix", "batch"), ("augment", "batch"))
+                     if getattr(s, k) and not self.calls[call]]  # fmt: skip
+        if unapplied:
+            logger.warning("regdial: %s did not train: the loop never called applied.%s", ", ".join(
+                f"{k}={getattr(s, k)}" for k in unapplied), " or applied.".join(sorted(
+                {"loss" if k == "label_smoothing" else "batch" for k in unapplied})))  # fmt: skip
         if self.early_stopping is None:
             return False
         return self.early_stopping.restore(self.eval_model)

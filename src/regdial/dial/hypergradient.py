@@ -75,7 +75,7 @@ import torch
 from torch import Tensor
 
 from regdial._checks import Described, check_int, check_range, fail
-from regdial.dial.implicit import Training, check_knobs, hypergradients, of_loop
+from regdial.dial.implicit import Training, check_knobs, check_outputs, hypergradients, of_loop
 from regdial.dial.online import OnlineController
 from regdial.dial.space import Range, Space
 from regdial.setting import Regularization
@@ -295,6 +295,9 @@ class HypergradientController:
                 ...  # forward, applied.loss, backward, applied.optimizer.step()
                 c.turn(applied, x, y, step=step, total_steps=len(batches), val=val_batches)
         """
+        if not self.checked:
+            self._check_own_loop(applied)
+            check_outputs(applied, inputs, targets, forward)
         training = of_loop(applied, step=step, total_steps=total_steps, val=val, forward=forward,
                            steps_per_epoch=steps_per_epoch, epoch=epoch)  # fmt: skip
         turned = self.step(training, inputs, targets)
@@ -302,6 +305,24 @@ class HypergradientController:
             return None
         applied.retune(turned)
         return turned
+
+    def _check_own_loop(self, applied: Applied) -> None:
+        """At the first ``turn``: a knob it would move without effect is one line. The
+        curves' knobs never move here (it held a nanoGPT's dropout at the range's start), and
+        label smoothing and input noise reach training only through ``applied.loss`` and
+        ``applied.batch`` (a model's own loss is not smoothed: its turns would be recorded,
+        and their hypergradients taken, for a loss that never trained)."""
+        if self.curves is not None:
+            name = next(iter(self.curves.space.knobs))
+            fail(f"online.{name}", "a knob turn() moves (" + ", ".join(DIFFERENTIABLE) + "): the curves' knobs "
+                 "turn in fit and the trainers' callbacks; leave it out of the Space (its base may fix it)",
+                 Described("a knob read from the learning curves"))  # fmt: skip
+        for name, call in (("label_smoothing", "loss"), ("noise", "batch")):
+            if name in self.ranges and not applied.calls[call]:
+                fail(f"online.{name}", f"a knob your loop applies: train on applied.{call}"
+                     + ("(logits, y), not the model's own loss" if call == "loss" else "(x, y)'s batch")
+                     + ", or leave it out of the Space",
+                     Described(f"a loop that has not called applied.{call} by the first turn"))  # fmt: skip
 
     def step(self, training: Training, inputs: Any, targets: Tensor) -> Regularization | None:
         """After optimizer step ``training.step`` on the clean batch ``(inputs, targets)``:

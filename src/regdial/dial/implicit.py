@@ -183,6 +183,44 @@ def classifier_loss(logits: Tensor, targets: Tensor, smoothing: Tensor | None) -
     return (1 - smoothing) * hard + smoothing * (-logp.mean(-1)).mean()
 
 
+def positions(z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits ``(B, T, C)`` with targets ``(B, T)``, or flattened ones ``(B*T, C)``, as one
+    row per target: a classifier's shapes, whatever its sequence form."""
+    if z.dim() == 3 and targets.dim() == 2:
+        return z.reshape(-1, z.shape[-1]), targets.reshape(-1)
+    if z.dim() == 2 and targets.dim() > 1 and targets.numel() == z.shape[0]:  # a model that flattens them
+        return z, targets.reshape(-1)
+    return z, targets
+
+
+def check_outputs(
+    applied: Applied, inputs: Any, targets: Tensor, forward: Callable[[Any, Tensor], Tensor] | None
+) -> None:
+    """At a loop's first turn: the model's outputs on the batch just trained on must match
+    its targets, one line naming ``forward`` where not (nanoGPT's ``model(x)`` gives the last
+    position's logits: it failed a quarter of the run later, naming the held-out batches).
+    Without gradients, on a forked random state (a dropout mask drawn here would move a
+    resumed run's)."""
+    device = next((p.device for p in applied.model.parameters()), torch.device("cpu"))
+    devices = [] if device.type == "cpu" else [device]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=device.type):
+        output: object = (
+            forward(inputs, targets) if forward is not None else _forward(applied.model, inputs, None)
+        )
+    if not isinstance(output, Tensor):  # a forward of the user's may return anything
+        fits = False
+    elif applied.num_classes is not None:
+        z, y = positions(output, targets)
+        fits = z.shape[:-1] == y.shape
+    else:
+        fits = output.numel() == targets.numel()
+    if not fits:
+        shape = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+        fail("forward", "a function (inputs, targets) -> the logits of every target, where the model's output "
+             "is not (nanoGPT: forward=lambda x, y: model(x, y)[0])",
+             Described(f"outputs of {shape} for targets of shape {tuple(targets.shape)}"))  # fmt: skip
+
+
 def calibrated_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """``CE(z / T*, y)``, ``T* = argmin_T CE(z / T, y)`` (temperature scaling; Guo et al.,
     ICML 2017), ``T*`` found on the detached logits (golden-section search on ``log T`` in
@@ -194,11 +232,7 @@ def calibrated_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     took test accuracy from 0.930 to 0.960 and the test loss from 0.256 to 0.431, and the
     plain loss's hypergradient pointed weaker at every step of the run. The calibrated
     loss ranks the logits, not their scale."""
-    z = logits.float()
-    if z.dim() == 3 and targets.dim() == 2:
-        z, targets = z.reshape(-1, z.shape[-1]), targets.reshape(-1)
-    elif z.dim() == 2 and targets.dim() > 1 and targets.numel() == z.shape[0]:  # a model that flattens them
-        targets = targets.reshape(-1)
+    z, targets = positions(logits.float(), targets)
     if z.shape[:-1] != targets.shape:
         fail("val", "held-out batches shaped as the training ones: targets that match the model's logits "
              f"(one per row of shape {tuple(z.shape[:-1])})", Described(f"targets of shape {tuple(targets.shape)}"))  # fmt: skip
