@@ -395,3 +395,44 @@ def test_fused_adamw_leaves_l1_to_run_after_l2sps_pull() -> None:
     fused, eager = trained(FusedAdamW), trained(torch.optim.AdamW)
     assert int((fused == 0).sum()) > 0 and torch.equal(fused == 0, eager == 0)
     assert torch.allclose(fused, eager, atol=1e-6)
+
+
+class LoRA(nn.Module):
+    """peft's low-rank adapter: ``x + B A x`` with ``B`` at 0, so ``A``'s first gradient is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.A = nn.Parameter(torch.empty(4, 16).uniform_(-0.25, 0.25))
+        self.B = nn.Parameter(torch.zeros(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x @ self.A.T @ self.B.T
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_tensor_without_a_gradient_yet_gets_no_prox_in_adams_metric(fused: bool) -> None:
+    """Adam's step for a coordinate whose second moment is 0 is lr/eps: L1 at 1e-3 zeroed
+    every entry of a LoRA adapter's A at the first step (helper pass, tiny GPT-2 + peft)."""
+    from regdial.blocks.fused_adamw import FusedAdamW
+
+    model = LoRA()
+    start = model.A.detach().clone()
+    make = (
+        (lambda ps: FusedAdamW(ps, lr=1e-3, weight_decay=0.0, fused=True))
+        if fused
+        else (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0))
+    )
+    optimizer = make(model.parameters())
+    attach_prox(optimizer, L1(1e-3))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        optimizer.zero_grad()
+        (model(x) - x.roll(1, dims=1)).square().mean().backward()
+        optimizer.step()
+        if step == 0:  # no gradient, no Adam step (FusedAdamW's to rounding), no prox
+            assert torch.allclose(model.A.detach(), start, rtol=0, atol=1e-7) and not bool(
+                (model.A == 0).any()
+            )
+    assert int((model.A == 0).sum()) < model.A.numel() // 10  # then the prox at the strength it means
+    assert not torch.equal(model.A.detach(), start)

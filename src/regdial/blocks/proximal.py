@@ -353,6 +353,22 @@ def attach_prox(
     calls = [0]
     fused_groups: set[int] = set()  # the groups whose prox FusedAdamW ran in this step
 
+    seen: set[int] = set()  # the tensors that have had a gradient other than 0
+
+    def stepped(p: Tensor) -> bool:
+        """Whether the optimizer has had a gradient other than 0 for ``p``. Before one, an
+        adaptive optimizer's second moment is 0 and its step in the metric ``lr/eps``: the
+        prox would then act at 10^5 times the rate its strength means (a LoRA adapter's
+        ``A``, whose gradient is 0 while ``B`` starts at 0, lost 38% of its entries to L1
+        at the first step). Checked once a tensor, until it has had one."""
+        if id(p) in seen:
+            return True
+        assert p.grad is not None
+        if bool(p.grad.any()):
+            seen.add(id(p))
+            return True
+        return False
+
     def skipped(group: Group) -> bool:
         """A group at ``lr == 0``, or one ``param_groups`` marked not to regularize."""
         return float(group["lr"]) == 0.0 or (selected is None and group.get("regularize", True) is False)
@@ -364,6 +380,8 @@ def attach_prox(
             return None
         lr = float(group["lr"])
         ps = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
+        if reader is not None and reader is not _sgd:
+            ps = [p for p in ps if stepped(p)]
         if not ps:
             return None
         sizes: float | Sequence[Tensor] = lr if reader is None else reader(opt, group, ps)
@@ -402,6 +420,11 @@ def attach_prox(
             (``eps > 0``), with the warm-up ``_warmed`` would apply."""
             if skipped(group) or float(group["eps"]) <= 0.0:
                 return None
+            chosen = [
+                p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)
+            ]
+            if not all(stepped(p) for p in chosen):
+                return None  # a tensor without a gradient yet: the hook's prox, which spares it, this step
             if getattr(penalty, "sparsifying", False) and has_anchored(fusing, attached):
                 return None  # in the step it would run before L2-SP's pull: eager, after it
             found = coefficients()
