@@ -220,6 +220,21 @@ def test_batch_and_loss_smoothing_mixing_noise() -> None:
     torch.testing.assert_close(applied.loss(logits, targets), expected)
 
 
+def test_a_target_outside_the_classes_is_one_line_naming_minus_100() -> None:
+    """nanoGPT marks ignored targets -1: torch's "Target -1 is out of bounds" did not say
+    which value is ignored (-100)."""
+    from regdial import InputError
+
+    applied = Applied(Regularization(label_smoothing=0.1), Net(), adamw, num_classes=3)
+    logits = torch.randn(4, 3)
+    with pytest.raises(InputError, match=r"^targets must be class ids in \[0, 3\) or -100 \(ignored; nanoGPT's "
+                       r"-1: map it, y\[y == -1\] = -100\), got -1$"):  # fmt: skip
+        applied.loss(logits, torch.tensor([0, -1, 2, 1]))
+    kept = torch.tensor([0, -100, 2, 1])
+    expected = nn.functional.cross_entropy(logits, kept, label_smoothing=0.1)
+    torch.testing.assert_close(applied.loss(logits, kept), expected)
+
+
 def test_regression_loss_is_mse() -> None:
     applied = Applied(Regularization(), nn.Linear(3, 1), adamw)
     output, targets = torch.randn(5, 1), torch.randn(5)

@@ -331,9 +331,17 @@ class Applied:
             return F.mse_loss(output.reshape(targets.shape), targets.to(output.dtype))
         if output.dim() == 3 and targets.dim() == 2 and output.shape[:2] == targets.shape:
             output, targets = output.reshape(-1, output.shape[-1]), targets.reshape(-1)
-        return F.cross_entropy(
-            output, targets, label_smoothing=self.setting.label_smoothing, ignore_index=-100
-        )
+        try:
+            return F.cross_entropy(
+                output, targets, label_smoothing=self.setting.label_smoothing, ignore_index=-100
+            )
+        except IndexError:  # the CPU's "Target -1 is out of bounds" (CUDA asserts in the kernel)
+            classes = output.shape[-1] if output.dim() > 1 else 0
+            outside = targets[(targets != -100) & ((targets < 0) | (targets >= classes))]
+            if not targets.dtype.is_floating_point and outside.numel():
+                fail("targets", f"class ids in [0, {classes}) or -100 (ignored; nanoGPT's -1: map it, "
+                     "y[y == -1] = -100)", int(outside[0]))  # fmt: skip
+            raise
 
     def penalty(self) -> Tensor:
         """The penalties' values when they go in the loss (``penalties_in="loss"``), else 0."""
