@@ -25,9 +25,9 @@ from torch import nn
 from regdial import L1, L2, L2SP, ElasticNet, GroupLasso, Penalty
 
 
-def build_model() -> nn.Module:
+def build_model(blocks_count: int = 12) -> nn.Module:
     blocks: list[nn.Module] = []
-    for _ in range(12):
+    for _ in range(blocks_count):
         blocks += [nn.Linear(256, 1024), nn.LayerNorm(1024), nn.Linear(1024, 256), nn.LayerNorm(256)]
     return nn.Sequential(*blocks)
 
@@ -93,10 +93,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="on")
+    parser.add_argument("--blocks", type=int, default=12, help="the model's blocks (12: 6.3M parameters)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model()
+    model = build_model(args.blocks)
     params = list(model.parameters())
     anchors = [p.detach().clone() for p in params]
     raw = [p.detach() for p in params]

@@ -156,7 +156,10 @@ class HypergradientController:
         start: the strengths to start from, of any of the space's knobs (default: a
             differentiable knob at the middle of its range on its log scale, from which the
             hypergradient can point either way; another at its weakest). ``regdial tune
-            --strategy online`` starts the knobs of ``timescale.RECIPE`` at the recipe.
+            --strategy online`` and the trainers' callbacks given ``online=Space(...)``
+            start the knobs of ``timescale.RECIPE`` at the recipe (weight decay 0.05,
+            dropout and label smoothing 0.1; ``recipe_start``); give a callback this
+            controller to start elsewhere.
         epochs_every: epochs between the curve controller's turns of the other knobs
             (default 2).
         epochs_first: the curve controller's first turn no sooner than this epoch (None:
