@@ -230,3 +230,44 @@ def test_a_trainer_log_with_an_epoch_that_is_no_number_is_one_line(
         and "log_history epochs are numbers" in err
         and len(err.strip().splitlines()) == 1
     )
+
+
+def _csv(path: Path, header: str, rows: list[dict[str, float]], order: list[int] | None = None) -> Path:
+    keys = [k.strip() for k in header.split(",")]
+    source = {"epoch": "epoch", "step": "epoch", "loss": "train_loss", "train_loss": "train_loss",
+              "val_loss": "val_loss", "eval_loss": "val_loss"}  # fmt: skip
+    picked = [rows[i] for i in order] if order is not None else rows
+    lines = [
+        ",".join(str(int(r["epoch"]) * 50 if k == "step" else r[source[k]]) for k in keys) for r in picked
+    ]
+    path.write_text(header + "\n" + "\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "order", "said"),
+    [
+        ("epoch,step,train_loss,val_loss", None, ""),  # epochs from 1 with a step column: not Lightning's 0
+        ("epoch,loss,val_loss", None, ""),  # Keras's CSVLogger names
+        (" epoch, train_loss, val_loss", None, ""),  # spaces after the commas
+        ("epoch,step,loss,eval_loss", None, ""),
+        ("epoch,train_loss,val_loss", list(range(15, -1, -1)), "newest first"),
+        ("epoch,train_loss,val_loss", list(range(16)) * 2, "goes back in its epoch column"),  # appended twice
+        ("epoch,train_loss,val_loss", [*range(10), *range(6, 16)], "goes back"),  # a resumed run's rows win
+    ],
+)
+def test_another_loops_csv_is_read_in_its_epochs_order_under_its_own_names(
+    header: str, order: list[int] | None, said: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each read as another run: a step column made epochs shift by one (and said the log's
+    epoch 0 was 1), Keras's `loss` was refused, rows newest first or appended after a restart
+    read as underfitting "65 times its first epoch's loss"."""
+    rows = _overfitting_rows()
+    with caplog.at_level("WARNING", logger="regdial"):
+        history = History.load(_csv(tmp_path / "log.csv", header, rows, order))
+    assert [r["epoch"] for r in history.rows] == [float(e) for e in range(1, 17)]
+    assert [r["val_loss"] for r in history.rows] == pytest.approx([r["val_loss"] for r in rows])
+    reading = diagnose(history)
+    assert reading.state == "overfitting" and reading.overfit_epoch == 8
+    assert "epoch 0" not in reading.message
+    assert (said in caplog.text) if said else "regdial" not in caplog.text

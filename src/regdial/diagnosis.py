@@ -268,7 +268,11 @@ def diagnose(
             at = f"{'' if unit == 'epoch' else unit + ' '}{early}"
             stopped = setting.early_stopping > 0 and early == epochs[-1]  # it did: the run ends there
             text += f"; early stopping (patience {stopper.patience}) {'stopped it' if stopped else 'would have stopped'} at {at}"
-        if history.meta.get("source") == "lightning" and unit == "epoch":
+        if (
+            history.meta.get("source") == "lightning"
+            and unit == "epoch"
+            and history.meta.get("epochs_from_zero", True)
+        ):
             text += " (epochs counted from 1: the log's epoch 0 is epoch 1 here)"
         return Diagnosis(state, text, best, overfit_epoch, gap, early, direction, moves, details, known)
 

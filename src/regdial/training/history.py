@@ -245,6 +245,8 @@ class History:
                 return cls(kind, table, **meta)
             return cls.from_dict(document, str(path))
         rows, header = logs.read_csv(path)
+        if "history" not in path.stem:  # another loop's log: its names and its order as regdial reads them
+            rows, header = logs.tidy(rows, header, str(path))
         if "history" not in path.stem and logs.looks_like_lightning(header):
             kind, table, meta = logs.from_lightning_rows(rows, header, str(path))
             return cls(kind, table, **meta)

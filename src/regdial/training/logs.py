@@ -20,6 +20,8 @@ error naming the columns it has.
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +41,10 @@ __all__ = [
     "normalize",
     "read_csv",
     "step_column",
+    "tidy",
 ]
+
+logger = logging.getLogger("regdial")
 
 STEP_COLUMNS = ("step", "global_step", "iteration", "iter", "steps")
 """The x columns of a log counted in optimizer steps (most language-model loops log these)."""
@@ -76,6 +81,48 @@ def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     return rows, header
 
 
+def tidy(rows: list[dict[str, str]], header: list[str], where: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Another loop's CSV as regdial reads it: names in regdial's spelling (Keras's ``loss``
+    is ``train_loss``, `` val_loss`` with its space is ``val_loss``; a name already taken
+    stays as it was), and rows in the order of their epoch (or step) column. A log written
+    newest first is reversed; one that goes back (a logger that appended after a restart,
+    or a resumed run) keeps the later rows of each epoch. Said in one line: read in file
+    order, the curves were another run's (an overfitting run read as 65 times its first
+    loss)."""
+    names = {}
+    for name in header:
+        new = normalize(name) if name not in ("epoch", "step") else name
+        names[name] = name if new in header and new != name else new
+    if any(new != name for name, new in names.items()):
+        header = [names[h] for h in header]
+        rows = [{names.get(k, k) if k else k: v for k, v in r.items()} for r in rows]
+    counter = "epoch" if "epoch" in header else step_column(header)
+    if counter is None:
+        return rows, header
+    try:
+        keyed = [(float(r[counter]) if r.get(counter) not in ("", None) else None, r) for r in rows]
+    except ValueError:
+        return rows, header  # the readers name the cell
+    values = [k for k, _ in keyed if k is not None]
+    if all(a <= b for a, b in itertools.pairwise(values)):
+        return rows, header
+    if all(a >= b for a, b in itertools.pairwise(values)):
+        logger.warning("regdial: %s lists its %ss newest first: read oldest first", where, counter)
+        return rows[::-1], header
+    kept: list[tuple[float | None, dict[str, str]]] = []
+    last = -math.inf
+    for key, row in keyed:
+        if key is not None and key < last:  # the log goes back: later rows replace those from here on
+            kept = [(k, r) for k, r in kept if k is None or k < key]
+        if key is not None:
+            last = key
+        kept.append((key, row))
+    logger.warning(
+        "regdial: %s goes back in its %s column (a logger that appended after a restart?): the later rows of each "
+        "%s are read", where, counter, counter)  # fmt: skip
+    return [r for _, r in kept], header
+
+
 def looks_like_lightning(header: list[str]) -> bool:
     """Lightning's CSVLogger writes a ``step`` column beside ``epoch``."""
     return "step" in header and "epoch" in header
@@ -105,15 +152,19 @@ def from_lightning_rows(rows: list[dict[str, str]], header: list[str], where: st
     """A Lightning ``CSVLogger`` table as one row per epoch (the last value of each column)."""
     by_epoch: dict[int, dict[str, float]] = {}
     steps_only = {normalize(h) for h in header if h.endswith("_step")}
+    epochs = []
     for line, record in enumerate(rows, start=2):
         epoch_text = record.get("epoch", "")
-        if not epoch_text:
-            continue
         try:
-            epoch = int(float(epoch_text))
+            epochs.append(int(float(epoch_text)) if epoch_text else None)
         except ValueError:
             damaged(where, "a CSV log with numeric epochs", f"{epoch_text!r} at line {line}")
-        row = by_epoch.setdefault(epoch + 1, {"epoch": float(epoch + 1)})  # Lightning counts from 0
+    # Lightning counts from 0; a log with epoch and step columns that starts at 1 is not its.
+    offset = 1 if min((e for e in epochs if e is not None), default=0) == 0 else 0
+    for epoch, record in zip(epochs, rows, strict=True):
+        if epoch is None:
+            continue
+        row = by_epoch.setdefault(epoch + offset, {"epoch": float(epoch + offset)})
         for name, text in record.items():
             if not name or name in ("epoch", "step") or text in ("", None):
                 continue
@@ -128,7 +179,8 @@ def from_lightning_rows(rows: list[dict[str, str]], header: list[str], where: st
                 continue
             if math.isfinite(value) or key in ("train_loss", "val_loss"):
                 row[key] = value
-    return _table([by_epoch[e] for e in sorted(by_epoch)], where, source="lightning", log=where)
+    return _table([by_epoch[e] for e in sorted(by_epoch)], where, source="lightning", log=where,
+                  epochs_from_zero=bool(offset))  # fmt: skip
 
 
 def from_step_rows(
