@@ -255,3 +255,22 @@ def test_a_smoothed_training_loss_at_label_smoothings_floor_is_not_underfitting(
     assert result.state != "underfitting" and result.details["untrained_share"] < 0.05
     run.meta["train_loss_source"] = "measured on the training split"  # fit's: unsmoothed, no floor
     assert diagnose(run, Regularization(label_smoothing=0.3), num_classes=10).state == "underfitting"
+
+
+def test_a_finite_blow_up_is_diverged_and_a_falling_loss_above_the_mean_is_not_unstable() -> None:
+    """A loss that rose to 3.5e4 times its first read as underfitting; a regression's loss
+    still far above predicting the mean (a target near 150, five epochs) but falling every
+    epoch was told "training is unstable; lower the learning rate", the opposite of its cure."""
+    rising = 1.5 * np.exp(-E[:15] / 5)
+    blown = history(np.concatenate([rising, rising[-1] * np.exp(E[:25] / 2)]), np.full(40, 2.0))
+    reading = diagnose(blown)
+    assert reading.state == "diverged" and reading.message.startswith("diverged: the training loss rose to ")
+    train = np.array([28126.0, 27111.0, 26219.0, 25754.0, 25671.0])
+    rows = [{"epoch": e + 1, "train_loss": t, "val_loss": t * 1.02, "train_r2": -3.12 - (4 - e) * 0.3}
+            for e, t in enumerate(train)]  # fmt: skip
+    slow = diagnose(History("regression", rows))
+    assert slow.state == "underfitting" and "still falling" in slow.message
+    assert "raise the learning rate (a regression target far from 0: standardize it)" in slow.message
+    assert "lower the learning rate" not in slow.message
+    flat = [{"epoch": e + 1, "train_loss": 3e4, "val_loss": 3e4, "train_r2": -3.0} for e in range(5)]
+    assert "training is unstable; lower the learning rate" in diagnose(History("regression", flat)).message

@@ -320,11 +320,26 @@ def diagnose(
     )
 
 
+ROSE = 10.0
+"""A training loss this many times its lowest, at the end of a run, has diverged."""
+
+
 def _divergence(
     history: History, epochs: list[int], train: list[float], val: list[float], unit: str
 ) -> str | None:
-    """The message of a run whose loss became non-finite, or None."""
+    """The message of a run whose loss became non-finite, or rose to ``ROSE`` times its
+    lowest, or None (a finite blow-up to 3.5e4 times the first loss read as underfitting)."""
     if history.meta.get("status") != "diverged" and all(math.isfinite(v) for v in train + val):
+        lowest = min(range(len(train)), key=train.__getitem__)
+        if (
+            len(train) >= 3
+            and train[lowest] > 0
+            and train[-1] > ROSE * train[lowest]
+            and lowest < len(train) - 1
+        ):
+            return (f"diverged: the training loss rose to {train[-1] / train[lowest]:.3g} times its lowest "
+                    f"({train[lowest]:.3g} at {unit} {epochs[lowest]}, {train[-1]:.3g} at {unit} {epochs[-1]}); "
+                    "lower the learning rate, then look again")  # fmt: skip
         return None
     bad = next(
         (
@@ -404,7 +419,16 @@ def _underfit(
         floor = _smoothing_floor(history, setting, classes)
         untrained_share = (smooth_train[-1] - floor) / (reference - floor) if reference > floor else 0.0
     details["untrained_share"] = untrained_share
-    if untrained_share > 1.0:  # worse than not training at all: an optimization problem
+    falling = smooth_train[-1] < smooth_train[0] and smooth_train[-1] <= 1.01 * min(smooth_train)
+    if 1.0 < untrained_share <= 100.0 and falling:  # worse than no training yet, and still coming down
+        return (
+            f"underfitting: the training loss is {untrained_share:.3g} times {untrained} and still falling "
+            f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g}): train longer or raise the "
+            "learning rate" + (" (a regression target far from 0: standardize it)" if history.kind == "regression"
+                               else "") + " before turning the dial",
+            0,
+        )  # fmt: skip
+    if untrained_share > 1.0:  # worse than not training at all, and not coming down: an optimization problem
         return (
             f"underfitting: the training loss is {untrained_share:.3g} times {untrained} "
             f"(train {smooth_train[-1]:.3g}, validation {smooth_val[-1]:.3g}): training is unstable; "
