@@ -100,14 +100,12 @@ def test_trials_stop_early_keep_their_best_epoch_and_the_budget_counts_what_was_
 
 def test_a_choice_still_improving_at_its_end_is_trained_longer() -> None:
     """A learning rate too low for the epochs: the chosen run is still improving at its last
-    epoch, so the search trains it on to twice the length and says what the limit was (without
-    a directory, again from the start: there is no checkpoint to continue)."""
+    epoch, so the search trains it again for twice the length and says what the limit was."""
     result = tune("breast-cancer", Space({"weight_decay": (1e-4, 1e-2)}), epochs=6, lr=1e-4, budget="2 trials",
                   strategy="random")  # fmt: skip
     said = " ".join(result.notes)
     assert "after 6 epochs" in said and (
-        "trained on to 12 it validates better" in said
-        or "trained on to 12 it did not validate better" in said
+        "trained for 12 it validates better" in said or "trained for 12 it did not validate better" in said
     )
     trials = sum(int(t["epochs"]) for t in result.trials)
     assert trials < result.epochs_spent <= trials + 12  # the longer run (early stopping may end it) counts

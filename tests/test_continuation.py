@@ -62,11 +62,16 @@ def test_a_trial_still_improving_at_its_length_is_continued_from_its_checkpoint(
     # each epoch counted once: the trials' own, and the finish's continuation of the chosen run
     trained = sum(int(t["epochs"]) for t in result.trials)
     chosen = next(t for t in result.trials if t["number"] == result.best_trial)
-    longer = any("trained on to" in note for note in result.notes)
-    assert result.epochs_spent == trained + (chosen["length"] if longer else 0)
-    if longer:  # continued from its checkpoint, not trained again: one curve of twice the length
-        rows = json.loads((tmp_path / "best" / "history.json").read_text())["rows"]
-        assert len(rows) == 2 * chosen["length"]
+    longer = any("it validates better" in note for note in result.notes)
+    tried = any(f"trained for {2 * chosen['length']}" in note for note in result.notes)
+    assert result.epochs_spent == trained + (2 * chosen["length"] if tried else 0)
+    rows = json.loads((tmp_path / "best" / "history.json").read_text())["rows"]
+    # trained again for twice the length, afresh (its schedules span it): best.toml says so
+    assert len(rows) == (2 if longer else 1) * chosen["length"]
+    assert f"epochs = {len(rows)}" in (tmp_path / "best.toml").read_text()
+    assert result.retrain["epochs"] == len(rows)
+    baseline = json.loads((tmp_path / "best" / "baseline" / "history.json").read_text())["rows"]
+    assert len(baseline) == len(rows)  # the unregularized run as long as the tuned one
     assert any(f"continuing trial {parent['number']} to {child['length']}" in line for line in said)
     assert not (tmp_path / "trials" / str(parent["number"]) / "checkpoints").exists()  # moved on, not copied
     # the chosen trial's own run is what the finish scores, when its checkpoint was kept
