@@ -146,6 +146,30 @@ def test_malformed_npz(tmp_path: Path, arrays, kwargs, message: str) -> None:
         load_data(tmp_path / "data.npz", **kwargs)
 
 
+def test_targets_auto_cannot_tell_and_classes_only_held_out_rows_hold_are_one_line(tmp_path: Path) -> None:
+    """Each trained silently: diabetes' integer target as 214 classes (val accuracy 0),
+    labels written 0.0/1.0 as a regression, a y_val class y never holds (accuracy 0)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    cases = [
+        ({"y": rng.integers(25, 346, 400)}, r"^kind must be 'classification' or 'regression' for these targets "
+         r"\(--kind; auto cannot tell\), got auto, with \d+ distinct integers in 400 targets$"),
+        ({"y": (x[:, 0] > 0).astype(np.float64)}, r"got auto, with 2 distinct whole numbers in 400 targets$"),
+        ({"y": x[:300, 0] > 0, "x_val": x[300:], "y_val": np.full(100, 5)},
+         r"^data.npz: y_val must be classes y holds \(0, 1\), got '5'$"),
+    ]  # fmt: skip
+    for arrays, message in cases:
+        arrays = {"x": x[: len(arrays["y"])]} | arrays
+        np.savez(tmp_path / "data.npz", **arrays)
+        with pytest.raises(ValueError, match=message):
+            load_data(tmp_path / "data.npz")
+    np.savez(tmp_path / "data.npz", x=x, y=rng.integers(25, 346, 400))
+    assert load_data(tmp_path / "data.npz", kind="regression").kind == "regression"  # said: it trains
+    np.savez(tmp_path / "data.npz", x=x, y=(x[:, 0] > 0).astype(np.float64))
+    data = load_data(tmp_path / "data.npz", kind="classification")
+    assert data.num_classes == 2 and data.description.endswith("2-class classification")
+
+
 def test_pickled_objects_are_never_loaded(tmp_path: Path) -> None:
     np.savez(tmp_path / "data.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
     with pytest.raises(
@@ -160,6 +184,17 @@ def test_pickled_objects_are_never_loaded(tmp_path: Path) -> None:
         ("a,b\n1,2\n", "label", r"^target must be a column of data.csv \(a, b\), got 'label'$"),
         ("a,label\n1,0\nx,1\n", "label", r"^data.csv: column 'a' line 3 must be a number, got 'x'$"),
         ("a,label\n1,0\n2\n", "label", r"^data.csv: line 3 must be 2 fields like the header, got 1$"),
+        (
+            "1.5,0\n2.5,1\n",
+            "0",
+            r"^data.csv must be a CSV whose first line names its columns \(a header row\), got a "
+            r"first line of numbers \(1.5, 0\)$",
+        ),  # its first row was read as the names, and lost
+        (
+            "a;label\n1;0\n",
+            "label",
+            r"^data.csv must be a comma-separated file, got a header separated by semicolons$",
+        ),
     ],
 )
 def test_malformed_csv(tmp_path: Path, text: str, target: str, message: str) -> None:

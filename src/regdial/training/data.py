@@ -62,6 +62,16 @@ def _labels(y: np.ndarray, path: Path, kind: str) -> tuple[np.ndarray, Kind, tup
     integral = is_text or y.dtype.kind in "iub" or bool(np.all(np.mod(y, 1) == 0))
     if kind == "auto":
         kind = "classification" if is_text or y.dtype.kind in "iub" else "regression"
+        levels = len(np.unique(y)) if not is_text else 0
+        # Integers with a class per few rows are a count or a score (diabetes' 214 values in
+        # 442 rows trained as 214 classes); whole floats in a few levels are labels written
+        # as floats (0.0/1.0 trained as a regression). Either way the file cannot say.
+        if (kind == "classification" and levels > max(20, y.size // 5)) or (
+            kind == "regression" and integral and levels <= 10
+        ):
+            fail("kind", "'classification' or 'regression' for these targets (--kind; auto cannot tell)",
+                 Described(f"auto, with {levels} distinct {'integers' if y.dtype.kind in 'iub' else 'whole numbers'} "
+                           f"in {y.size} targets"))  # fmt: skip
     if kind == "regression":
         if is_text:
             fail(field, "numbers for regression", Described("text labels"))
@@ -157,6 +167,12 @@ def load_data(path: str | Path, *, target: str | None = None, kind: str = "auto"
     labels, task_kind, class_names = _labels(np.concatenate([arrays[n] for n in names]), path, kind)
     offsets = np.cumsum([0] + [len(arrays[n]) for n in names])
     ys = {name: labels[offsets[i] : offsets[i + 1]] for i, name in enumerate(names)}
+    if task_kind == "classification" and class_names is not None:
+        for name in names[1:]:  # a class only the held-out rows hold can never be predicted
+            unseen = np.setdiff1d(ys[name], ys["y"])
+            if unseen.size:
+                seen = ", ".join(class_names[i] for i in np.unique(ys["y"])[:10])
+                fail(_where(path, name), f"classes y holds ({seen})", class_names[int(unseen[0])])
     x, y = xs["x"], ys["y"]
     stratify = task_kind == "classification" and np.bincount(y).min() >= 3
     test_carved = "x_test" not in xs
@@ -183,7 +199,8 @@ def load_data(path: str | Path, *, target: str | None = None, kind: str = "auto"
     return Dataset(
         name=path.stem, kind=task_kind, input_kind=input_kind, x_train=x_train, y_train=y_train,  # type: ignore[arg-type]
         x_val=x_v, y_val=y_v, x_test=x_t, y_test=y_t, num_classes=num_classes, class_names=class_names,
-        description=f"user data from {path.name}{carved}", path=str(path), target=target, test_carved=test_carved,
+        description=f"user data from {path.name}{carved}, " + (f"{num_classes}-class classification"
+                    if num_classes else "regression"), path=str(path), target=target, test_carved=test_carved,
     )  # fmt: skip
 
 
@@ -234,6 +251,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_csv(path: Path, target: str | None) -> dict[str, Any]:
     text = read_text(path, "a readable CSV file")
     try:
@@ -243,6 +268,11 @@ def _read_csv(path: Path, target: str | None) -> dict[str, Any]:
     if len(rows) < 2:
         fail(path.name, "a header row and data rows", Described(f"{len(rows)} rows"))
     header, body = rows[0], rows[1:]
+    if len(header) > 1 and all(_is_number(name) for name in header):
+        fail(path.name, "a CSV whose first line names its columns (a header row)",
+             Described(f"a first line of numbers ({', '.join(header)[:40]})"))  # fmt: skip
+    if len(header) == 1 and ";" in header[0]:
+        fail(path.name, "a comma-separated file", Described("a header separated by semicolons"))
     if target is None:
         target = "target" if "target" in header else None
     if target is None or target not in header:
