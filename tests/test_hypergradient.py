@@ -584,3 +584,15 @@ def test_the_validation_objective_takes_a_models_flattened_logits_and_refuses_mi
         match=r"^val must be held-out batches shaped as the training ones.*got targets of shape \(6, 4\)$",
     ):
         calibrated_cross_entropy(logits, targets[:, :4])
+
+
+def test_a_fit_resumed_at_its_end_does_not_say_its_knobs_never_trained(tmp_path, caplog) -> None:
+    """fit's loop applies its knobs; a run resumed at its last epoch trains no batch, and
+    Applied.finish's check named an API a CLI user never calls (a resumed tune's trials)."""
+    import logging
+
+    setting = Regularization(label_smoothing=0.1)
+    fit("wine", setting, epochs=2, run_dir=tmp_path, progress=False)
+    with caplog.at_level(logging.WARNING, logger="regdial"):
+        fit("wine", setting, epochs=2, run_dir=tmp_path, resume=True, progress=False)
+    assert "did not train" not in caplog.text

@@ -386,14 +386,16 @@ class Applied:
             return self.early_stopping.step(val_metric, self.eval_model, tiebreak=tiebreak)
         return False
 
-    def finish(self) -> bool:
+    def finish(self, *, check_applied: bool = True) -> bool:
         """End of training: put early stopping's best weights back; True if it did. A knob
         the loop never applied (label smoothing without ``loss``, noise, mixing or
-        augmentation without ``batch``) is said in one line: it did not train."""
+        augmentation without ``batch``) is said in one line: it did not train (``fit``, whose
+        loop applies them, passes ``check_applied=False``: a run resumed at its end trains
+        no batch)."""
         s = self.setting
         unapplied = [k for k, call in (("label_smoothing", "loss"), ("noise", "batch"), ("mixup", "batch"),
                                        ("cutmix", "batch"), ("augment", "batch"))
-                     if getattr(s, k) and not self.calls[call]]  # fmt: skip
+                     if check_applied and getattr(s, k) and not self.calls[call]]  # fmt: skip
         if unapplied:
             logger.warning("regdial: %s did not train: the loop never called applied.%s", ", ".join(
                 f"{k}={getattr(s, k)}" for k in unapplied), " or applied.".join(sorted(

@@ -321,7 +321,7 @@ class Run:
 
     def _finish(self, save_weights_now: bool = True) -> History:
         if self.loop.status in FINISHED:
-            restored = self.applied.finish()  # early stopping's best weights back
+            restored = self.applied.finish(check_applied=False)  # early stopping's best weights back
             if self.restore_best and not restored and self.best.best_state is not None:
                 self.applied.eval_model.load_state_dict(self.best.best_state)
         said = summary(self)
