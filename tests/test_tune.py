@@ -188,7 +188,9 @@ def test_the_result_runs_with_regdial_run(tmp_path: Path, capsys: pytest.Capture
     saved = json.loads((out / "result.json").read_text())
     assert saved["best"]["setting"] == result.best.to_dict()
     assert saved["trials"] == {"complete": 3}
-    assert set(saved["retrain"]) == {"tuned", "baseline", "test"}
+    assert set(saved["retrain"]) == {"tuned", "baseline", "test", "epochs"}
+    assert saved["retrain"]["epochs"] >= 3  # the search's length, or more when continued or trained longer
+    assert f"epochs = {saved['retrain']['epochs']}" in (out / "best.toml").read_text()
     assert "test_accuracy" in saved["retrain"]["tuned"]["final"]
     assert (out / "best" / "report.html").is_file()
     assert len((out / "trials.csv").read_text().splitlines()) == 4
