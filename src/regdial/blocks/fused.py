@@ -307,7 +307,11 @@ class FusedKernel(Generic[R]):
         self, key: tuple[Any, ...], group: list[Tensor], args: tuple[Any, ...]
     ) -> tuple[bool, R | None]:
         if self._compiled is None:
-            self._compiled = torch.compile(self.function, fullgraph=True, dynamic=False)
+            # dynamo's guards already check every input's size and stride (static shapes):
+            # inductor's own asserts would check them again, 1 us a tensor a call.
+            self._compiled = torch.compile(
+                self.function, fullgraph=True, dynamic=False, options={"size_asserts": False}
+            )
         start = time.perf_counter()
         try:
             result = self._compiled(group, *args)
