@@ -18,9 +18,11 @@ from regdial import (
     EMA,
     L1,
     L2,
+    L2SP,
     Applied,
     ElasticNet,
     FusedAdamW,
+    GroupLasso,
     InputError,
     Penalty,
     Regularization,
@@ -263,6 +265,40 @@ def test_an_ema_attached_after_another_hook_stays_in_its_hook(monkeypatch: pytes
         results.append(ema.module)
     assert averaged == [False] * 6
     assert_same(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["GroupLasso", "L2SP"])
+def test_an_ema_after_a_prox_the_loop_cannot_fuse_averages_the_weights_after_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GroupLasso's and L2-SP's prox run in their hooks after the loop: an EMA updated in
+    the loop averaged the weights before them (1.4e-2 off the reference's average)."""
+    averaged = spy_averages(monkeypatch)
+    results = []
+    for flag in (True, False):
+        net = model()
+        opt = FusedAdamW(groups(net), lr=3e-2, fused=flag)
+        anchor = {key: torch.zeros_like(value) for key, value in net.state_dict().items()}
+        penalty = GroupLasso(0.05) if name == "GroupLasso" else L2SP(5.0, anchor, model=net)
+        attach_prox(opt, penalty, warmup=0)
+        ema = EMA(net, decay=0.5)
+        ema.attach(opt, net)
+        average: list[torch.Tensor] | None = None
+        for _ in range(8):
+            nn.functional.cross_entropy(net(X), Y).backward()
+            opt.step()
+            opt.zero_grad()
+            now = [p.detach().clone() for p in net.parameters()]
+            average = (
+                now if average is None else [0.5 * a + 0.5 * w for a, w in zip(average, now, strict=True)]
+            )
+        assert average is not None
+        for got, want in zip(ema.module.parameters(), average, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the weights after the prox
+        results.append((net, ema.module))
+    assert averaged == [False] * 8  # the loop stepped, the average stayed in its hook
+    assert_same(results[0][0], results[1][0])
+    assert_same(results[0][1], results[1][1])
 
 
 def test_a_missing_compiler_leaves_the_reference_with_one_line(

@@ -263,6 +263,7 @@ def test_mixed_devices_and_dtypes_sum_together() -> None:
         (lambda: L2(float("nan")), r"^L2.strength must be a finite number in \[0, inf\), got nan$"),
         (lambda: L1("big"), r"^L1.strength must be a number in \[0, inf\), got 'big'$"),
         (lambda: L1(True), r"^L1.strength must be a number in \[0, inf\), got True$"),
+        (lambda: L1(0.1, foreach="no"), r"^L1.foreach must be True, False or None \(pick\), got 'no'$"),
         (lambda: L1(Cosine(1.0, -1.0)), r"^L1.strength must be in \[0, inf\), got -1.0$"),
         (lambda: ElasticNet(0.1, l1_ratio=1.5), r"^ElasticNet.l1_ratio must be in \[0, 1\], got 1.5$"),
         (lambda: ElasticNet(0.1, l1_ratio=-0.2), r"^ElasticNet.l1_ratio must be in \[0, 1\], got -0.2$"),
@@ -280,6 +281,9 @@ def test_bad_constructor_arguments(make, message: str) -> None:
         make()
 
 
+TIED = torch.ones(3)  # a tensor listed twice was penalized and shrunk twice, silently
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -290,6 +294,14 @@ def test_bad_constructor_arguments(make, message: str) -> None:
         (lambda: L1(0.1).value([torch.zeros(2), "w"]), r"^params\[1\] must be a torch.Tensor, got 'w'$"),
         (lambda: L1(0.1).value(nn.Linear(2, 2)), r"^params must be a tensor or an iterable of tensors"),
         (lambda: L1(0.1).value(torch.zeros(2, dtype=torch.long)), r"^params\[0\] must be a floating-point"),
+        (
+            lambda: L1(0.1).value([TIED, TIED]),
+            r"^params\[1\] must be each tensor once .*, got params\[0\] again$",
+        ),
+        (
+            lambda: L2(0.1).prox_([torch.zeros(2), TIED, TIED], lr=0.1),
+            r"^params\[2\] must be each tensor once",
+        ),
         (
             lambda: GroupLasso(0.1, groups="columns").value([torch.zeros(3)]),
             r"^GroupLasso.groups must be 'rows' or 'tensor' for a 1-D parameter \(shape \(3,\)\), got 'columns'$",

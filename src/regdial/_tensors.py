@@ -19,6 +19,7 @@ def tensor_list(params: object, field: str = "params") -> list[Tensor]:
     """Return ``params`` as a non-empty list of tensors, or raise a one-line ValueError.
 
     A single tensor counts as a list of one: iterating it would silently yield its rows.
+    Each tensor must appear once: a penalty over ``[w, w]`` would count ``w`` twice.
     """
     if isinstance(params, Tensor):
         tensors = [params]
@@ -33,6 +34,14 @@ def tensor_list(params: object, field: str = "params") -> list[Tensor]:
             fail(f"{field}[{i}]", "a torch.Tensor", tensor)
         if not tensor.is_floating_point():
             fail(f"{field}[{i}]", "a floating-point tensor", Described(f"dtype {tensor.dtype}"))
+    if len({id(t) for t in tensors}) != len(tensors):
+        # A tensor listed twice would be penalized, shrunk or thresholded twice, silently.
+        first: dict[int, int] = {}
+        for i, tensor in enumerate(tensors):
+            j = first.setdefault(id(tensor), i)
+            if j != i:
+                fail(f"{field}[{i}]", "each tensor once (a tied weight, as GPT-2's wte and lm_head, is one "
+                     "tensor: model.parameters() lists it once)", Described(f"{field}[{j}] again"))  # fmt: skip
     return tensors
 
 

@@ -197,9 +197,11 @@ def compiler_missing(device_type: str) -> str | None:
 
 
 def check_fused(field: str, fused: object, foreach: bool | None = None) -> bool | None:
-    """Validate a ``fused`` flag where it enters (a constructor)."""
+    """Validate a ``fused`` flag (and its ``foreach``) where it enters (a constructor)."""
     if fused is not None and not isinstance(fused, bool):
         fail(field, "True, False or None (pick)", fused)
+    if foreach is not None and not isinstance(foreach, bool):
+        fail(field.rsplit(".", 1)[0] + ".foreach", "True, False or None (pick)", foreach)
     if fused is True and foreach is False:
         fail(field, "False or None with foreach=False (the reference loop)", fused)
     return fused

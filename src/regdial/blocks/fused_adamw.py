@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,36 +55,13 @@ from torch.utils.hooks import RemovableHandle
 from regdial._checks import fail
 from regdial.blocks import fused as kernels
 from regdial.blocks.fused import FUSED_DTYPES, FusedKernel, check_fused
+from regdial.blocks.fused_plans import AveragePlan, GroupProx, ProxPlan
 
-__all__ = ["AveragePlan", "FusedAdamW", "GroupProx", "Handles", "ProxPlan", "adamw_prox_", "fusing_optimizer"]
-
-ProxPlan = Callable[[dict[str, Any]], "GroupProx | None"]
-"""What ``attach_prox`` gives a ``FusedAdamW`` for one param group, after the step count's
-increment: the group's prox as a ``GroupProx``, or None to leave it to its step hook."""
-
-
-class GroupProx(NamedTuple):
-    """One param group's prox in Adam's metric, for the fused loop: on the tensors with a
-    gradient that ``selected`` holds (by id; None: all of the group's), with ``τ = strength
-    lr sqrt(c2) f_t`` (``f_t = min(1, t / horizon)``; 1 with ``horizon`` 0) the threshold
-    ``ratio τ`` and the addition ``addition τ`` (``Penalty.quotient_coefficients``)."""
-
-    selected: frozenset[int] | set[int] | None
-    strength: float
-    ratio: float
-    addition: float
-    horizon: int
-
+__all__ = ["FusedAdamW", "Handles", "adamw_prox_", "fusing_optimizer"]
 
 _Settings = tuple[float, float, float, float, float, float, float, float, int]
 """A group's ``(lr, weight decay, ε, β1, β2)`` and its prox's ``(strength, ratio, addition,
 horizon)`` (zeros without one)."""
-
-
-AveragePlan = Callable[[], "tuple[dict[int, Tensor], float] | None"]
-"""What an ``EMA`` attached to a ``FusedAdamW`` gives it each step: its average of each
-model tensor (by the tensor's id) and this update's weight ``a`` (1 for the first, a
-copy), or None to leave the update to its step hook."""
 
 
 def adamw_prox_(
@@ -229,13 +206,18 @@ class FusedAdamW(torch.optim.AdamW):
             self._reference()  # the reference step: the prox and the average run in their hooks
             return loss
         prox, average = self._fused_hooks()
+        planned = self._planned(prox)  # before the step count moves: a plan may raise
+        if prox is not None and any(plan is None for plan in planned):
+            # A group's prox is left to its hook, which runs after this loop: an average
+            # updated in the loop would hold the weights before that prox (GroupLasso's,
+            # L2-SP's, a tensor without a gradient yet), so it stays in its own hook too.
+            average = None
         averages, weight = self._averages(average, layout)
         params, exp_avgs, exp_avg_sqs = layout.params, layout.exp_avgs, layout.exp_avg_sqs
         key = layout.kernel_key(averaged=averages is not None)
         if not ADAMW_PROX.wants(self.fuse, params, key=key):
             self._reference()
             return loss
-        planned = self._planned(prox)  # before the step count moves: a plan may raise
         torch._foreach_add_(layout.steps, 1.0)
         try:
             scalars, active = self._scalars(layout, planned, weight)

@@ -65,7 +65,8 @@ from torch.utils.hooks import RemovableHandle
 
 from regdial._checks import Described, check_choice, check_int, fail
 from regdial._tensors import tensor_list
-from regdial.blocks.fused_adamw import GroupProx, Handles, fusing_optimizer
+from regdial.blocks.fused_adamw import Handles, fusing_optimizer
+from regdial.blocks.fused_plans import NO_PROX, GroupProx
 from regdial.blocks.groups import transposed_ids, transposed_weights
 from regdial.blocks.max_norm import MaxNorm, max_norm_
 from regdial.blocks.prox_order import ATTACHED, anchored_first, has_anchored
@@ -423,7 +424,9 @@ def attach_prox(
         def plan(group: Group) -> GroupProx | None:
             """``sized``'s choice of a group and tensors, and ``_adam``'s form of the steps
             (``eps > 0``), with the warm-up ``_warmed`` would apply."""
-            if skipped(group) or float(group["eps"]) <= 0.0:
+            if skipped(group):
+                return NO_PROX  # nothing for the hook either: an average may follow in the loop
+            if float(group["eps"]) <= 0.0:
                 return None
             chosen = [
                 p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)
@@ -433,8 +436,8 @@ def attach_prox(
             if getattr(penalty, "sparsifying", False) and has_anchored(fusing, attached):
                 return None  # in the step it would run before L2-SP's pull: eager, after it
             found = coefficients()
-            if found is None:
-                return None
+            if found is None:  # at strength 0 (a schedule's start) the hook has nothing to do either
+                return NO_PROX if getattr(penalty, "current_strength", None) == 0.0 else None
             horizon = warmup if warmup is not None else (
                 warmup_steps(fusing, group) if getattr(penalty, "warmup", True) else 0)  # fmt: skip
             strength, ratio, addition = found
