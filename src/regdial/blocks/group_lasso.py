@@ -91,15 +91,19 @@ class GroupLasso(Penalty):
         return norms
 
     def _sum(self, group: list[Tensor], dtype: torch.dtype, fast: bool) -> Tensor:
-        total = []
+        sums, roots = [], []
         for w in group:
             dims, size = self._layout(w)
-            if fast:
-                norms = self._group_norms(w, dtype, dims)
+            if not fast:
+                sums.append(torch.stack([g.to(dtype).norm() for g in self._slices(w, dims)]).sum())
+            elif dims is not None and not dims:  # 1-D rows: sum |w| in one reduction
+                sums.append(torch.linalg.vector_norm(w, ord=1, dtype=dtype))
             else:
-                norms = torch.stack([g.to(dtype).norm() for g in self._slices(w, dims)])
-            total.append(math.sqrt(size) * norms.sum())
-        return torch.stack(total).sum()
+                sums.append(self._group_norms(w, dtype, dims).sum())
+            roots.append(math.sqrt(size))
+        # The sqrt(size) weights as one vector: a multiply per tensor cost 5 us each (0.5
+        # ms of 1.8 on benchmarks/penalties.py's 96 tensors, slower than the naive loop).
+        return torch.dot(torch.stack(sums), torch.tensor(roots, dtype=sums[0].dtype, device=sums[0].device))
 
     def _slices(self, w: Tensor, dims: tuple[int, ...] | None) -> list[Tensor]:
         if dims is None:
