@@ -431,18 +431,23 @@ def test_a_budget_in_minutes_counts_the_path_and_still_ends_with_a_result() -> N
     assert 1 <= len(result.trials) <= 2 and complete  # then one or two trials, for a result
 
 
-def test_cli_tune_on_a_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_tune_on_a_data_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(240, 6)).astype(np.float32)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
     np.savez(tmp_path / "mine.npz", x=x[:200], y=y[:200], x_test=x[200:], y_test=y[200:])
     out = tmp_path / "search"
-    main(["tune", "--data", str(tmp_path / "mine.npz"), "--epochs", "3", "--budget", "3 trials", "--strategy",
+    monkeypatch.chdir(tmp_path)  # the data given relative to where the search ran
+    main(["tune", "--data", "mine.npz", "--epochs", "3", "--budget", "3 trials", "--strategy",
           "random", "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "tuned" in printed and "chosen:" in printed
     assert json.loads((out / "result.json").read_text())["trials"] == {"complete": 3}
-    assert "data = " in (out / "best.toml").read_text()
+    assert f"data = {json.dumps(str(tmp_path / 'mine.npz'))}" in (out / "best.toml").read_text()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # best.toml runs from any directory
     main(["run", str(out / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "rerun"), "--quiet"])
     assert (tmp_path / "rerun" / "summary.json").is_file()
 

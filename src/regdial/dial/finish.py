@@ -327,6 +327,9 @@ def run_tables(objective: FitObjective, epochs: object = None) -> tuple[dict[str
         for name in ("lr", "batch_size")
         if getattr(objective, name) is not None
     }
-    run = run_table(RunOptions.parse(given, "run"), task=objective.task, data=objective.data_path,
+    # The data file as an absolute path: best.toml runs from any directory, not only the
+    # one the search ran in (a relative path failed there as "an existing file").
+    data = None if objective.data_path is None else str(Path(objective.data_path).resolve())
+    run = run_table(RunOptions.parse(given, "run"), task=objective.task, data=data,
                     kind=objective.kind, target=objective.target, model=objective.model)  # fmt: skip
     return run, dict(objective.model_options)
