@@ -579,6 +579,42 @@ def test_a_dropout_the_online_controller_moves_is_the_one_a_saved_model_reloads_
     assert '"lora_dropout": 0.04' in (tmp_path / "adapter_config.json").read_text()
 
 
+class RaisesAt(transformers.TrainerCallback):
+    """The user's code failing (or Ctrl-C) at step 3, after the evaluation at step 2."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 3:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")])
+def test_a_hugging_face_run_stopped_by_an_exception_keeps_its_record_so_far(
+    error: BaseException, tmp_path: Path
+) -> None:
+    """The Trainer tells callbacks of no exception: the record written at each evaluation
+    is what survives (it was lost: nothing was written before on_train_end)."""
+    import json
+
+    callback = hf.HuggingFaceCallback(Regularization(weight_decay=0.01), num_classes=2)
+    trainer = plain_trainer(Plain(), [callback, RaisesAt(error)], tmp_path, evaluate=True,
+                            eval_strategy="steps", eval_steps=2)  # fmt: skip
+    with pytest.raises(type(error)):
+        trainer.train()
+    record = json.loads((tmp_path / "regdial_history.json").read_text())
+    assert record["meta"]["status"] == "unfinished" and len(record["rows"]) == 1
+    from regdial.training.history import History
+
+    assert History.from_dict(record).rows[0]["val_loss"] == callback.history.rows[0]["val_loss"]
+    finished = plain_trainer(Plain(), [hf.HuggingFaceCallback(Regularization())], tmp_path / "whole",
+                             evaluate=True, eval_strategy="steps", eval_steps=2)  # fmt: skip
+    finished.train()
+    whole = json.loads((tmp_path / "whole" / "regdial_history.json").read_text())
+    assert whole["meta"]["status"] == "completed" and len(whole["rows"]) == 2
+
+
 class Crashing(OwnGroups):
     """Stops its own run at its 9th step, as Ctrl-C or an error in the user's code does."""
 

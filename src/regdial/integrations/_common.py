@@ -371,6 +371,22 @@ class Session:
         if output_dir is not None and self.trial is None:  # a search records its own trials
             write_record(Path(output_dir), self.history, setting, self.monitor)
 
+    def record_so_far(self, output_dir: str | Path | None, main: bool = True) -> None:
+        """After an evaluation, ``regdial_history.json`` with its rows so far and the status
+        ``unfinished``, for a trainer that tells callbacks of no exception (the Hugging
+        Face Trainer's): a run stopped by Ctrl-C or an error keeps its record, and says it
+        did not complete. ``finish`` writes the whole record over it. ``main``: whether
+        this is the process that writes (the Trainer's ``should_save``)."""
+        if not main or self.ended or not self.history or output_dir is None or self.trial is not None:
+            return
+        from regdial._io import write_json
+
+        directory = Path(output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = self.history.to_dict()
+        record["meta"] = {**record.get("meta", {}), "status": "unfinished"}
+        write_json(directory / "regdial_history.json", record)
+
     def record_unfinished(self, output_dir: str | Path | None, error: BaseException) -> None:
         """A run the trainer stopped by an exception (Ctrl-C: ``interrupted``; else
         ``failed``, with its type): its record so far is written, and says so, where it

@@ -47,9 +47,9 @@ adapters' ``lora_dropout`` with the base's dropout (peft builds no dropout modul
 they started, which for ``lora_B`` (zero at the start) is plain L2.
 
 Each ``train()`` starts afresh: under ``Trainer.hyperparameter_search`` every trial gets a
-new record and early-stopping counter, and the trial's ``label_smoothing_factor`` and
-``neftune_noise_alpha`` (which the Trainer reads only when it is built) are applied by the
-callback as that trial's label smoothing and embedding noise; see ``hp_space``.
+new record and early-stopping counter, and the callback applies the trial's
+``label_smoothing_factor`` and ``neftune_noise_alpha`` (the Trainer reads them only when it
+is built) as its label smoothing and embedding noise; see ``hp_space``.
 
 ``train(resume_from_checkpoint=...)`` continues as if the run had never stopped (the same
 weights to the bit, where the Trainer evaluates before it saves). Each checkpoint gets a
@@ -60,12 +60,12 @@ Trainer built (``AsBuilt``), which its new optimizer loads before the callback r
 A checkpoint without that folder resumes with one warning (its record starts afresh);
 ``online`` refuses it in one line.
 
-At each evaluation the callback records a ``History`` row (the training loss is the mean
-of the training batches' losses since the previous evaluation), and at the end it logs
-the diagnosis and writes ``regdial_history.json`` and ``regdial_report.html`` into the
-output directory. Given a ``regdial.Trial`` (an objective of ``regdial.tune``), it reports
-each evaluation instead (the search's study and report hold every trial), and a pruned
-trial stops training by raising ``optuna.TrialPruned``.
+At each evaluation the callback records a ``History`` row (the training loss: the mean of
+the batches' since the previous evaluation) and writes ``regdial_history.json`` so far,
+status ``unfinished`` (the Trainer tells callbacks of no Ctrl-C or error); at the end it
+logs the diagnosis and writes the whole record and ``regdial_report.html`` into the output
+directory. Given a ``regdial.Trial`` (an objective of ``regdial.tune``), it reports each
+evaluation instead, and a pruned trial stops training by raising ``optuna.TrialPruned``.
 
 Needs the ``huggingface`` extra: ``pip install 'regdial[huggingface]'``.
 """
@@ -438,6 +438,7 @@ class HuggingFaceCallback(TrainerCallback):
             control.should_training_stop = True
         if self.online is not None and self.session.applied is not None:
             self.session.retune(self.online.controller(self.session.history, self.session.applied))
+        self.session.record_so_far(getattr(args, "output_dir", None), main=getattr(args, "should_save", True))
 
     def on_save(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -487,11 +488,10 @@ def hp_space(space: Space, callback: HuggingFaceCallback | None = None) -> Calla
     Only knobs with a ``TrainingArguments`` field can be searched this way (weight decay,
     label smoothing, NEFTune noise); another knob in the space is refused with one line:
     tune it with ``regdial.tune`` and an objective around your Trainer instead. The Trainer
-    reads ``weight_decay`` at each trial (it builds a new optimizer), but
-    ``label_smoothing_factor`` and ``neftune_noise_alpha`` only when it is built: a trial's
-    values of those reach training only through ``callback`` (on that Trainer, its setting
-    leaving both knobs unset), which applies them and starts each trial afresh. Without
-    it, searching them is refused rather than searched and never applied.
+    reads ``weight_decay`` at each trial (it builds a new optimizer), but the other two only
+    when it is built: a trial's values of those reach training only through ``callback``
+    (on that Trainer, its setting leaving both knobs unset), which applies them and starts
+    each trial afresh; without it, searching them is refused (it would never apply them).
     """
     if not isinstance(space, Space):
         fail("space", "a regdial.Space", space)
