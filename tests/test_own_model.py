@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import regdial
 from regdial import Applied, Regularization, Space, Trial, fit, tune
+from regdial.cli import main
+from regdial.config import load_config
 from regdial.diagnosis import diagnose
 from regdial.training.history import History
 
@@ -64,6 +66,12 @@ def test_your_cnn_and_loaders_through_tune(tmp_path: Path) -> None:
     }
     assert "test_accuracy" in result.baseline and "test_accuracy" in result.tuned
     assert Regularization.from_toml(run / "best.toml") == result.best_setting
+    # regdial run has neither these loaders nor this model: it trained digits-small in their place
+    assert "[search]\nown_data = true\nepochs = " in (run / "best.toml").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", str(run / "best.toml"), "--epochs", "1", "--out", str(tmp_path / "rerun"), "--quiet"])
+    assert stopped.value.code == 2 and not (tmp_path / "rerun").exists()
+    assert load_config(run / "best.toml", {"task": "wine"}).run.task == "wine"  # a task given: it runs
     assert (run / "best" / "baseline" / "summary.json").is_file()
     first = [(t["number"], t["value"]) for t in result.trials]
     again = tune(TinyCNN, train=train, val=val, test=test, num_classes=10, epochs=3, budget="3 trials",

@@ -281,6 +281,24 @@ def test_ema_is_the_eval_model() -> None:
     assert not torch.equal(applied.eval_model.head.weight, model.head.weight)
 
 
+def test_the_average_is_in_the_models_mode() -> None:
+    """A user's loop calls model.eval(), then evaluates applied.eval_model: the average's
+    dropout and BatchNorm stayed in training mode (two evaluations of one input differed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    applied = Applied(Regularization(ema=0.9), model, adamw, num_classes=3)
+    for _ in range(3):
+        step(applied, torch.randn(8, 8), torch.randint(0, 3, (8,)))
+    model.eval()
+    average = applied.eval_model
+    assert not any(module.training for module in average.modules())
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(average(x), average(x))
+    model.train()
+    assert all(module.training for module in applied.eval_model.modules())
+
+
 def test_l2sp_anchors_at_apply_time() -> None:
     model = Net()
     start = model.head.weight.detach().clone()

@@ -355,8 +355,15 @@ class Applied:
 
     @property
     def eval_model(self) -> nn.Module:
-        """The model to evaluate: the weight average when EMA is on, else the model."""
-        return self.ema.module if self.ema is not None else self.model
+        """The model to evaluate: the weight average when EMA is on, else the model. The
+        average is in the model's mode: after ``model.eval()`` it is in eval mode too (it
+        stayed in training mode, so its dropout and BatchNorm's batch statistics stayed on)."""
+        if self.ema is None:
+            return self.model
+        average: nn.Module = self.ema.module
+        if average.training != self.model.training:
+            average.train(self.model.training)
+        return average
 
     def set_progress(self, progress: float) -> None:
         """Move every schedule (strengths, rates, weight decay, augmentation) to ``progress``."""

@@ -19,6 +19,10 @@
     [tune]                       # a search (regdial tune)
     budget = "20 trials"
 
+    [search]                     # written by a search on your own loaders: refused by regdial run
+    own_data = true
+    epochs = 90
+
 Each table is validated by the one place that owns it: ``[run]`` by ``RunSection`` (the
 training options of ``RunOptions`` plus what to train and where to write it),
 ``[regularization]`` by ``Regularization`` (the knobs of ``regdial.knobs``), ``[tune]``
@@ -44,7 +48,7 @@ from regdial.training.options import RunOptions
 
 __all__ = ["SECTIONS", "Config", "RunSection", "load_config"]
 
-SECTIONS = ("run", "model", "regularization", "tune")
+SECTIONS = ("run", "model", "regularization", "tune", "search")
 
 
 class RunSection(RunOptions):
@@ -93,6 +97,11 @@ def load_config(source: str | Path | None, overrides: dict[str, Any] | None = No
             fail(section, "a table", document[section])
     run = dict(document.get("run", {}))
     run.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    search = document.get("search", {})
+    if search.get("own_data") is True and run.get("task") is None and run.get("data") is None:
+        length = f" for {search['epochs']} epochs" if isinstance(search.get("epochs"), int) else ""
+        fail("task", f"given (--task or --data): {source} was tuned on your own data and model, which "
+             f"regdial run cannot build; train it in your code{length} with Regularization.from_toml", None)  # fmt: skip
     return Config(
         run=RunSection.parse(run, "run"),
         model=dict(document.get("model", {})),

@@ -177,7 +177,8 @@ def _finish(search: Search, result: TuneResult) -> TuneResult:
             run_table, model_table = run_tables(
                 search.objective, length
             )  # loaders in memory: [regularization] only
-        result.write(search.run_dir, run_table, model_table)
+        trained = result.retrain.get("epochs") or search.epochs
+        result.write(search.run_dir, run_table, model_table, trained if isinstance(trained, int) else None)
     return result
 
 

@@ -93,9 +93,18 @@ class TuneResult:
     # -- files ------------------------------------------------------------------------
 
     def write(
-        self, directory: Path, run_table: dict[str, Any] | None, model_table: dict[str, Any] | None
+        self,
+        directory: Path,
+        run_table: dict[str, Any] | None,
+        model_table: dict[str, Any] | None,
+        epochs: int | None = None,
     ) -> None:
-        """Write ``result.json``, ``best.toml`` and ``trials.csv`` into ``directory``."""
+        """Write ``result.json``, ``best.toml`` and ``trials.csv`` into ``directory``.
+
+        Without ``run_table`` (a search on the user's own loaders or objective), best.toml
+        holds the setting and a ``[search]`` table (``own_data``, the ``epochs`` the tuned
+        row trained), and ``regdial run`` refuses it in one line: it trained the built-in
+        default task in its place."""
         import tomli_w
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -103,14 +112,18 @@ class TuneResult:
         document: dict[str, Any] = {}
         if run_table:
             document["run"] = run_table
+        else:
+            document["search"] = {"own_data": True} | ({"epochs": epochs} if epochs else {})
         if model_table:
             document["model"] = model_table
         document["regularization"] = self.best.to_dict(changed_only=True)
-        write_text(
-            directory / "best.toml",
+        header = (
             "# the setting chosen by regdial tune; train it with: regdial run best.toml\n"
-            + tomli_w.dumps(document),
+            if run_table
+            else "# the setting chosen by regdial tune on your own data: train it in your code with\n"
+            "# Regularization.from_toml('best.toml') (regdial run has neither your data nor your model)\n"
         )
+        write_text(directory / "best.toml", header + tomli_w.dumps(document))
         out = io.StringIO()
         names = ["number", "state", "value", "se", "epochs", *self.space, "seconds", "device", "worker"]
         writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore", lineterminator="\n")
