@@ -77,6 +77,22 @@ def test_your_cnn_and_loaders_through_tune(tmp_path: Path) -> None:
     again = tune(TinyCNN, train=train, val=val, test=test, num_classes=10, epochs=3, budget="3 trials",
                  strategy="tpe", run_dir=run, retrain=False)  # fmt: skip
     assert [(t["number"], t["value"]) for t in again.trials] == first  # resumed: nothing trained twice
+    # Other rows of data, or another model, in the same directory: the old result was read
+    # back as theirs (the identity named only the factory and the seed).
+    other = loaders(n=200)
+    with pytest.raises(regdial.InputError, match=r"^run_dir must be a new directory, .*another identity"):
+        tune(TinyCNN, train=other[0], val=other[1], num_classes=10, epochs=3, budget="3 trials",
+             strategy="tpe", run_dir=run, retrain=False)  # fmt: skip
+
+    class Wider(TinyCNN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body[-1] = nn.Linear(8 * 8 * 8, 10, bias=False)
+
+    Wider.__name__ = Wider.__qualname__ = "TinyCNN"  # the same name: only its structure differs
+    with pytest.raises(regdial.InputError, match=r"another identity"):
+        tune(Wider, train=train, val=val, test=test, num_classes=10, epochs=3, budget="3 trials",
+             strategy="tpe", run_dir=run, retrain=False)  # fmt: skip
     # Every trial saw the same batches: the loader's own generator is seeded per run.
     torch.manual_seed(0)
     one = fit(TinyCNN(), Regularization(), train=train, val=val, num_classes=10, epochs=2, progress=False)

@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from regdial._checks import Described, InputError, check_choice, check_int, check_range, fail
+from regdial.dial.fingerprint import fingerprint
 from regdial.dial.objective import FitObjective, UserObjective, import_name, import_string
 from regdial.dial.options import STRATEGIES
 from regdial.dial.result import TuneResult
@@ -145,6 +146,10 @@ def tune(
             ):  # the knobs that cannot turn during the one run stay as the base has them
                 space = Space({n: r for n, r in space.knobs.items() if retunable(n)}, space.base)
         identity: dict[str, Any] = {"task": name, "model": objective.model, "seed": seed}
+        identity["fingerprint"] = fingerprint(
+            objective.build_model(), objective.data_path,
+            objective.user_loaders() if objective.dataset is None else None,
+        )  # fmt: skip
     else:
         kind_of = "classification" if num_classes is not None else None
         full = objective.epochs

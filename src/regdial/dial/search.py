@@ -304,8 +304,13 @@ class Search:
             from regdial._io import read_json
 
             saved = read_json(directory / "result.json", "a search result written by regdial tune")
-            mine = {"strategy": self.strategy, "identity": self.identity, "space": self.space.to_dict()}
-            theirs = {key: saved.get(key) for key in mine} if isinstance(saved, dict) else {}
+            theirs = (
+                {key: saved.get(key) for key in ("strategy", "identity", "space")}
+                if isinstance(saved, dict)
+                else {}
+            )
+            mine = {"strategy": self.strategy, "identity": _as_saved(self.identity, theirs.get("identity")),
+                    "space": self.space.to_dict()}  # fmt: skip
             if theirs != mine:
                 differs = next((k for k in mine if theirs.get(k) != mine[k]), "strategy")
                 fail("run_dir", "a new directory, or this same search's to resume (a directory never mixes two "
@@ -324,6 +329,7 @@ class Search:
         identity = {**self.identity, "space": self.space.to_dict(), "base": self.space.base.to_dict(),
                     "metric": self.objective.metric, "epochs": self.epochs}  # fmt: skip
         stored = study.user_attrs.get("regdial")
+        identity = _as_saved(identity, stored)
         if stored is None:
             study.set_user_attr("regdial", identity)
         elif stored != identity:
@@ -364,6 +370,14 @@ class Search:
         if fresh:
             shutil.rmtree(staging, ignore_errors=True)
         return staging
+
+
+def _as_saved(identity: dict[str, Any], saved: object) -> dict[str, Any]:
+    """``identity`` as a search saved before fingerprints would have it (without one), so
+    that such a search still resumes; else as it is."""
+    if isinstance(saved, dict) and "fingerprint" not in saved:
+        return {k: v for k, v in identity.items() if k != "fingerprint"}
+    return identity
 
 
 def _described(setting: Any) -> str:
