@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import Applied, DropPath, Regularization
+from regdial import Applied, DropPath, InputError, Regularization
 from regdial.knobs import KNOBS
 from regdial.schedules import Cosine, Early, Linear, Step
 
@@ -297,6 +297,19 @@ def test_the_average_is_in_the_models_mode() -> None:
         assert torch.equal(average(x), average(x))
     model.train()
     assert all(module.training for module in applied.eval_model.modules())
+
+
+def test_label_smoothing_on_a_regression_is_one_line() -> None:
+    """The mean squared error has no labels to smooth: it trained without, recorded as on."""
+    applied = Applied(Regularization(label_smoothing=0.1), nn.Linear(4, 1), adamw)
+    with pytest.raises(
+        InputError, match=r"^regularization.label_smoothing must be 0 for regression .*got 0.1$"
+    ):
+        applied.loss(torch.randn(8, 1), torch.randn(8))
+    assert (
+        Applied(Regularization(), nn.Linear(4, 1), adamw).loss(torch.zeros(2, 1), torch.zeros(2)).item()
+        == 0.0
+    )
 
 
 def test_l2sp_anchors_at_apply_time() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -529,8 +530,12 @@ def test_two_terminals_on_one_directory_share_the_search(tmp_path: Path) -> None
     once, no live trial is failed, and the budget completes exactly."""
     command = [sys.executable, "-m", "regdial", "tune", "--task", "wine", "--epochs", "3", "--budget", "5 trials",
                "--out", str(tmp_path), "--no-retrain"]  # fmt: skip
+    # The tests' 5 s grace is tight for heartbeats when CI runs four such processes on two
+    # cores (one CI run saw a trial failed here); a worker that died is another test's.
+    env = {**os.environ, "REGDIAL_HEARTBEAT": "1,30"}
     terminals = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
     ]
     try:
         outputs = [finish(terminal, 300) for terminal in terminals]

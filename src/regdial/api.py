@@ -147,9 +147,8 @@ def tune(
                 space = Space({n: r for n, r in space.knobs.items() if retunable(n)}, space.base)
         identity: dict[str, Any] = {"task": name, "model": objective.model, "seed": seed}
         identity["fingerprint"] = fingerprint(
-            objective.build_model(), objective.data_path,
-            objective.user_loaders() if objective.dataset is None else None,
-        )  # fmt: skip
+            objective.build_model(), objective.data_path, _data_of(objective)
+        )
     else:
         kind_of = "classification" if num_classes is not None else None
         full = objective.epochs
@@ -176,6 +175,18 @@ def tune(
             run_report(best)
         search_report(result.run_dir)
     return result
+
+
+def _data_of(objective: FitObjective) -> tuple[Any, ...] | None:
+    """The loaders a fingerprint reads (None for a built-in task or a data file), built
+    without keeping them: an objective that keeps none is one other processes rebuild."""
+    if objective.dataset is not None:
+        return None
+    kept = objective.loaders
+    try:
+        return objective.user_loaders()
+    finally:
+        objective.loaders = kept
 
 
 def _check_arguments(

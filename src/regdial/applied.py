@@ -328,6 +328,9 @@ class Applied:
                     "the number of classes for a classifier (one output per sample means regression)",
                     Described(f"None with outputs of shape {tuple(output.shape)}"),
                 )
+            if self.setting.label_smoothing:  # it would be recorded as trained, and do nothing
+                fail("regularization.label_smoothing", "0 for regression (the mean squared error has no "
+                     "labels to smooth; give num_classes for a classifier)", self.setting.label_smoothing)  # fmt: skip
             return F.mse_loss(output.reshape(targets.shape), targets.to(output.dtype))
         if output.dim() == 3 and targets.dim() == 2 and output.shape[:2] == targets.shape:
             output, targets = output.reshape(-1, output.shape[-1]), targets.reshape(-1)
