@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from regdial import Regularization, fit
 from regdial.diagnosis import diagnose, smooth
@@ -156,6 +159,24 @@ def test_smoothing_and_its_noise_estimate() -> None:
     smoothed, sigma = smooth(values)
     assert 0.08 < sigma < 0.12
     assert max(abs(s - 1.0) for s in smoothed[30:-30]) < 0.1
+
+
+def test_a_model_without_dropout_is_not_advised_dropout() -> None:
+    """fit and the callbacks record a model with no dropout layers: "raise dropout" would
+    turn nothing there (the advice goes on to the next knob, label smoothing)."""
+    train = 2.0 * np.exp(-E / 3) + 1e-4
+    val = 0.3 + 2.0 * np.exp(-E / 3)
+    accuracy = np.minimum(1.0, 0.5 + E / 20)
+    run = history(train, val, train_acc=accuracy, val_acc=np.minimum(0.93, accuracy))
+    run.meta["no_dropout"] = True
+    result = diagnose(run)
+    assert result.state == "overfitting"
+    assert result.moves == {"weight_decay": 0.01, "label_smoothing": 0.1} and "dropout" not in result.message
+    recorded = fit(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), Regularization(),
+                   train=DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=8),
+                   val=DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8),
+                   num_classes=2, epochs=1, progress=False)  # fmt: skip
+    assert recorded.meta["no_dropout"] is True
 
 
 def test_real_runs_read_as_they_should() -> None:

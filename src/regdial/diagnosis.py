@@ -132,13 +132,17 @@ TIGHTEN = (*PENALTIES, "weight_decay", "dropout", "label_smoothing")
 DEFAULT_ON = {"weight_decay": 1e-2, "dropout": 0.1, "label_smoothing": 0.1}
 
 
-def _moves(setting: Regularization, direction: int, kind: str | None) -> dict[str, Any]:
-    """The knobs to turn and their new values (see ``TIGHTEN``); every active knob when loosening."""
+def _moves(
+    setting: Regularization, direction: int, kind: str | None, absent: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The knobs to turn and their new values (see ``TIGHTEN``); every active knob when
+    loosening. ``absent``: knobs the model has nothing for (``dropout`` without dropout
+    layers, ``meta["no_dropout"]``), never advised up."""
     moves: dict[str, Any] = {}
     if direction > 0:
         for name in TIGHTEN:
             value = _number(getattr(setting, name))
-            if value is None or (name == "label_smoothing" and kind != "classification"):
+            if value is None or name in absent or (name == "label_smoothing" and kind != "classification"):
                 continue
             if value > 0:
                 moves[name] = _turn(name, value, +1)
@@ -259,7 +263,10 @@ def diagnose(
     details = {"sigma": sigma, "smoothed_val_min": smooth_val[low], "smoothed_val_end": smooth_val[-1]}
 
     def make(state: State, message: str, direction: int, overfit_epoch: int | None = None) -> Diagnosis:
-        moves, held = _within(_moves(setting, direction, history.kind), setting, history.meta.get("space"))
+        absent = frozenset({"dropout"} if history.meta.get("no_dropout") else ())
+        moves, held = _within(
+            _moves(setting, direction, history.kind, absent), setting, history.meta.get("space")
+        )
         advice = " or ".join(filter(None, [_describe(moves, setting, known), held]))
         text = message + (f": {advice}" if advice else "")
         if advice and not known:

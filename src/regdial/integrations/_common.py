@@ -198,6 +198,10 @@ class Session:
         ``built`` is then the regrouped optimizer's ``AsBuilt``, or None."""
         optimizer = unwrap(optimizer)
         check_dropout(model, self.setting)
+        from regdial.blocks.noise import dropout_sites
+
+        if not dropout_sites(model):  # the diagnosis then advises no dropout (it would turn nothing)
+            self.history.meta["no_dropout"] = True
         self.built = regroup(
             optimizer,
             model,

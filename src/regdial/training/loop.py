@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from regdial._checks import Described, fail
 from regdial._io import write_json
 from regdial.applied import Applied, OptimizerSpec
+from regdial.blocks.noise import dropout_sites
 from regdial.blocks.stopping import EarlyStopping
 from regdial.setting import Regularization
 from regdial.training import resume
@@ -140,6 +141,8 @@ class Run:
             device=str(device), precision=self.precision.name,
             world=1 if distributed is None else distributed.world,
         )  # fmt: skip
+        if not dropout_sites(net):  # the diagnosis then advises no dropout (it would turn nothing)
+            self.history.meta["no_dropout"] = True
         to_dict = getattr(getattr(controller, "space", None), "to_dict", None)
         if callable(to_dict):  # the ranges a controller's strengths stay in (the advice does too)
             self.history.meta["space"] = to_dict()
