@@ -139,16 +139,15 @@ def tune(
         # a chosen setting still improving at its end is trained again for twice as long.
         full = reference
         patience = max(5, reference // 4)
+        fresh = objective.build_model()  # once: for the fingerprint and a default space over it
         if space is None:
-            space = objective.default_space(base)
+            space = objective.default_space(base, fresh)
             if (
                 strategy == "online"
             ):  # the knobs that cannot turn during the one run stay as the base has them
                 space = Space({n: r for n, r in space.knobs.items() if retunable(n)}, space.base)
         identity: dict[str, Any] = {"task": name, "model": objective.model, "seed": seed}
-        identity["fingerprint"] = fingerprint(
-            objective.build_model(), objective.data_path, _data_of(objective)
-        )
+        identity["fingerprint"] = fingerprint(fresh, objective.data_path, _data_of(objective))
     else:
         kind_of = "classification" if num_classes is not None else None
         full = objective.epochs

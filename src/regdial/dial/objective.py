@@ -222,7 +222,9 @@ class FitObjective:
                 self.task, name, data, self.model_options, self.seed
             )  # pre-trained if it fine-tunes
 
-    def default_space(self, base: Regularization | None = None) -> Space:
+    def default_space(self, base: Regularization | None = None, model: nn.Module | None = None) -> Space:
+        """The space a search of this objective takes by default (``model``: a fresh one
+        already built, used where the space is read off the user's model)."""
         data = self.dataset
         if data is not None and not self.own_model:
             from regdial.training.fit import default_model
@@ -234,7 +236,8 @@ class FitObjective:
                 data, self.model or default_model(self.task, data), base, fine_tuning=fine_tuning
             )
         input_kind = data.input_kind if data is not None else None
-        return Space.for_model(self.build_model(), self.task_kind, input_kind, base)
+        fresh = model if model is not None else self.build_model()
+        return Space.for_model(fresh, self.task_kind, input_kind, base)
 
     # -- a trial ------------------------------------------------------------------------
 
