@@ -124,3 +124,29 @@ def test_a_choice_whose_early_stopping_never_fired_is_trained_longer(monkeypatch
     assert "still improving within early stopping's patience (5 epochs) after 6 epochs" in said
     trials = sum(int(t["epochs"]) for t in result.trials)
     assert trials < result.epochs_spent <= trials + 12
+
+
+def test_a_search_whose_trials_all_score_alike_says_its_choice_is_arbitrary() -> None:
+    """A model that predicts the majority class scores the same under every setting."""
+    from regdial import Regularization, Trial
+
+    def majority(setting: Regularization, trial: Trial) -> float:
+        return 0.91  # a rare positive class: every trial predicts "negative"
+
+    result = tune(majority, space=Space({"weight_decay": (1e-4, 1e-1)}), budget="5 trials", strategy="random",
+                  epochs=2, metric="val_accuracy", report=False)  # fmt: skip
+    said = [
+        note for note in result.notes if note.startswith("every one of the 5 trials scored val_accuracy 0.91")
+    ]
+    assert len(said) == 1 and "its choice is arbitrary" in said[0]
+
+
+def test_trials_that_differ_say_nothing_of_it() -> None:
+    from regdial.dial.choice import flat_notes
+
+    alike = [_trial(0.9 + 1e-6 * i, 0.01, 1e-3, 0.1) for i in range(4)]
+    assert flat_notes(alike, "val_accuracy") and not flat_notes(alike[:3], "val_accuracy")
+    apart = [_trial(0.9 + 0.01 * i, 0.01, 1e-3, 0.1) for i in range(4)]
+    assert not flat_notes(apart, "val_accuracy")
+    within_noise_of_each_other = [_trial(0.9 + 1e-4 * i, 0.01, 1e-3, 0.1) for i in range(4)]
+    assert flat_notes(within_noise_of_each_other, "val_accuracy")  # 3e-4 < 5% of the 0.01 standard error

@@ -295,3 +295,21 @@ def test_a_finite_blow_up_is_diverged_and_a_falling_loss_above_the_mean_is_not_u
     assert "lower the learning rate" not in slow.message
     flat = [{"epoch": e + 1, "train_loss": 3e4, "val_loss": 3e4, "train_r2": -3.0} for e in range(5)]
     assert "training is unstable; lower the learning rate" in diagnose(History("regression", flat)).message
+
+
+def test_diagnose_reads_a_path_as_regdial_diagnose_does(tmp_path, capsys) -> None:
+    from regdial.cli import main
+
+    setting = Regularization(weight_decay=0.02)
+    fit("wine", setting, epochs=4, run_dir=tmp_path / "run", progress=False)
+    from_path = diagnose(tmp_path / "run")
+    assert from_path.message == diagnose(str(tmp_path / "run")).message
+    assert from_path.setting_known  # the run's summary.json: advice from its weight decay
+    main(["diagnose", str(tmp_path / "run")])
+    assert from_path.message in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(
+        ValueError, match=r"^history must be a run directory or a history.csv/.json file, got "
+    ):
+        diagnose(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"^history must be a regdial History, or the path of a run"):
+        diagnose(3)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from regdial import L1, L2, L2SP, ElasticNet, InputError, MaxNorm, Penalty, attach_prox, schedules
+from regdial import L1, L2, L2SP, ElasticNet, GroupLasso, InputError, MaxNorm, Penalty, attach_prox, schedules
 from regdial.blocks import fused
 from regdial.blocks.proximal import optimizer_step_sizes
 
@@ -222,9 +222,15 @@ def test_a_missing_compiler_falls_back_with_one_line(
         ]
         torch.testing.assert_close(value, expected)
         with pytest.raises(
-            InputError, match=r"fused must be False or None on cpu \(no C\+\+ compiler found\)"
+            InputError, match=r"^L1.fused must be False or None on cpu \(no C\+\+ compiler found\), got True$"
         ):
             L1(0.2, fused=True).value(ws)
+        for call in (
+            lambda: ElasticNet(0.2, fused=True).prox_(ws, 0.1),
+            lambda: L2(0.2, fused=True).value(ws),
+        ):
+            with pytest.raises(InputError, match=r"^(ElasticNet|L2).fused must be False or None on cpu"):
+                call()
     finally:
         fused.compiler_missing.cache_clear()
 
@@ -291,3 +297,13 @@ def test_every_kernel_compiles_under_a_code_object_of_its_own() -> None:
     assert len(kernels) >= 6
     codes = {id(k.function.__code__) for k in kernels}
     assert len(codes) == len(kernels)
+
+
+def test_group_lasso_takes_the_fused_flag_and_says_it_has_no_kernel() -> None:
+    ws = [torch.randn(4, 9)]
+    assert GroupLasso(0.1, fused=None).value(ws) == GroupLasso(0.1, fused=False).value(ws)
+    for flag in (True, "yes"):
+        with pytest.raises(
+            InputError, match=r"^GroupLasso.fused must be False or None \(GroupLasso has no fused kernel"
+        ):
+            GroupLasso(0.1, fused=flag)

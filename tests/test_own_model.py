@@ -115,6 +115,19 @@ def test_a_classifier_without_num_classes_is_one_line() -> None:
         tune(TinyCNN(), train=train, val=val, num_classes=10)
 
 
+def test_a_search_over_dropout_for_a_model_without_dropout_is_one_line() -> None:
+    """Every trial would train the same; the chosen rate would read as if it had mattered."""
+    train, val, _ = loaders(60)
+    no_dropout = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # noqa: E731
+    with pytest.raises(ValueError, match=r"^space.dropout must be left out for a model with no dropout .*: "
+                       r"Sequential has none, got \[0, 0.5\]$"):  # fmt: skip
+        tune(no_dropout, Space({"dropout": (0.0, 0.5)}), train=train, val=val, num_classes=10, epochs=1,
+             budget="1 trials")  # fmt: skip
+    result = tune(no_dropout, train=train, val=val, num_classes=10, epochs=1, budget="1 trials", strategy="random",
+                  retrain=False, report=False)  # fmt: skip
+    assert "dropout" not in result.space  # the default space leaves it out
+
+
 def test_a_one_time_iterator_is_refused() -> None:
     train, val, _ = loaders(60)
     with pytest.raises(ValueError, match=r"^train must be a DataLoader or another re-iterable of batches .* got a "

@@ -439,3 +439,45 @@ def test_a_resume_after_the_best_epoch_keeps_its_setting_and_removes_orphans(tmp
     assert summary["best_epoch"] <= 7  # the best epoch came before the resume
     assert Regularization.from_dict(summary["best_setting"]) == setting
     assert not orphan.exists()
+
+
+def test_on_epoch_sees_the_epoch_early_stopping_ends_on() -> None:
+    seen: list[int] = []
+    history = fit(
+        "wine", Regularization(early_stopping=1), epochs=60, lr=0.3, progress=False,
+        on_epoch=lambda row: seen.append(int(row["epoch"])) and False,
+    )  # fmt: skip
+    assert history.meta["status"] == "stopped early"
+    assert seen == [int(row["epoch"]) for row in history.rows]
+
+
+def test_an_early_stopped_trial_counts_every_epoch_it_ran() -> None:
+    from regdial.dial.objective import FitObjective
+    from regdial.dial.trial import Trial
+
+    setting = Regularization(early_stopping=1)
+    trial = Trial(setting, number=0, metric="val_accuracy", epochs=60)
+    FitObjective("wine", lr=0.3)(setting, trial)
+    assert trial.history.meta["status"] == "stopped early"
+    assert trial.epochs_run == trial.history.meta["summary"]["epochs_run"] < 60
+
+
+def test_an_empty_val_or_test_loader_is_one_line_naming_it_before_training() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    full, empty = (DataLoader(TensorDataset(x[:n], y[:n]), batch_size=8) for n in (40, 0))
+    seen: list[object] = []
+    with pytest.raises(ValueError, match=r"^val must be at least one batch, got an empty source$"):
+        fit(torch.nn.Linear(4, 2), train=full, val=empty, num_classes=2, on_epoch=seen.append, progress=False)
+    with pytest.raises(ValueError, match=r"^test must be at least one batch, got an empty source$"):
+        fit(torch.nn.Linear(4, 2), train=full, val=full, test=empty, num_classes=2, on_epoch=seen.append,
+            progress=False)  # fmt: skip
+    assert not seen  # no epoch trained first
+
+    class Empty(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(ValueError, match=r"^val must be at least one sample to evaluate"):
+        fit(torch.nn.Linear(4, 2), train=full, val=DataLoader(Empty()), num_classes=2, progress=False)

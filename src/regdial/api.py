@@ -146,6 +146,7 @@ def tune(
                 strategy == "online"
             ):  # the knobs that cannot turn during the one run stay as the base has them
                 space = Space({n: r for n, r in space.knobs.items() if retunable(n)}, space.base)
+        _check_dropout_turns(space, fresh)
         identity: dict[str, Any] = {"task": name, "model": objective.model, "seed": seed}
         identity["fingerprint"] = fingerprint(fresh, objective.data_path, _data_of(objective))
     else:
@@ -230,6 +231,17 @@ def _check_arguments(
         fail("run_dir", "a directory path (or None to keep the study in memory)", run_dir)
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         fail("run_dir", "a directory (or a path to create one at)", Described(f"{str(run_dir)!r}, a file"))
+
+
+def _check_dropout_turns(space: Space, model: nn.Module) -> None:
+    """Refuse a search over dropout for a model that has nothing dropout sets: every trial
+    would train the same, and the chosen rate would be reported as if it had mattered."""
+    from regdial.blocks.noise import dropout_sites
+
+    if "dropout" in space.knobs and not dropout_sites(model):
+        fail("space.dropout", "left out for a model with no dropout (nn.Dropout modules or attention dropout "
+             f"rates) to set: {type(model).__name__} has none",
+             Described(f"[{space.knobs['dropout'].low:g}, {space.knobs['dropout'].high:g}]"))  # fmt: skip
 
 
 def _objective(

@@ -44,9 +44,12 @@ cannot tell which knobs are already on.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from regdial._checks import fail
@@ -54,6 +57,8 @@ from regdial.blocks.stopping import EarlyStopping
 from regdial.knobs import KNOBS, PENALTIES
 from regdial.setting import Regularization
 from regdial.training.history import History
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Diagnosis", "State", "diagnose", "in_force", "smooth"]
 
@@ -228,12 +233,22 @@ def in_force(history: History, setting: Regularization | None) -> Regularization
 
 
 def diagnose(
-    history: History, setting: Regularization | None = None, *, num_classes: int | None = None
+    history: History | str | os.PathLike[str],
+    setting: Regularization | None = None,
+    *,
+    num_classes: int | None = None,
 ) -> Diagnosis:
     """Read ``history``'s curves; the run's setting (given, or from its metadata) makes the
-    advice concrete."""
+    advice concrete. ``history`` may be a path, read as ``regdial diagnose`` reads it
+    (``regdial.training.reading.read_run``: a run or a search's directory, another loop's log)."""
+    if isinstance(history, (str, os.PathLike)):
+        from regdial.training.reading import read_run
+
+        history, recorded = read_run(Path(history), logger.info)
+        setting = setting if setting is not None else in_force(history, recorded)
     if not isinstance(history, History):
-        fail("history", "a regdial History", history)
+        fail("history", "a regdial History, or the path of a run, a search or a log (as regdial diagnose takes)",
+             history)  # fmt: skip
     known = setting is not None
     if setting is None:
         summary = history.meta.get("summary")

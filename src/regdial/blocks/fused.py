@@ -226,15 +226,20 @@ class FusedKernel(Generic[R]):
         self._ready: set[tuple[Any, ...]] = set()
         self._broken = False
 
-    def __call__(self, fused: bool | None, group: list[Tensor], *args: Any) -> R | None:
-        return self._apply(fused, group, args)[1]
+    def __call__(self, fused: bool | None, group: list[Tensor], *args: Any, field: str = "fused") -> R | None:
+        return self._apply(fused, group, args, field=field)[1]
 
     def run_(
-        self, fused: bool | None, group: list[Tensor], *args: Any, key: tuple[Any, ...] | None = None
+        self,
+        fused: bool | None,
+        group: list[Tensor],
+        *args: Any,
+        key: tuple[Any, ...] | None = None,
+        field: str = "fused",
     ) -> bool:
         """Whether the in-place kernel ran on these arguments (``key``: their ``key``, where
-        the caller keeps it)."""
-        return self._apply(fused, group, args, key)[0]
+        the caller keeps it; ``field``: the flag's name in a refusal, ``L1.fused``)."""
+        return self._apply(fused, group, args, key, field)[0]
 
     def wants(self, fused: bool | None, group: list[Tensor], *, key: tuple[Any, ...]) -> bool:
         """Whether a call with arguments of this ``key`` would run compiled (a call
@@ -264,11 +269,12 @@ class FusedKernel(Generic[R]):
         group: list[Tensor],
         args: tuple[Any, ...],
         key: tuple[Any, ...] | None = None,
+        field: str = "fused",
     ) -> tuple[bool, R | None]:
         if not self._eligible(fused, group):
             return False, None
         key = self.key(group, args) if key is None else key
-        if key not in self._ready and not self._wanted(fused, group, key):
+        if key not in self._ready and not self._wanted(fused, group, key, field):
             return False, None
         # Without autograd (every caller's own context: a value's forward, its backward, a
         # step): the compiled graph and its guards skip autograd's. The tensors themselves,
@@ -281,14 +287,16 @@ class FusedKernel(Generic[R]):
             assert compiled is not None
             return True, compiled(group, *args)
 
-    def _wanted(self, fused: bool | None, group: list[Tensor], key: tuple[Any, ...]) -> bool:
+    def _wanted(
+        self, fused: bool | None, group: list[Tensor], key: tuple[Any, ...], field: str = "fused"
+    ) -> bool:
         device_type = group[0].device.type
         if fused is None and device_type not in self.pick_on:
             return False  # measured slower than the eager path there
         missing = compiler_missing(device_type)
         if missing is not None:
             if fused is True:
-                fail("fused", f"False or None on {device_type} ({missing})", fused)
+                fail(field, f"False or None on {device_type} ({missing})", fused)
             self._say_once(device_type, f"regdial: fused kernels off on {device_type}: {missing}; eager path")
             return False
         import torch._dynamo.config

@@ -41,7 +41,7 @@ class GroupLasso(Penalty):
     A 1-D tensor (a bias) with ``"rows"`` has one group per element, i.e. plain L1.
     ``transposed``: 2-D weights stored ``(in, out)`` (transformers' ``Conv1D``,
     ``regdial.blocks.groups.transposed_weights``), where a unit's incoming weights are a
-    column: their rows and columns swap.
+    column: their rows and columns swap. ``fused``: False or None only (no fused kernel).
     ``sqrt(|g|)``, with ``|g|`` the group's size, keeps large groups from being favoured
     (Yuan & Lin, 2006; for networks, Scardapane et al., 2017). Prox (block
     soft-thresholding), exactly zero for every group with ``||w_g|| <= lr*s*sqrt(|g|)``::
@@ -54,8 +54,13 @@ class GroupLasso(Penalty):
 
     def __init__(
         self, strength: Strength, groups: str = "rows", *, foreach: bool | None = None,
-        transposed: Iterable[Tensor] = (),
+        transposed: Iterable[Tensor] = (), fused: bool | None = None,
     ) -> None:  # fmt: skip
+        if (
+            fused is not None and fused is not False
+        ):  # the flag every penalty takes, said where it cannot be kept
+            fail("GroupLasso.fused", "False or None (GroupLasso has no fused kernel: its value and prox are eager)",
+                 fused)  # fmt: skip
         super().__init__(strength, foreach=foreach)
         self.groups = check_choice("GroupLasso.groups", groups, GROUP_LAYOUTS)
         self._transposed = transposed_ids(transposed, "GroupLasso.transposed")

@@ -109,7 +109,8 @@ class Penalty(Scheduled, ABC):
     def __init__(self, strength: Strength, *, foreach: bool | None = None, fused: bool | None = None) -> None:
         self.strength = strength
         self.foreach = foreach
-        self.fused = kernels.check_fused(f"{type(self).__name__}.fused", fused, foreach)
+        self._fused_field = f"{type(self).__name__}.fused"  # named so in a refusal
+        self.fused = kernels.check_fused(self._fused_field, fused, foreach)
         self.progress = 0.0
 
     def value(self, params: Tensor | Iterable[Tensor]) -> Tensor:
@@ -153,7 +154,7 @@ class Penalty(Scheduled, ABC):
         a, b = terms
         anchors = self._fused_anchors(group)
         kernel = kernels.SQUARES if a == 0.0 and anchors is None else kernels.SUMS
-        sums = kernel(self.fused, group, anchors, a != 0.0, b != 0.0)
+        sums = kernel(self.fused, group, anchors, a != 0.0, b != 0.0, field=self._fused_field)
         if sums is None:
             return None
         return a * sums[0] + b * sums[-1] if a and b else (a * sums[0] if a else b * sums[0])
@@ -164,7 +165,9 @@ class Penalty(Scheduled, ABC):
             return None
         a, b = terms
         sign, linear = (scale * a if a else None), (scale * (2.0 * b) if b else None)
-        return kernels.GRADIENTS(self.fused, group, self._fused_anchors(group), sign, linear)
+        return kernels.GRADIENTS(
+            self.fused, group, self._fused_anchors(group), sign, linear, field=self._fused_field
+        )
 
     def _quotient_terms(self) -> tuple[float, float] | None:
         """``(r, q)`` with this prox in the metric ``lr_i = scale/d_i`` equal to
@@ -204,7 +207,7 @@ class Penalty(Scheduled, ABC):
                 self.fused, group, radicands,
                 kernels.scalars([steps.offset(i) for i in index], group[0]),
                 kernels.scalars([ratio * u for u in t], group[0]),
-                kernels.scalars([addition * u for u in t], group[0]),
+                kernels.scalars([addition * u for u in t], group[0]), field=self._fused_field,
             )  # fmt: skip
             if not done:
                 for i in index:
@@ -444,7 +447,11 @@ class ElasticNet(Penalty):
         threshold = step * self.l1_ratio
         shrink = 1.0 / (1.0 + step * (1.0 - self.l1_ratio))
         if fast and kernels.ELASTIC_PROX.run_(
-            self.fused, group, kernels.scalar(threshold * shrink, group[0]), kernels.scalar(shrink, group[0])
+            self.fused,
+            group,
+            kernels.scalar(threshold * shrink, group[0]),
+            kernels.scalar(shrink, group[0]),
+            field=self._fused_field,
         ):
             return
         if fast and group[0].dtype in (torch.float16, torch.bfloat16):

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from regdial._checks import fail
 from regdial.cli.app import app
 from regdial.cli.flags import make_console
 
@@ -51,21 +50,12 @@ def diagnose_command(
     ],
 ) -> None:
     """Say where a run stands: overfitting, underfitting, good fit..., and which knob to turn."""
-    from regdial._io import read_json
     from regdial.diagnosis import diagnose, in_force
-    from regdial.setting import Regularization
-    from regdial.training.history import History
+    from regdial.training.reading import read_run
 
-    if path.is_dir() and (path / "result.json").is_file() and not (path / "history.csv").is_file():
-        path = _chosen_run(path)
-    history = History.load(path)
-    setting = None
-    summary = (path if path.is_dir() else path.parent) / "summary.json"
-    if summary.is_file():
-        recorded = read_json(summary, "a run summary written by regdial")
-        if isinstance(recorded, dict) and isinstance(recorded.get("setting"), dict):
-            setting = Regularization.from_dict(recorded["setting"])
-    make_console().print(diagnose(history, in_force(history, setting)).message)
+    console = make_console()
+    history, setting = read_run(path, console.print)
+    console.print(diagnose(history, in_force(history, setting)).message)
 
 
 @app.command(name="report")
@@ -79,23 +69,3 @@ def report_command(
 
     written = report(run_dir)
     make_console().print(f"report: {written}")
-
-
-def _chosen_run(search: Path) -> Path:
-    """The run ``regdial diagnose`` reads for a search's directory: the chosen run as the
-    search finished it (``best/``: the chosen trial's own run, the online run, or the
-    setting trained again where neither was kept), else the chosen trial's own history (``trials/<number>/``)."""
-    from regdial._io import read_json
-
-    best = search / "best"
-    if (best / "history.json").is_file():
-        make_console().print(f"the search's chosen run, scored on test: {best}")
-        return best
-    result = read_json(search / "result.json", "a search result written by regdial tune")
-    number = result.get("best", {}).get("trial") if isinstance(result, dict) else None
-    trial = search / "trials" / str(number)
-    if number is None or not (trial / "history.json").is_file():
-        fail("history", "a run directory; this is a search's, with neither its chosen setting trained again "
-             "into best/ nor the chosen trial's history in trials/ (diagnose a run)", str(search))  # fmt: skip
-    make_console().print(f"the search's chosen trial ({number}), as it trained: {trial}")
-    return trial

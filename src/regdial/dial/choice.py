@@ -144,6 +144,25 @@ def edge_notes(
     return said
 
 
+def flat_notes(complete: list[Any], metric: str) -> list[str]:
+    """Said when every completed trial scored alike (four or more): the search could not
+    tell its settings apart, so its choice is arbitrary. A model that predicts one class
+    (a rare positive class) or one value (a target on a scale the model cannot reach)
+    does this whatever the regularization."""
+    values = [float(t.value) for t in complete if t.value is not None and math.isfinite(float(t.value))]
+    if len(values) < 4:
+        return []
+    errors = sorted(float(e) for t in complete if math.isfinite(e := float(t.user_attrs.get("se", math.nan))))
+    middle = sorted(values)[len(values) // 2]
+    tolerance = max(1e-4 * max(1.0, abs(middle)), 0.05 * errors[len(errors) // 2] if errors else 0.0)
+    if max(values) - min(values) > tolerance:
+        return []
+    return [f"every one of the {len(values)} trials scored {metric} {middle:.4g}: the search could not tell "
+            "its settings apart, so its choice is arbitrary; a model that predicts one class or one value "
+            "does this whatever the regularization (check the classes' balance, the target's scale, the "
+            "learning rate)"]  # fmt: skip
+
+
 def notes(result: TuneResult) -> list[str]:
     """What the numbers can and cannot say: a gain inside noise is not claimed."""
     said: list[str] = []

@@ -287,6 +287,8 @@ class FitObjective:
         trial.history.meta.update(status=history.meta.get("status"), summary=history.meta.get("summary"),
                                   device=history.meta.get("device"))  # fmt: skip
         trial.save_weights(net)
+        if trial.pruned and history.meta.get("status") == "stopped early":
+            trial.pruned = False  # pruned at the epoch early stopping ended it on: a finished run
         if trial.pruned:
             raise TrialPruned(history.meta.get("reason", "pruned"))
         return None

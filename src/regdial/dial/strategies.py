@@ -35,6 +35,7 @@ from regdial.dial.choice import (
     direction,
     edge_notes,
     extended_space,
+    flat_notes,
     importances,
     seeds,
     trial_row,
@@ -264,4 +265,5 @@ def _from_study(search: Search, study: optuna.Study) -> TuneResult:
         importances=importances(study, complete, space),
     )  # fmt: skip
     result.notes += edge_notes(search.space, space, result.best, complete, maximize)
+    result.notes += flat_notes(complete, metric)
     return result

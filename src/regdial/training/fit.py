@@ -25,7 +25,7 @@ On the CPU, the same seed gives the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,9 @@ def _source(
             type(task).__name__, train, val, test, kind, num_classes, options.train_eval_size
         )
         _, targets = first_batch(source.train, adapter)
+        for name, batches in (("val", val), ("test", test)):
+            if _known_empty(batches):  # said now, not after an epoch's training
+                fail(name, "at least one batch", Described("an empty source"))
         if kind is None and not targets.is_floating_point():
             fail("num_classes", "the number of classes: your targets are class labels",
                  Described(f"None with {targets.dtype} targets"))  # fmt: skip
@@ -267,6 +270,15 @@ def fit(
             )
         with ProgressBar(progress if run.is_main else False, options.epochs or 1, source.name) as bar:
             return run.train(bar)
+
+
+def _known_empty(batches: object) -> bool:
+    """Whether ``batches`` says it has no batch (a DataLoader over an iterable dataset
+    without a length says nothing)."""
+    try:
+        return isinstance(batches, Sized) and len(batches) == 0
+    except TypeError:
+        return False
 
 
 def _check_arguments(

@@ -265,7 +265,7 @@ class Run:
         return evaluate(
             model, batches, self.source.num_classes, self.device, loss_fn=self.loss_fn, metrics=self.metrics,
             adapter=self.adapter, output_fn=self.output_fn, autocast=self.precision.autocast, limit=limit,
-            reducer=reducer,
+            reducer=reducer, field=name,
         )  # fmt: skip
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, float]:
@@ -293,9 +293,12 @@ class Run:
         )
         if self.best is not self.applied.early_stopping:
             self.best.step(watched, model, tiebreak=tiebreak)
+        # The caller sees every epoch's row, the one early stopping ends on too (a search
+        # counts it: its trials' epochs were one short of their histories').
+        caller_stops = self.on_epoch is not None and bool(self.on_epoch(row))
         if stop:
             self.loop.status, self.reason = "stopped early", self.best.message
-        elif self.on_epoch is not None and self.on_epoch(row):
+        elif caller_stops:
             self.loop.status, self.reason = "pruned", f"stopped by the caller after epoch {epoch}"
         if self.controller is not None and self.loop.status == "running":
             turned = self.controller(self.history, self.applied)

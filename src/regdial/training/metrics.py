@@ -124,10 +124,11 @@ class Tally:
         names = [f.name for f in fields(self)]
         return Tally(*reducer([getattr(self, n) for n in names]))
 
-    def scores(self, classification: bool) -> dict[str, float]:
+    def scores(self, classification: bool, field: str = "data") -> dict[str, float]:
         count = self.count
         if count == 0:
-            fail("data", "at least one sample to evaluate", Described("an empty split"))
+            fail(field, "at least one sample to evaluate (a label other than -100, for token outputs)",
+                 Described("an empty split"))  # fmt: skip
         scores: dict[str, float] = {"loss": self.loss / count, "count": count}
         if classification:
             accuracy = self.correct / count
@@ -160,6 +161,7 @@ def evaluate(
     autocast: Callable[[], Any] | None = None,
     limit: int | None = None,
     reducer: Callable[[list[float]], list[float]] | None = None,
+    field: str = "data",
 ) -> dict[str, float]:
     """Loss and metrics of ``model`` in eval mode over ``batches``, with standard errors.
 
@@ -168,6 +170,7 @@ def evaluate(
     batch mean, weighted by batch size); ``metrics`` add the user's own. ``count`` is the
     number of samples (tokens, for token-level outputs). ``limit`` stops after the batch
     that reaches that many samples; ``reducer`` adds the sums of data-parallel ranks.
+    ``field`` names the split in the error an empty one raises.
     """
     was_training = model.training
     model.eval()
@@ -192,7 +195,7 @@ def evaluate(
         model.train(was_training)
     if reducer is not None:
         tally = tally.reduce(reducer)
-    scores = tally.scores(num_classes is not None)
+    scores = tally.scores(num_classes is not None, field)
     for name, fn in (metrics or {}).items():
         scores[name] = float(fn(torch.cat(kept[0]), torch.cat(kept[1])))
     return scores
