@@ -150,3 +150,16 @@ def test_trials_that_differ_say_nothing_of_it() -> None:
     assert not flat_notes(apart, "val_accuracy")
     within_noise_of_each_other = [_trial(0.9 + 1e-4 * i, 0.01, 1e-3, 0.1) for i in range(4)]
     assert flat_notes(within_noise_of_each_other, "val_accuracy")  # 3e-4 < 5% of the 0.01 standard error
+
+
+def test_the_notes_say_the_tuned_row_is_scored_at_its_best_epoch_and_the_baseline_at_its_last() -> None:
+    result = tune("wine", budget="3 trials", strategy="random", epochs=20, report=False)
+    tuned, base = result.retrain["tuned"], result.retrain["baseline"]
+    said = [note for note in result.notes if note.startswith("the tuned row is scored at its best epoch")]
+    if tuned["best_epoch"] < tuned["epochs_run"]:
+        assert said == [f"the tuned row is scored at its best epoch ({tuned['best_epoch']} of {tuned['epochs_run']}: "
+                        "early stopping and the best weights are part of the setting), the unregularized baseline "
+                        f"at its last ({base['epochs_run']})"]  # fmt: skip
+    else:
+        assert not said
+    assert tuned["best_epoch"] < tuned["epochs_run"]  # wine at seed 0 stops early: the note is checked

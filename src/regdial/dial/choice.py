@@ -185,6 +185,12 @@ def notes(result: TuneResult) -> list[str]:
                 said.append(f"the unregularized baseline scores better on {split} ({name} {b:.4f} vs {a:.4f}): "
                             "this model may need no more regularization, or the space should reach weaker settings")  # fmt: skip
             break
+    tuned_run, base_run = result.retrain.get("tuned", {}), result.retrain.get("baseline", {})
+    best, ran = tuned_run.get("best_epoch"), tuned_run.get("epochs_run")
+    if isinstance(best, int) and isinstance(ran, int) and best < ran and base_run.get("epochs_run"):
+        said.append(f"the tuned row is scored at its best epoch ({best} of {ran}: early stopping and the best "
+                    f"weights are part of the setting), the unregularized baseline at its last "
+                    f"({base_run['epochs_run']})")  # fmt: skip
     return said
 
 
