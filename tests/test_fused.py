@@ -307,3 +307,33 @@ def test_group_lasso_takes_the_fused_flag_and_says_it_has_no_kernel() -> None:
             InputError, match=r"^GroupLasso.fused must be False or None \(GroupLasso has no fused kernel"
         ):
             GroupLasso(0.1, fused=flag)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_in_place_kernels_write_a_0_dim_tensor(dtype: torch.dtype) -> None:
+    """Inductor loses in-place writes into 0-dim float64 tensors: a scalar left at 0.3."""
+    made = lambda: [torch.tensor(0.3, dtype=dtype), torch.full((3,), 0.3, dtype=dtype)]  # noqa: E731
+    for penalty in (ElasticNet(0.6, l1_ratio=0.4, fused=True), L1(0.6, fused=True)):
+        got, want = made(), made()
+        penalty.prox_(got, 0.05)
+        type(penalty)(
+            0.6, **({"l1_ratio": 0.4} if isinstance(penalty, ElasticNet) else {}), fused=False
+        ).prox_(want, 0.05)
+        assert float(got[0]) != 0.3
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    moved = []
+    for flag in (True, False):  # the prox in Adam's step sizes (QUOTIENT_PROX)
+        scalar = torch.tensor(0.3, dtype=dtype)
+        optimizer = torch.optim.Adam([scalar], lr=0.1)
+        optimizer.state[scalar].update(
+            step=torch.tensor(3.0),
+            exp_avg=torch.zeros_like(scalar),
+            exp_avg_sq=torch.tensor(4.0, dtype=dtype),
+        )
+        reader = optimizer_step_sizes(optimizer)
+        assert reader is not None
+        L1(0.6, fused=flag).prox_([scalar], reader(optimizer, optimizer.param_groups[0], [scalar]))
+        moved.append(scalar)
+    assert float(moved[0]) != 0.3
+    torch.testing.assert_close(moved[0], moved[1])

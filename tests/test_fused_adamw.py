@@ -416,3 +416,28 @@ def test_a_step_that_raises_leaves_the_step_count_where_it_was() -> None:
         count, moment = before[id(p)]
         assert float(s["step"]) == count == 1.0
         assert torch.equal(s["exp_avg"], moment)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_0_dim_parameter_is_stepped_with_its_state(dtype: torch.dtype) -> None:
+    """A learned temperature (CLIP's logit_scale): inductor loses in-place writes into 0-dim
+    float64 tensors, and the fused loop left its weight, moments and average as they were."""
+    results = []
+    for flag in (True, False):
+        torch.manual_seed(0)
+        temperature = nn.Parameter(torch.tensor(1.0, dtype=dtype))
+        vector = nn.Parameter(torch.randn(5, dtype=dtype))
+        optimizer = FusedAdamW([temperature, vector], lr=0.1, fused=flag)
+        attach_prox(optimizer, L1(0.05), warmup=0)
+        for _ in range(4):
+            loss = (vector * temperature).sum() ** 2 + (temperature - 3) ** 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        state = optimizer.state[temperature]
+        results.append(
+            [temperature.detach().clone(), vector.detach().clone(), state["exp_avg"], state["exp_avg_sq"]]
+        )
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert float(results[0][2]) != 0.0  # the moments were written

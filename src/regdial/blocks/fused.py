@@ -224,6 +224,7 @@ class FusedKernel(Generic[R]):
         self._compiled: Callable[..., R] | None = None
         self._calls: dict[tuple[Any, ...], int] = {}
         self._ready: set[tuple[Any, ...]] = set()
+        self._scalar_keys: set[tuple[Any, ...]] = set()  # keys of groups with a 0-dim tensor
         self._broken = False
 
     def __call__(self, fused: bool | None, group: list[Tensor], *args: Any, field: str = "fused") -> R | None:
@@ -239,7 +240,7 @@ class FusedKernel(Generic[R]):
     ) -> bool:
         """Whether the in-place kernel ran on these arguments (``key``: their ``key``, where
         the caller keeps it; ``field``: the flag's name in a refusal, ``L1.fused``)."""
-        return self._apply(fused, group, args, key, field)[0]
+        return self._apply(fused, group, args, key, field, in_place=True)[0]
 
     def wants(self, fused: bool | None, group: list[Tensor], *, key: tuple[Any, ...]) -> bool:
         """Whether a call with arguments of this ``key`` would run compiled (a call
@@ -270,6 +271,8 @@ class FusedKernel(Generic[R]):
         args: tuple[Any, ...],
         key: tuple[Any, ...] | None = None,
         field: str = "fused",
+        *,
+        in_place: bool = False,
     ) -> tuple[bool, R | None]:
         if not self._eligible(fused, group):
             return False, None
@@ -281,6 +284,11 @@ class FusedKernel(Generic[R]):
         # not detached views: a view a call costs 0.9 us a tensor, and new tensor objects
         # each call cost dynamo's guards about as much again (0.2 ms of 1.9 on 96 tensors).
         with torch.no_grad():
+            if in_place:
+                if key not in self._ready and any(w.dim() == 0 for w in group):
+                    self._scalar_keys.add(key)
+                if self._scalar_keys and key in self._scalar_keys:
+                    group, args = _as_vectors(group, args)
             if key not in self._ready:
                 return self._first_call(key, group, args)
             compiled = self._compiled
@@ -346,6 +354,18 @@ class FusedKernel(Generic[R]):
         if what not in _SAID:
             _SAID.add(what)
             logger.warning(message)
+
+
+def _as_vectors(group: list[Tensor], args: tuple[Any, ...]) -> tuple[list[Tensor], tuple[Any, ...]]:
+    """The 0-dim tensors of ``group`` and of the list arguments as 1-element views of
+    themselves. Inductor's CPU code loses in-place writes into 0-dim float64 tensors (torch
+    2.13: ``w.copy_(w * c)`` compiled leaves a 0-dim ``w`` as it was, float32 and 1-D alike
+    are written): a learned temperature stood still under ``FusedAdamW``."""
+
+    def vector(t: Any) -> Any:
+        return t.view(1) if isinstance(t, Tensor) and t.dim() == 0 else t
+
+    return [vector(w) for w in group], tuple([vector(t) for t in a] if isinstance(a, list) else a for a in args)
 
 
 _SAID: set[str] = set()
