@@ -441,3 +441,20 @@ def test_a_0_dim_parameter_is_stepped_with_its_state(dtype: torch.dtype) -> None
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     assert float(results[0][2]) != 0.0  # the moments were written
+
+
+def test_a_state_of_another_shape_is_one_line() -> None:
+    """A state of a smaller model loaded by hand (torch's load_state_dict checks no shape),
+    or moments kept across a resize: one line, before anything moves."""
+    small, large = model(), nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 3))
+    saved = FusedAdamW(small.parameters(), lr=1e-2, fused=True)
+    small(X).sum().backward()
+    saved.step()
+    optimizer = FusedAdamW(large.parameters(), lr=1e-2, fused=True)
+    optimizer.load_state_dict(saved.state_dict())
+    large(X).sum().backward()
+    with pytest.raises(InputError, match=r"^FusedAdamW.state\[param_groups\[0\] parameter 0\].exp_avg must "
+                       r"be of its parameter's shape \(40, 12\) .*optimizer.state.pop\(p\)\), got shape "
+                       r"\(32, 12\)$"):  # fmt: skip
+        optimizer.step()
+    assert float(optimizer.state[large[0].weight]["step"]) == 1.0  # nothing moved

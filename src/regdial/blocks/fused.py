@@ -17,7 +17,11 @@ kernel                      math, per tensor ``w`` (``x = w - w0`` with anchors,
 ==========================  ===================================================================
 
 ``soft(x, t) = sign(x) * max(|x| - t, 0)``, written as ``aten.softshrink`` computes it,
-so the fused steps give the eager path's numbers and the same exact zeros. Strengths,
+so a fused step gives the eager path's numbers to rounding (the compiled ``sqrt`` and
+division of the quotient form can differ in the last bit, on a few percent of the weights)
+and the same exact zeros of the weights it is given. Over a run those last bits grow as
+any two orders of floating-point operations do: a long run's weights differ by about the
+training's own noise, and a weight at the threshold may land on the other side. Strengths,
 thresholds and shrink factors enter as tensors, never as Python numbers a compiled graph
 would guard on: a strength on a schedule does not recompile.
 
@@ -365,7 +369,9 @@ def _as_vectors(group: list[Tensor], args: tuple[Any, ...]) -> tuple[list[Tensor
     def vector(t: Any) -> Any:
         return t.view(1) if isinstance(t, Tensor) and t.dim() == 0 else t
 
-    return [vector(w) for w in group], tuple([vector(t) for t in a] if isinstance(a, list) else a for a in args)
+    return [vector(w) for w in group], tuple(
+        [vector(t) for t in a] if isinstance(a, list) else a for a in args
+    )
 
 
 _SAID: set[str] = set()

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.utils.hooks import RemovableHandle
 
-from regdial._checks import fail
+from regdial._checks import Described, fail
 from regdial.blocks import fused as kernels
 from regdial.blocks.fused import FUSED_DTYPES, FusedKernel, check_fused
 from regdial.blocks.fused_plans import AveragePlan, GroupProx, ProxPlan
@@ -390,6 +390,12 @@ class _Layout:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if not isinstance(state["step"], Tensor) or state["step"].device.type != "cpu":
                     return None
+                for name in ("exp_avg", "exp_avg_sq"):
+                    if state[name].shape != p.shape:  # torch's step would fail on it too, less clearly
+                        fail(f"FusedAdamW.state[param_groups[{index}] parameter {group['params'].index(p)}]"
+                             f".{name}", f"of its parameter's shape {tuple(p.shape)} (after resizing a "
+                             "parameter, drop its state: optimizer.state.pop(p))",
+                             Described(f"shape {tuple(state[name].shape)}"))  # fmt: skip
                 layout.params.append(p)
                 layout.exp_avgs.append(state["exp_avg"])
                 layout.exp_avg_sqs.append(state["exp_avg_sq"])
@@ -447,6 +453,7 @@ class _Layout:
             now = state.get(p)
             if (
                 now is not kept
+                or p.shape != m.shape  # p.data replaced by a resized tensor
                 or now.get("exp_avg") is not m
                 or now.get("exp_avg_sq") is not v
                 or now.get("step") is not t

@@ -36,7 +36,8 @@ kernel per tensor, whichever measured fastest (``benchmarks/penalties.py``); wit
 the fast path, ``fused`` (``None``: pick) runs ``value``, its gradient, elastic net's prox
 and the prox in an adaptive optimizer's metric as one ``torch.compile``d pass per group
 (``regdial.blocks.fused``, which says when it compiles). The tests check that all three
-give the same numbers and the same exact zeros.
+give the same numbers to rounding and the same exact zeros, call by call (over a run the
+last bits grow as any two orders of floating-point operations do).
 
 16-bit parameters work: thresholds and shrink factors stay Python floats, so the kernels
 apply them in float32 (a threshold of 1e-8 is not rounded to zero in float16), and sums
