@@ -358,3 +358,50 @@ def test_a_trainers_evaluation_clock_is_not_a_histories_metric() -> None:
     }
     assert History(None, [row]).metric == "loss"
     assert History(None, [{**row, "val_accuracy_se": 0.01, "val_accuracy": 0.5}]).metric == "accuracy"
+
+
+def test_a_spaces_knob_that_starts_at_0_is_checked_before_training(tmp_path: Path) -> None:
+    """Mixup starts at 0 under the controller: checked only at its start value, it was
+    recorded and plotted turning while the Lightning module (its own loss) never mixed, and
+    a BERT (token ids) crashed at the first turn, ten evaluations in."""
+    space = Space({"weight_decay": (1e-4, 1e-3), "mixup": (0.0, 0.4)})
+    with pytest.raises(ValueError, match=r"^online\.mixup must be a knob the training_step applies: .*got mixup in "
+                       r"the Space$"):  # fmt: skip
+        lightning_fit(Classifier(use_regdial=False), pl_integration.LightningCallback(online=space, num_classes=3),
+                      tmp_path / "pl", epochs=1)  # fmt: skip
+    callback = hf.HuggingFaceCallback(online=space, num_classes=2)
+    trainer = hf_trainer(tiny_bert(), callback, tmp_path / "hf", epochs=1)
+    with pytest.raises(ValueError, match=r"^online\.mixup must be a knob of a model whose inputs are floats, not "
+                       r"input_ids .*got mixup in the Space$"):  # fmt: skip
+        trainer.train()
+    assert trainer.state.global_step == 0  # at the first batch's forward, before any step
+
+
+def test_a_curves_knob_in_a_run_that_never_evaluates_is_one_line(tmp_path: Path) -> None:
+    """online_data serves the hypergradient: dropout stayed at its start all run, unsaid."""
+    held_out = torch.utils.data.DataLoader(TokenTask(5, 64), batch_size=32)
+    callback = hf.HuggingFaceCallback(online=Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.3)}),
+                                      online_data=held_out)  # fmt: skip
+    trainer = hf_trainer(tiny_bert(), callback, tmp_path, epochs=1)
+    trainer.args.eval_strategy = transformers.IntervalStrategy.NO
+    with pytest.raises(ValueError, match=r"^online\.dropout must be a knob of a Trainer that evaluates .*: the curves "
+                       r"turn it at each evaluation, and online_data serves only the hypergradient's knobs "
+                       r"\(weight_decay\), got dropout in the Space$"):  # fmt: skip
+        trainer.train()
+
+
+def test_an_eval_dataset_dict_records_its_first_dataset(tmp_path: Path, caplog) -> None:
+    """The Trainer evaluates each dataset of the dict in turn (eval_a_loss, eval_b_loss): a
+    row each, with NaN losses, read as 'diverged at epoch 0'."""
+    from regdial.diagnosis import diagnose
+
+    callback = hf.HuggingFaceCallback(Regularization(weight_decay=0.01))
+    trainer = hf_trainer(tiny_bert(), callback, tmp_path, epochs=2)
+    trainer.eval_dataset = {"a": TokenTask(1, 64), "b": TokenTask(2, 64)}
+    with caplog.at_level(logging.WARNING, logger="regdial.integrations"):
+        trainer.train()
+    assert "eval_dataset holds several datasets: the record, early stopping and the online controller read the " \
+           "first, 'a' (eval_a_loss)" in caplog.text  # fmt: skip
+    history = callback.history
+    assert len(history) == 2 and all(math.isfinite(row["val_loss"]) for row in history.rows)
+    assert diagnose(history).state != "diverged"

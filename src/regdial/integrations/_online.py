@@ -94,6 +94,20 @@ class Online:
         self.started = time.perf_counter()
         return self.controller.start()
 
+    def check_evaluates(self, evaluates: bool, where: str) -> None:
+        """Refuse a run that never evaluates where a knob needs it: the hypergradient needs
+        held-out batches (``online_data=`` serves), the curves' knobs (dropout, mixing,
+        augmentation) read the evaluations themselves, which ``online_data`` does not give."""
+        if evaluates:
+            return
+        if self.data is None:
+            no_held_out(where)
+        curves = [k for k in self.controller.space.knobs if k not in self.controller.ranges]
+        if curves:
+            fail(f"online.{curves[0]}", f"a knob of {where}: the curves turn it at each "
+                 "evaluation, and online_data serves only the hypergradient's knobs "
+                 f"({', '.join(self.controller.ranges)})", Described(f"{curves[0]} in the Space"))  # fmt: skip
+
     def say_data(self, trainer_data: str) -> None:
         """The one line that says where the held-out batches come from."""
         if self.said:

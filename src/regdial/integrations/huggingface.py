@@ -87,7 +87,7 @@ from regdial.dial.space import Space
 from regdial.dial.trial import Trial
 from regdial.integrations._common import Session, unwrap
 from regdial.integrations._hp_space import BUILT_ARGUMENTS, TRAINING_ARGUMENTS, suggester
-from regdial.integrations._online import Online, no_held_out, smoothed
+from regdial.integrations._online import Online, smoothed
 from regdial.integrations._resume import (
     STATE_DIR,
     AsBuilt,
@@ -98,7 +98,7 @@ from regdial.integrations._resume import (
     save_state,
     saved_state,
 )
-from regdial.integrations._transformers import labelled, shifts_labels
+from regdial.integrations._transformers import labelled, one_dataset, shifts_labels, trial_setting
 from regdial.setting import Regularization
 from regdial.training.logs import normalize
 
@@ -170,6 +170,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._shift: bool | None = None
         self._eval_loader: Any = None  # the Trainer's evaluation loader, made at the run's start
         self._checked_inputs = False
+        self._eval_name: str | None = None  # of eval_dataset's datasets (a dict), the one the record reads
         self._batch: dict[str, Any] | None = None  # the last training batch's clean inputs, for online
         self._after: tuple[AsBuilt, RemovableHandle] | None = None  # the regrouping, after training
         self._step_loss: Tensor | None = None  # an accumulated step's loss, its micro-batches' shares summed
@@ -229,17 +230,17 @@ class HuggingFaceCallback(TrainerCallback):
         saved = saved_state(args, state) if resumed else None
         if self.online is not None:
             strategy = getattr(args, "eval_strategy", "no")
-            if self.online.data is None and getattr(strategy, "value", strategy) == "no":
-                no_held_out(
-                    "a Trainer that evaluates (eval_strategy 'steps' or 'epoch', with an eval_dataset)"
-                )
+            evaluates = getattr(strategy, "value", strategy) != "no"
+            self.online.check_evaluates(
+                evaluates, "a Trainer that evaluates (eval_strategy 'steps' or 'epoch', with an eval_dataset)"
+            )
             self.online.say_data("the Trainer's evaluation data (eval_dataset)")
             self._eval_loader = evaluation_loader() if self.online.data is None else None
             if resumed:
                 resume_online(self.online, saved, state.global_step, waits=self._eval_loader is None)
             self.setting = self.online.start()  # resumed: the strengths it saved
         # A new run (a search's next trial): its own setting, record and early stopping.
-        self.session = self.session.fresh(self._trial_setting(args))
+        self.session = self.session.fresh(trial_setting(self.setting, self._built, args))
         if resumed:
             resume_record(self.session, saved, state.global_step, online=self.online is not None)
         setting = self.session.setting
@@ -263,30 +264,7 @@ class HuggingFaceCallback(TrainerCallback):
         self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
         self._shift = self.causal_lm if self.causal_lm is not None else shifts_labels(model)
-        self._checked_inputs = False
-
-    def _trial_setting(self, args: Any) -> Regularization:
-        """The setting for this run: the callback's, with what a search trial set in the
-        TrainingArguments that the Trainer read only when it was built."""
-        setting = self.setting
-        for field, knob in (
-            ("label_smoothing_factor", "label_smoothing"),
-            ("neftune_noise_alpha", "embedding_noise"),
-        ):
-            built, now = self._built.get(field), getattr(args, field, None)
-            if now == built or (not now and not built):
-                continue
-            if built:
-                fail(f"TrainingArguments.{field}", f"{built} in every trial, as when the Trainer was built (it reads "
-                     "it once); build it with 0 for the callback to apply each trial's", now)  # fmt: skip
-            if getattr(setting, knob):
-                fail(
-                    f"regularization.{knob}",
-                    f"0 when a search trial sets TrainingArguments.{field}",
-                    getattr(setting, knob),
-                )
-            setting = setting.replace(**{knob: float(now or 0.0)})
-        return setting
+        self._checked_inputs, self._eval_name = False, None
 
     # -- the model's forward, in training -------------------------------------------------
 
@@ -297,20 +275,25 @@ class HuggingFaceCallback(TrainerCallback):
         if self.online is not None:
             self._batch = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
         active = [k for k in BATCH_KNOBS if getattr(applied.setting, k)]
-        if not active:
+        spaced = [] if self._checked_inputs or self.online is None else [  # a Space's knob at 0 now may rise
+            k for k in BATCH_KNOBS if k in self.online.controller.space.knobs]  # fmt: skip
+        self._checked_inputs = True
+        if not active and not spaced:
             return None
         name = next((k for k in FLOAT_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
         if name is None or not kwargs[name].is_floating_point():
             given = name or next(
                 (k for k, v in kwargs.items() if isinstance(v, Tensor) and k != "labels"), self._main_input
             )
-            knob = active[0]
+            knob = (active or spaced)[0]
             if self.online is not None and knob in self.online.controller.space.knobs:  # the Space set it
                 fail(f"online.{knob}", f"a knob of a model whose inputs are floats, not {given} (token ids: "
                      f"nothing to add noise to or mix): leave {knob} out of the Space, or use embedding_noise",
                      Described(f"{knob} in the Space"))  # fmt: skip
             fail(f"regularization.{knob}", f"0 for a model whose inputs are {given} (token ids: there is "
                  "nothing to add noise to or mix; use embedding_noise)", getattr(applied.setting, knob))  # fmt: skip
+        if not active:
+            return None
         x = kwargs[name]
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor):
@@ -428,7 +411,11 @@ class HuggingFaceCallback(TrainerCallback):
     ) -> None:  # fmt: skip
         if model is None or self.session.ended:  # trainer.evaluate() after training: the user's own
             return
-        named = {normalize(k): v for k, v in (metrics or {}).items()}
+        named, self._eval_name = one_dataset(
+            {normalize(k): v for k, v in (metrics or {}).items()}, self._eval_name
+        )
+        if named is None:  # another of eval_dataset's datasets: the record reads the first
+            return
         try:
             stop = self.session.evaluated(float(state.epoch or 0.0), named, model)
         finally:

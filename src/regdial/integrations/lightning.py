@@ -54,7 +54,7 @@ from regdial.dial.implicit import Training, classifier_loss
 from regdial.dial.space import Space
 from regdial.dial.trial import Trial
 from regdial.integrations._common import Session
-from regdial.integrations._online import Online, no_held_out
+from regdial.integrations._online import Online
 from regdial.setting import Regularization
 from regdial.training.batches import forward, rebuild, split
 from regdial.training.history import History
@@ -150,9 +150,10 @@ class LightningCallback(pl.Callback):
         if self.online is not None:
             from lightning.pytorch.utilities.model_helpers import is_overridden
 
-            if self.online.data is None and (not trainer.limit_val_batches
-                                             or not is_overridden("validation_step", pl_module)):  # fmt: skip
-                no_held_out("a Trainer that validates (a validation_step and val_dataloaders)")
+            evaluates = bool(trainer.limit_val_batches) and is_overridden("validation_step", pl_module)
+            self.online.check_evaluates(
+                evaluates, "a Trainer that validates (a validation_step and val_dataloaders)"
+            )
             self.online.say_data("the Trainer's validation data (val_dataloaders)")
             self._last_step = trainer.global_step
         applied = self.session.start(
@@ -174,7 +175,8 @@ class LightningCallback(pl.Callback):
             return
         if not self._checked:
             self._checked = True
-            unused = [k for k in MODULE_KNOBS if getattr(self.setting, k)]
+            spaced = () if self.online is None else self.online.controller.space.knobs  # at 0 now, may rise
+            unused = [k for k in MODULE_KNOBS if getattr(self.setting, k) or k in spaced]
             calls = applied.calls
             needs_loss = [k for k in unused if k == "label_smoothing"]
             needs_batch = [k for k in unused if k != "label_smoothing"]
