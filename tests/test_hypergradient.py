@@ -516,6 +516,12 @@ def test_what_turn_cannot_move_in_your_loop_is_one_line_at_the_first_turn(caplog
     assert torch.equal(torch.get_rng_state(), state)  # the check draws nothing from the run's random stream
     assert controller.turn(applied, x, y, step=1, total_steps=40, val=val,
                            forward=lambda a, b: model(a, b)[0]) is None  # fmt: skip
+    # Built without num_classes, the right forward= was refused as if it were wrong.
+    controller = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}), every=4)
+    applied = Applied(controller.start(), model, lambda g: torch.optim.AdamW(g, lr=1e-2))
+    with pytest.raises(InputError, match=r"^num_classes must be the classes of the model's logits: Applied\(\.\.\., "
+                       r"num_classes=16\) .*got None with logits of shape \(32, 8, 16\) for torch.int64 targets$"):  # fmt: skip
+        controller.turn(applied, x, y, step=1, total_steps=40, val=val, forward=lambda a, b: model(a, b)[0])
     # A fixed setting's loss-side knob in a loop that never calls applied.loss: said when it finishes.
     model = _TinyGPT()
     applied = Applied(

@@ -405,3 +405,20 @@ def test_an_eval_dataset_dict_records_its_first_dataset(tmp_path: Path, caplog) 
     history = callback.history
     assert len(history) == 2 and all(math.isfinite(row["val_loss"]) for row in history.rows)
     assert diagnose(history).state != "diverged"
+
+
+def test_dropout_in_the_space_of_a_model_without_dropout_is_named_as_the_spaces(tmp_path: Path) -> None:
+    """It was refused as regularization.dropout, got 0.1: a rate the user never set (the
+    Space's start)."""
+
+    class NoDropout(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+
+    space = Space({"weight_decay": (1e-4, 1.0), "dropout": (0.0, 0.5)})
+    with pytest.raises(ValueError, match=r"^online\.dropout must be a knob of a model with dropout .*: leave dropout "
+                       r"out of the Space, got dropout in the Space$"):  # fmt: skip
+        lightning_fit(
+            NoDropout(), pl_integration.LightningCallback(online=space, num_classes=3), tmp_path, epochs=1
+        )

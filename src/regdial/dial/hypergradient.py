@@ -293,7 +293,8 @@ class HypergradientController:
         turn in ``fit`` and the trainers' callbacks, which read the learning curves::
 
             c = HypergradientController(Space({"weight_decay": (1e-4, 1.0)}))
-            applied = Applied(c.start(), model, lambda groups: torch.optim.AdamW(groups, lr=3e-4))
+            applied = Applied(c.start(), model, lambda groups: torch.optim.AdamW(groups, lr=3e-4),
+                              num_classes=vocab_size)  # a classifier's (a language model's) logits
             for step, (x, y) in enumerate(batches, start=1):
                 ...  # forward, applied.loss, backward, applied.optimizer.step()
                 c.turn(applied, x, y, step=step, total_steps=len(batches), val=val_batches)

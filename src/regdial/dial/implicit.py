@@ -214,6 +214,17 @@ def check_outputs(
         fits = z.shape[:-1] == y.shape
     else:
         fits = output.numel() == targets.numel()
+    if (
+        not fits
+        and applied.num_classes is None
+        and isinstance(output, Tensor)
+        and not targets.is_floating_point()
+        and output.shape[: targets.dim()] == targets.shape
+        and output.dim() == targets.dim() + 1
+    ):  # logits of every target, class labels, and a setting built without the classes
+        fail("num_classes", f"the classes of the model's logits: Applied(..., num_classes={output.shape[-1]}) (the "
+             "hypergradient's loss reads the outputs as a classifier's only then)",
+             Described(f"None with logits of shape {tuple(output.shape)} for {targets.dtype} targets"))  # fmt: skip
     if not fits:
         shape = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
         fail("forward", "a function (inputs, targets) -> the logits of every target, where the model's output "

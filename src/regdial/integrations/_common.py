@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,11 +193,13 @@ class Session:
         schedulers: Any = (),
         *,
         resumed: bool = False,
+        spaced: Collection[str] = (),
     ) -> Applied:
         """Apply the setting (``resumed``: to a run whose optimizer state is already loaded);
-        ``built`` is then the regrouped optimizer's ``AsBuilt``, or None."""
+        ``built`` is then the regrouped optimizer's ``AsBuilt``, or None. ``spaced``: the
+        knobs an ``online=`` Space turns."""
         optimizer = unwrap(optimizer)
-        check_dropout(model, self.setting)
+        check_dropout(model, self.setting, spaced)
         from regdial.blocks.noise import dropout_sites
 
         if not dropout_sites(model):  # the diagnosis then advises no dropout (it would turn nothing)
@@ -409,10 +411,15 @@ def _averaged(model: nn.Module, average: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in average.state_dict().items() if k in live and v.data_ptr() != live[k].data_ptr()}
 
 
-def check_dropout(model: nn.Module, setting: Regularization) -> None:
-    """Refuse a dropout rate that nothing in the model would take; name rates it does not turn."""
+def check_dropout(model: nn.Module, setting: Regularization, spaced: Collection[str] = ()) -> None:
+    """Refuse a dropout rate that nothing in the model would take (named as the Space's knob
+    where an ``online=`` Space turns it); name rates it does not turn."""
     from regdial.blocks.noise import dropout_sites, unturned_rates
     from regdial.blocks.schedules import Schedule
+
+    if "dropout" in spaced and not dropout_sites(model):
+        fail("online.dropout", "a knob of a model with dropout (nn.Dropout modules or attention dropout rates) "
+             "to set: leave dropout out of the Space", Described("dropout in the Space"))  # fmt: skip
 
     if setting.dropout is None or (not isinstance(setting.dropout, Schedule) and not setting.dropout):
         return

@@ -253,7 +253,9 @@ class HuggingFaceCallback(TrainerCallback):
             )
         self._main_input = getattr(model, "main_input_name", "input_ids")
         kind = {"pixel_values": "image", "input_values": "signal"}.get(self._main_input)
-        self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")], resumed=resumed)
+        spaced = () if self.online is None else self.online.controller.space.knobs
+        self.session.start(model, optimizer, num_classes, kind, [kwargs.get("lr_scheduler")], resumed=resumed,
+                           spaced=spaced)  # fmt: skip
         built = self.session.built
         if built is not None:  # saved as the Trainer built them, so that a resumed run loads them
             self._hooks.append(built.optimizer.register_state_dict_post_hook(built))

@@ -156,8 +156,9 @@ class LightningCallback(pl.Callback):
             )
             self.online.say_data("the Trainer's validation data (val_dataloaders)")
             self._last_step = trainer.global_step
+        spaced = () if self.online is None else self.online.controller.space.knobs
         applied = self.session.start(
-            pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers
+            pl_module, trainer.optimizers[0], self.num_classes, self.data_kind, schedulers, spaced=spaced
         )
         object.__setattr__(pl_module, "regdial", applied)  # a plain attribute, not a submodule
 
