@@ -313,3 +313,54 @@ def test_diagnose_reads_a_path_as_regdial_diagnose_does(tmp_path, capsys) -> Non
         diagnose(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"^history must be a regdial History, or the path of a run"):
         diagnose(3)
+
+
+def test_a_flat_validation_while_the_training_loss_halves_is_overfitting() -> None:
+    """A language model's loss-only log (GPT-2 under the Trainer, a newcomer's pass): its
+    validation loss 4.596 at epoch 16, 4.632 at 30 (0.8%, under the 1% rise), while the
+    training loss went 2.29 -> 1.22; it read as a good fit."""
+    train = [
+        5.329,
+        4.746,
+        4.251,
+        3.781,
+        3.334,
+        2.934,
+        2.585,
+        2.287,
+        2.033,
+        1.807,
+        1.621,
+        1.472,
+        1.352,
+        1.267,
+        1.218,
+    ]
+    val = [
+        5.353,
+        5.144,
+        4.974,
+        4.831,
+        4.744,
+        4.673,
+        4.616,
+        4.596,
+        4.613,
+        4.603,
+        4.603,
+        4.608,
+        4.616,
+        4.632,
+        4.632,
+    ]
+    history = History("classification")
+    for epoch, (t, v) in enumerate(zip(train, val, strict=True), start=1):
+        history.append({"epoch": 2 * epoch, "train_loss": t, "val_loss": v})
+    reading = diagnose(history)
+    assert reading.state == "overfitting" and reading.message.startswith("overfitting since epoch 1")
+    assert "while the training loss fell" in reading.message and "raise weight_decay" in reading.message
+    plateau = [2.3, 1.5, 1.0, 0.8, 0.7, 0.65, 0.62, 0.6, 0.59, 0.585, 0.58, 0.58, 0.578, 0.577, 0.577]
+    flat = History("classification")
+    for epoch, t in enumerate(plateau, start=1):  # both curves settle together: a good fit still
+        flat.append({"epoch": epoch, "train_loss": t - 0.1, "val_loss": t + 0.005 * (epoch % 2)})
+    assert diagnose(flat).state == "good fit"
