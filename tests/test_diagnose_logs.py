@@ -271,3 +271,19 @@ def test_another_loops_csv_is_read_in_its_epochs_order_under_its_own_names(
     assert reading.state == "overfitting" and reading.overfit_epoch == 8
     assert "epoch 0" not in reading.message
     assert (said in caplog.text) if said else "regdial" not in caplog.text
+
+
+def test_a_lightning_log_of_several_val_dataloaders_reads_the_first(tmp_path: Path, caplog) -> None:
+    """metrics.csv names each dataloader's loss val_loss/dataloader_idx_N and has no val_loss."""
+    path = tmp_path / "metrics.csv"
+    rows = ["epoch,step,train_loss,val_loss/dataloader_idx_0,val_loss/dataloader_idx_1"]
+    for epoch, (t, v, w) in enumerate(
+        [(1.0, 0.9, 0.95), (0.8, 0.7, 0.8), (0.6, 0.65, 0.7), (0.5, 0.6, 0.66)]
+    ):
+        rows += [f"{epoch},{5 + 6 * epoch},{t},,", f"{epoch},{5 + 6 * epoch},,{v},{w}"]
+    path.write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="regdial"):
+        history = History.load(path)
+    assert history.column("val_loss") == [0.9, 0.7, 0.65, 0.6]
+    assert "logs several val dataloaders: the first's (val_loss/dataloader_idx_0) is read" in caplog.text
+    assert diagnose(history).state != "diverged"

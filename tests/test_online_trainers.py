@@ -422,3 +422,25 @@ def test_dropout_in_the_space_of_a_model_without_dropout_is_named_as_the_spaces(
         lightning_fit(
             NoDropout(), pl_integration.LightningCallback(online=space, num_classes=3), tmp_path, epochs=1
         )
+
+
+def test_a_lightning_run_with_several_val_dataloaders_records_the_first(tmp_path: Path) -> None:
+    """Each dataloader's metrics come as val_loss/dataloader_idx_N, and no val_loss: every
+    row's val_loss was NaN, read as 'diverged at epoch 1'."""
+    from regdial.diagnosis import diagnose
+
+    class Two(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+    callback = pl_integration.LightningCallback(Regularization(weight_decay=0.01), num_classes=3)
+    trainer = lightning.pytorch.Trainer(max_epochs=3, accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
+                                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
+                                        enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    from tests.test_integrations import blobs as data
+
+    trainer.fit(Two(), data(0, 192), [data(1, 96), data(2, 96)])
+    rows = callback.history.rows
+    assert len(rows) == 3 and all(r["val_loss"] == r["val_loss_dataloader_idx_0"] for r in rows)
+    assert all(math.isfinite(r["val_loss"]) for r in rows) and diagnose(callback.history).state != "diverged"

@@ -41,6 +41,7 @@ Needs the ``lightning`` extra: ``pip install 'regdial[lightning]'``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -59,6 +60,8 @@ from regdial.setting import Regularization
 from regdial.training.batches import forward, rebuild, split
 from regdial.training.history import History
 from regdial.training.logs import normalize
+
+logger = logging.getLogger(__name__)
 
 try:
     import lightning.pytorch as pl
@@ -235,11 +238,11 @@ class LightningCallback(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.session.ended:  # trainer.validate() after fit: the user's own
             return
-        metrics = {
+        metrics = _first_dataloader({
             normalize(k): float(v)
             for k, v in trainer.callback_metrics.items()
             if k.startswith(("val", "valid"))
-        }
+        })  # fmt: skip
         try:
             stop = self.session.evaluated(float(trainer.current_epoch + 1), metrics, pl_module)
         finally:
@@ -292,3 +295,21 @@ class LightningCallback(pl.Callback):
         if self._restored is not None:
             self.session.load_applied(self._restored, pl_module)
             self._restored = None  # this fit's: a later fit without a checkpoint starts afresh
+
+
+_FIRST = "_dataloader_idx_0"
+_SAID: set[str] = set()
+
+
+def _first_dataloader(metrics: dict[str, float]) -> dict[str, float]:
+    """With several val dataloaders Lightning names each one's metrics ``val_loss/dataloader_idx_0``
+    and so on, and no ``val_loss``: the record (early stopping's, the online controller's)
+    read NaN and said the run diverged. The first dataloader's are now the record's, under
+    their plain names (the others' stay as columns of their own). Said once."""
+    if "val_loss" in metrics or "val_loss" + _FIRST not in metrics:
+        return metrics
+    if "first" not in _SAID:
+        _SAID.add("first")
+        logger.warning("regdial: several val dataloaders: the record, early stopping and the online controller "
+                       "read the first (val_loss/dataloader_idx_0)")  # fmt: skip
+    return metrics | {k.removesuffix(_FIRST): v for k, v in metrics.items() if k.endswith(_FIRST)}

@@ -88,11 +88,20 @@ def tidy(rows: list[dict[str, str]], header: list[str], where: str) -> tuple[lis
     newest first is reversed; one that goes back (a logger that appended after a restart,
     or a resumed run) keeps the later rows of each epoch. Said in one line: read in file
     order, the curves were another run's (an overfitting run read as 65 times its first
-    loss)."""
+    loss). With several val dataloaders (Lightning's ``val_loss/dataloader_idx_0``...), the
+    first's columns are read as ``val_loss``..."""
     names = {}
     for name in header:
         new = normalize(name) if name not in ("epoch", "step") else name
         names[name] = name if new in header and new != name else new
+    first = "_dataloader_idx_0"  # Lightning's several val dataloaders: the first's is the record's
+    if "val_loss" not in names.values() and "val_loss" + first in names.values():
+        taken = set(names.values())
+        names = {k: v.removesuffix(first) if v.endswith(first) and v.removesuffix(first) not in taken else v
+                 for k, v in names.items()}  # fmt: skip
+        logger.warning(
+            "regdial: %s logs several val dataloaders: the first's (val_loss/dataloader_idx_0) is read", where
+        )
     if any(new != name for name, new in names.items()):
         header = [names[h] for h in header]
         rows = [{names.get(k, k) if k else k: v for k, v in r.items()} for r in rows]
