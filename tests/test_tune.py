@@ -265,6 +265,17 @@ def test_online_turns_the_knobs_from_inside_one_run(tmp_path: Path) -> None:
     assert saved["space"]["weight_decay"] == {"low": 1e-4, "high": 1.0, "scale": "log"}
     assert saved["moves"] == result.moves
     assert "online.png" in (tmp_path / "report.html").read_text()
+    assert result.chosen_by == "the online run at its best epoch"
+
+
+def test_an_online_run_too_short_to_move_says_its_choice_is_its_start() -> None:
+    """Two epochs: no hypergradient step, yet 'chosen ... (best validation score)'."""
+    result = tune("wine", epochs=2, strategy="online", retrain=False, report=False)
+    assert not result.moves and not result.turns
+    assert (
+        result.chosen_by
+        == "the online run at its best epoch; no knob moved: this is the run's start, the recipe"
+    )
 
 
 def test_the_online_strategys_model_is_its_one_run(tmp_path: Path) -> None:

@@ -137,8 +137,11 @@ def search_online(search: Search) -> TuneResult:
                                                     strict=False)]  # fmt: skip
     trial = {"number": 0, "state": "complete", "value": value, "epochs": len(history),
              **search.space.values_of(best.to_dict())}  # fmt: skip
+    moved = bool(getattr(controller, "moves", None)) or bool(controller.turns)
     result = TuneResult("online", metric, direction(metric), best, value, len(history), trials=[trial],
-                        turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"))  # fmt: skip
+                        turns=controller.turns, curve=curve, best_epoch=summary.get("best_epoch"),
+                        chosen_by="the online run at its best epoch" + ("" if moved else
+                                  "; no knob moved: this is the run's start, the recipe"))  # fmt: skip
     if isinstance(controller, HypergradientController):
         result.moves = controller.moves
         cost = controller.cost(history)
