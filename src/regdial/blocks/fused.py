@@ -12,7 +12,7 @@ kernel                      math, per tensor ``w`` (``x = w - w0`` with anchors,
 ``penalty_sums``            ``(sum|x|, sum x^2)`` over the group (the ones asked for)
 ``penalty_gradients``       ``g = a*sign(x) + b*x``, the closed-form (sub)gradient
 ``elastic_prox_``           ``w <- soft(c*w, c*t)``: ``soft(w, t) / (1 + u)``, ``c = 1/(1 + u)``
-``quotient_prox_``          ``d = sqrt(v) + e_i`` (``n_i`` at ``v = 0``); ``w <- soft(w*d, t_i) / (d + u_i)``
+``quotient_prox_``          ``d = sqrt(v) + e_i``; ``w <- soft(w*d, t_i) / (d + u_i)``
 ``max_norm_``               each row ``w_r <- w_r * min(1, c / (||w_r|| + 1e-7))`` (``renorm_``)
 ==========================  ===================================================================
 
@@ -149,19 +149,13 @@ def elastic_prox_(group: list[Tensor], threshold: Tensor, shrink: Tensor) -> Non
 
 
 def quotient_prox_(
-    group: list[Tensor],
-    radicands: list[Tensor],
-    offsets: Tensor,
-    thresholds: Tensor,
-    additions: Tensor,
-    unseen: Tensor,
+    group: list[Tensor], radicands: list[Tensor], offsets: Tensor, thresholds: Tensor, additions: Tensor
 ) -> None:
-    """In place ``w <- soft(w*d, t_i) / (d + u_i)``, ``d = sqrt(v) + e_i`` (``n_i`` where
-    ``v = 0``, ``StepQuotients``' ``unseen``): the prox in a diagonal metric with steps
-    ``scale_i / d`` (``StepQuotients``), for L1 (``u = 0``), L2 (``t = 0``) and elastic
-    net, in one pass over ``w`` and ``v``."""
+    """In place ``w <- soft(w*d, t_i) / (d + u_i)``, ``d = sqrt(v) + e_i``: the prox in a
+    diagonal metric with steps ``scale_i / d`` (``StepQuotients``), for L1 (``u = 0``),
+    L2 (``t = 0``) and elastic net, in one pass over ``w`` and ``v``."""
     for i, (w, v) in enumerate(zip(group, radicands, strict=True)):
-        d = torch.where(v == 0, unseen[i], torch.sqrt(v) + offsets[i])
+        d = torch.sqrt(v) + offsets[i]
         w.copy_(_soft(w * d, thresholds[i]) / (d + additions[i]))
 
 

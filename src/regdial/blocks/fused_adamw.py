@@ -77,10 +77,8 @@ def adamw_prox_(
     in one pass, with one division an element.
 
     ``scalars[i]`` holds tensor ``i``'s ``(1 - lr λ, 1 - β1, β2, 1 - β2, ε sqrt(c2),
-    lr sqrt(c2) / c1, r τ, q τ, a, sqrt(c2))`` (``r τ`` and ``q τ`` 0 where the prox is off);
-    the prox applies where ``active[i]``. Where ``v = 0`` (no gradient yet) ``d`` is
-    ``sqrt(c2)``: the prox's step is the plain ``lr`` there (``StepQuotients``' ``unseen``),
-    and AdamW's update, whose ``m`` is 0 there too, is unchanged. With ``d = sqrt(v) + ε sqrt(c2)``, AdamW's update is
+    lr sqrt(c2) / c1, r τ, q τ, a)`` (``r τ`` and ``q τ`` 0 where the prox is off); the prox
+    applies where ``active[i]``. With ``d = sqrt(v) + ε sqrt(c2)``, AdamW's update is
     ``w (1 - lr λ) - (lr sqrt(c2) / c1) m / d`` (its ``(lr / c1) m / (sqrt(v) / sqrt(c2) +
     ε)`` with the same ``d`` the prox's metric uses), so the update and the prox share a
     numerator and a denominator::
@@ -99,7 +97,7 @@ def adamw_prox_(
         row = scalars[i]
         m_new = m + row[1] * (g - m)
         v_new = v * row[2] + g * g * row[3]
-        d = torch.where(v_new == 0, row[9], torch.sqrt(v_new) + row[4])
+        d = torch.sqrt(v_new) + row[4]
         numerator = (w * row[0]) * d - row[5] * m_new
         final = torch.where(active[i], kernels._soft(numerator, row[6]), numerator) / (d + row[7])
         m.copy_(m_new)
@@ -354,7 +352,7 @@ def _row(
     root = math.sqrt(1.0 - b2**t)
     tau = strength * (lr * root * (min(1.0, t / horizon) if horizon > 0 else 1.0)) if prox else 0.0
     return [1.0 - lr * wd, 1.0 - b1, b2, 1.0 - b2, eps * root, lr * root / (1.0 - b1**t),
-            ratio * tau, addition * tau, weight, root]  # fmt: skip
+            ratio * tau, addition * tau, weight]  # fmt: skip
 
 
 class _Layout:

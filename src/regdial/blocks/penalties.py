@@ -208,8 +208,7 @@ class Penalty(Scheduled, ABC):
                 self.fused, group, radicands,
                 kernels.scalars([steps.offset(i) for i in index], group[0]),
                 kernels.scalars([ratio * u for u in t], group[0]),
-                kernels.scalars([addition * u for u in t], group[0]),
-                kernels.scalars([steps.unseen(i) for i in index], group[0]), field=self._fused_field,
+                kernels.scalars([addition * u for u in t], group[0]), field=self._fused_field,
             )  # fmt: skip
             if not done:
                 for i in index:

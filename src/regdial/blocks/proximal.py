@@ -128,7 +128,7 @@ def _adam_step(optimizer: Optimizer, group: Group) -> Callable[[Tensor], Tensor]
         state = optimizer.state[p]
         bias_correction = 1.0 - beta2 ** _scalar(state["step"])
         result: Tensor = (state[key] / bias_correction).sqrt_().add_(eps).reciprocal_().mul_(lr)
-        return result.masked_fill_(state[key] == 0, lr)  # no gradient yet: the plain step (StepQuotients)
+        return result
 
     return step
 
@@ -158,7 +158,6 @@ def _adam(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[
         lambda p: lr * root_c2(p),
         radicand=lambda p: optimizer.state[p][key],
         offset=lambda p: eps * root_c2(p),
-        unseen=root_c2,
     )
 
 
@@ -182,12 +181,9 @@ def _radam(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence
 def _adamax(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequence[Tensor]:
     lr = float(group["lr"])
 
-    eps = float(group["eps"])
-
     def step(p: Tensor) -> Tensor:
-        exp_inf = optimizer.state[p]["exp_inf"]
-        result: Tensor = exp_inf.reciprocal().mul_(lr)
-        return result.masked_fill_(exp_inf <= eps, lr)  # no gradient yet (it holds eps): the plain step
+        result: Tensor = optimizer.state[p]["exp_inf"].reciprocal().mul_(lr)
+        return result
 
     return _LazySteps(params, step)
 
@@ -205,9 +201,8 @@ def _adagrad(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequen
 
     if eps > 0.0 and not any(isinstance(lr_at(p), Tensor) for p in params):
         return StepQuotients(
-            params, denominator, lr_at, radicand=lambda p: optimizer.state[p]["sum"], offset=lambda p: eps,
-            unseen=lambda p: 1.0,
-        )  # fmt: skip
+            params, denominator, lr_at, radicand=lambda p: optimizer.state[p]["sum"], offset=lambda p: eps
+        )
     return _LazySteps(params, lambda p: denominator(p).reciprocal_().mul_(lr_at(p)))
 
 
@@ -231,7 +226,6 @@ def _rmsprop(optimizer: Optimizer, group: Group, params: list[Tensor]) -> Sequen
             lambda p: lr,
             radicand=lambda p: optimizer.state[p]["square_avg"],
             offset=lambda p: eps,
-            unseen=lambda p: 1.0,
         )
     return _LazySteps(params, lambda p: denominator(p).reciprocal_().mul_(lr))
 

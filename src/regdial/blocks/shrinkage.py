@@ -56,12 +56,6 @@ class StepQuotients(Sequence[Tensor]):
     Where ``d = sqrt(v) + e`` (Adam's, Adagrad's, RMSprop's), ``radicand`` and ``offset``
     give ``v`` (the optimizer's own state, not a copy) and ``e``, so that a fused kernel
     builds ``d`` in the same pass as the prox (``regdial.blocks.fused.quotient_prox_``).
-
-    ``unseen`` is ``d`` where ``v = 0``: a coordinate that has never had a gradient, whose
-    adaptive step is undefined (``scale / e`` is ``lr / eps``, 1e8 times the step: a LoRA
-    adapter's ``A``, whose gradient is 0 while its ``B`` is 0, was zeroed whole at the first
-    step). There the step is the plain ``lr``, the adaptive step of a unit gradient (Adam's
-    ``sqrt(c2)``, 1 for Adagrad and RMSprop). The fixed point is unchanged.
     """
 
     def __init__(
@@ -72,11 +66,9 @@ class StepQuotients(Sequence[Tensor]):
         *,
         radicand: Callable[[Tensor], Tensor] | None = None,
         offset: Callable[[Tensor], float] | None = None,
-        unseen: Callable[[Tensor], float] | None = None,
     ) -> None:
         self._params, self._denominator, self._scale = params, denominator, scale
         self._radicand, self._offset = radicand, offset
-        self._unseen = unseen if radicand is not None and offset is not None else None
 
     def __len__(self) -> int:
         return len(self._params)
@@ -85,17 +77,8 @@ class StepQuotients(Sequence[Tensor]):
         return self.denominator(index).reciprocal_().mul_(self.scale(index))
 
     def denominator(self, index: int) -> Tensor:
-        """``d`` for parameter ``index`` (``unseen`` where ``v = 0``): a fresh tensor the
-        caller may overwrite."""
-        p = self._params[index]
-        d = self._denominator(p)
-        if self._unseen is not None and self._radicand is not None:
-            d.masked_fill_(self._radicand(p) == 0, self._unseen(p))
-        return d
-
-    def unseen(self, index: int) -> float:
-        """``d`` where ``v = 0`` (see the class docstring)."""
-        return 1.0 if self._unseen is None else self._unseen(self._params[index])
+        """``d`` for parameter ``index``: a fresh tensor the caller may overwrite."""
+        return self._denominator(self._params[index])
 
     def scale(self, index: int) -> float:
         return self._scale(self._params[index])
@@ -117,7 +100,6 @@ class StepQuotients(Sequence[Tensor]):
             lambda p: self._scale(p) * factors[index[id(p)]],
             radicand=self._radicand,
             offset=self._offset,
-            unseen=self._unseen,
         )
 
 
